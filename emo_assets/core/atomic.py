@@ -1,0 +1,100 @@
+"""Atomic file writes: a reader sees the old file or the complete new one, never a half-written file.
+
+Every output of the pipeline goes through `atomic_path`: the data is written to a temp file in the *same*
+folder (so the final `os.replace` is a rename on one filesystem), flushed and fsynced, renamed over the final
+path, and the folder is fsynced so the rename itself survives a crash. On any error the temp file is removed
+and the previous file at the final path is untouched. A process killed with SIGKILL cannot run cleanup, so
+temp files carry a recognisable name (`.<final name>.tmp-<pid>-<random>`) and `remove_stale_temps` deletes
+those of dead processes on the next successful write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+from pathlib import Path
+from typing import Iterator
+
+_TEMP_RE = re.compile(r"^\.(?P<final>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]+$")
+
+
+def temp_path_for(final: Path) -> Path:
+    """A unique temp-file path next to `final`, named so that its owner process can be identified."""
+    return final.with_name(f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def fsync_dir(directory: Path) -> None:
+    """Persist a rename: fsync the directory entry (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(final: Path) -> list[Path]:
+    """Delete temp files left next to `final` by processes that no longer run (e.g. after SIGKILL)."""
+    removed = []
+    if not final.parent.is_dir():
+        return removed
+    for entry in final.parent.iterdir():
+        match = _TEMP_RE.match(entry.name)
+        if match and match["final"] == final.name and not _pid_alive(int(match["pid"])):
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+                removed.append(entry)
+    return removed
+
+
+def publish(temp: Path, final: Path) -> None:
+    """Rename an already fsynced `temp` over `final`, fsync the folder, then clear stale temps of dead writers."""
+    os.replace(temp, final)
+    fsync_dir(final.parent)
+    remove_stale_temps(final)
+
+
+def commit_temp(temp: Path, final: Path) -> None:
+    """fsync `temp`, then `publish` it."""
+    with open(temp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    publish(temp, final)
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path next to `final`; on success it replaces `final` atomically, on error it is removed.
+
+    The caller writes the temp path however it likes (polars, matplotlib, safetensors, plain open).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temp = temp_path_for(final)
+    try:
+        yield temp
+        commit_temp(temp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+        raise
+
+
+def write_bytes_atomic(final: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `final` atomically (JSON, Markdown, small files)."""
+    with atomic_path(final) as temp:
+        temp.write_bytes(data)
+    return Path(final)

@@ -1,0 +1,176 @@
+"""The project's configuration: one TOML file plus environment overrides.
+
+The packaged `emo_assets/config.toml` names the emotions, dataset variants, model profiles and run settings.
+`EMO_ASSETS_CONFIG` points at another TOML file instead. Single values are overridden by environment
+variables (listed in `ENV_OVERRIDES`), so a Dagster deployment, CI or a test can change them without editing
+files. Adding a model or a dataset variant is an edit of the TOML, not of code.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from emo_assets.core.paths import model_slug, safe_name
+
+PACKAGED_CONFIG = Path(__file__).resolve().parents[1] / "config.toml"
+
+# environment variable -> what it overrides
+ENV_OVERRIDES = {
+    "EMO_ASSETS_CONFIG": "path of the TOML file to read instead of the packaged one",
+    "EMO_ASSETS_ROOT": "project root that relative paths are resolved against (default: cwd)",
+    "EMO_ASSETS_PROFILE": "model profile (paper | offline | any profile in the TOML)",
+    "EMO_ASSETS_MODELS": "comma-separated model list, replaces the profile's models",
+    "EMO_ASSETS_DATASETS": "comma-separated variant=path pairs, replaces the dataset variants",
+    "EMO_ASSETS_EMOTIONS": "comma-separated emotion list",
+    "EMO_ASSETS_RESULTS_DIR": "results directory",
+    "EMO_ASSETS_BATCH_SIZE": "extraction batch size",
+    "EMO_ASSETS_DEVICE": "cpu | cuda | auto",
+    "EMO_ASSETS_COMPUTE_DTYPE": "float32 | bfloat16 | float16",
+    "EMO_ASSETS_STORAGE_DTYPE": "float32 | bfloat16 | float16",
+    "EMO_ASSETS_MLFLOW_URI": "MLflow tracking URI (MLFLOW_TRACKING_URI is honoured too)",
+    "EMO_ASSETS_MAX_AGE_HOURS": "freshness limit of activation files",
+    "EMO_ASSETS_TRUST_REMOTE_CODE": "1 to let transformers run model code from the hub (off by default)",
+}
+
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("cpu", "cuda", "auto")
+
+
+class ConfigError(ValueError):
+    """The configuration file or an override is invalid."""
+
+
+@dataclass(frozen=True)
+class ExtractionSettings:
+    batch_size: int = 32
+    device: str = "auto"
+    compute_dtype: str = "float32"
+    storage_dtype: str = "float32"
+    prepend_bos: bool = False
+    attention: bool = False
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"extraction.batch_size must be >= 1, got {self.batch_size}")
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise ConfigError(f"extraction.device must be one of {DEVICES}, got {self.device!r}")
+        for name in ("compute_dtype", "storage_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ConfigError(f"extraction.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    root: Path
+    profile: str
+    models: tuple[str, ...]
+    emotions: tuple[str, ...]
+    datasets: Mapping[str, Path]
+    results_dir: Path
+    extraction: ExtractionSettings
+    mlflow_tracking_uri: str
+    mlflow_experiment: str
+    max_age_hours: float
+    freshness_cron: str
+    analysis: Mapping = field(default_factory=dict)
+
+    @property
+    def model_slugs(self) -> dict[str, str]:
+        """slug -> model id for the active profile (slugs are the Dagster partition keys)."""
+        return {model_slug(m): m for m in self.models}
+
+
+def _split(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Read the TOML and apply environment overrides. Raises `ConfigError` naming the bad key."""
+    env = os.environ if env is None else env
+    config_path = Path(env.get("EMO_ASSETS_CONFIG") or PACKAGED_CONFIG)
+    try:
+        raw = tomllib.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{config_path}: cannot read configuration: {exc}") from exc
+
+    root = Path(env.get("EMO_ASSETS_ROOT") or os.getcwd()).resolve()
+
+    def resolve(path: str | Path) -> Path:
+        path = Path(path).expanduser()
+        return path if path.is_absolute() else root / path
+
+    profile = env.get("EMO_ASSETS_PROFILE") or raw.get("profile", "offline")
+    profiles = raw.get("profiles", {})
+    if "EMO_ASSETS_MODELS" in env:
+        models = _split(env["EMO_ASSETS_MODELS"])
+    elif profile in profiles:
+        models = list(profiles[profile])
+    else:
+        raise ConfigError(f"{config_path}: unknown profile {profile!r}; known: {sorted(profiles)}")
+
+    if "EMO_ASSETS_DATASETS" in env:
+        pairs = [item.split("=", 1) for item in _split(env["EMO_ASSETS_DATASETS"])]
+        if any(len(pair) != 2 for pair in pairs):
+            raise ConfigError("EMO_ASSETS_DATASETS must be comma-separated variant=path pairs")
+        datasets = {name: resolve(path) for name, path in pairs}
+    else:
+        datasets = {name: resolve(spec["path"]) for name, spec in raw.get("datasets", {}).items()}
+
+    emotions = _split(env["EMO_ASSETS_EMOTIONS"]) if "EMO_ASSETS_EMOTIONS" in env else raw.get("emotions", [])
+    for emotion in emotions:
+        safe_name(emotion, "emotion")
+    for variant in datasets:
+        safe_name(variant, "dataset variant")
+    slugs = [model_slug(m) for m in models]
+    if len(set(slugs)) != len(slugs):
+        raise ConfigError(f"two models of profile {profile!r} share a slug: {slugs}")
+    if not emotions or not datasets or not models:
+        raise ConfigError(f"{config_path}: emotions, datasets and models must all be non-empty")
+
+    ext = dict(raw.get("extraction", {}))
+    overrides = {
+        "batch_size": ("EMO_ASSETS_BATCH_SIZE", int),
+        "device": ("EMO_ASSETS_DEVICE", str),
+        "compute_dtype": ("EMO_ASSETS_COMPUTE_DTYPE", str),
+        "storage_dtype": ("EMO_ASSETS_STORAGE_DTYPE", str),
+        "trust_remote_code": ("EMO_ASSETS_TRUST_REMOTE_CODE", lambda v: v.lower() in ("1", "true", "yes")),
+    }
+    for key, (var, parse) in overrides.items():
+        if var in env:
+            try:
+                ext[key] = parse(env[var])
+            except ValueError as exc:
+                raise ConfigError(f"{var}={env[var]!r}: {exc}") from exc
+    try:
+        extraction = ExtractionSettings(**ext)
+    except TypeError as exc:
+        raise ConfigError(f"{config_path}: [extraction]: {exc}") from exc
+
+    results_dir = resolve(env.get("EMO_ASSETS_RESULTS_DIR") or raw.get("results_dir", "results"))
+    mlflow_cfg = raw.get("mlflow", {})
+    tracking_uri = (
+        env.get("EMO_ASSETS_MLFLOW_URI")
+        or env.get("MLFLOW_TRACKING_URI")
+        or mlflow_cfg.get("tracking_uri")
+        or f"sqlite:///{results_dir / 'mlflow.db'}"
+    )
+    freshness = raw.get("freshness", {})
+    return Settings(
+        root=root,
+        profile=profile,
+        models=tuple(models),
+        emotions=tuple(emotions),
+        datasets=datasets,
+        results_dir=results_dir,
+        extraction=extraction,
+        mlflow_tracking_uri=tracking_uri,
+        mlflow_experiment=mlflow_cfg.get("experiment", "emo_assets"),
+        max_age_hours=float(env.get("EMO_ASSETS_MAX_AGE_HOURS") or freshness.get("max_age_hours", 168)),
+        freshness_cron=freshness.get("schedule_cron", "0 6 * * *"),
+        analysis=raw.get("analysis", {}),
+    )

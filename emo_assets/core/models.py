@@ -1,0 +1,181 @@
+"""Resolving and loading language models: hub ids, local directories and the offline models.
+
+A model is named by a Hugging Face hub id (`gpt2`, `EleutherAI/pythia-160m`), a local directory, or an
+offline model name (`minilm`, `tiny-gpt2`, ...). Hub ids go through the Hugging Face cache
+(`snapshot_download`): downloaded when the network allows, read from the cache when `HF_HUB_OFFLINE=1`, and
+the snapshot folder's commit hash is the revision. Only safetensors weights are fetched and loaded (no pickle).
+Base models only (`AutoModel`, no LM head: ~1.65x faster, and the head is not analysed), eval mode,
+`trust_remote_code` off unless asked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from emo_assets.core.offline_models import OFFLINE_MODELS, TINY_RECIPES, minilm_path, tiny_model_dir
+from emo_assets.core.paths import model_slug
+
+# Files a base model needs; no *.bin / *.pt (pickle), no LM-only extras.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*", "vocab*", "merges*"]
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be resolved or loaded; the message names the model and the remedies."""
+
+
+@dataclass
+class LoadedModel:
+    """A loaded base model with everything the extraction and the metadata need."""
+
+    model_id: str
+    slug: str
+    source: str  # "hub" | "local" | "offline"
+    path: Path
+    revision: str
+    model: Any
+    tokenizer: Any
+    architecture: str
+    n_layers: int
+    d_model: int
+    n_params: int
+    context_length: int
+    device: str
+    compute_dtype: str
+    load_seconds: float
+    disk_bytes: int
+    info: dict = field(default_factory=dict)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} requested but CUDA is not available (torch {torch.__version__})")
+    return device
+
+
+def resolve_model_path(
+    model_id: str, *, training_texts: Callable[[], Sequence[str]] | None = None, revision: str | None = None
+) -> tuple[str, Path, str | None]:
+    """Return (source, local directory, hub commit or None) for a model name."""
+    if model_id == "minilm":
+        return "offline", minilm_path(), None
+    if model_id in TINY_RECIPES:
+        if training_texts is None:
+            raise ModelLoadError(f"offline model {model_id!r} needs the dataset texts to train its tokenizer")
+        return "offline", tiny_model_dir(model_id, list(training_texts())), None
+    local = Path(model_id).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelLoadError(f"{local}: not a Hugging Face model directory (no config.json)")
+        return "local", local.resolve(), None
+    if model_id.startswith(("/", ".", "~")):
+        raise ModelLoadError(f"model directory {model_id!r} does not exist")
+    return "hub", *_snapshot(model_id, revision)
+
+
+def _snapshot(model_id: str, revision: str | None) -> tuple[Path, str | None]:
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = Path(snapshot_download(model_id, revision=revision, allow_patterns=HUB_PATTERNS))
+    except Exception as exc:  # hub client errors are many and version-dependent; all mean "not available"
+        raise ModelLoadError(
+            f"model {model_id!r} is neither in the Hugging Face cache nor reachable on the hub "
+            f"({type(exc).__name__}: {exc}).\nRemedies: connect to the network once so it is downloaded into the "
+            "HF cache; point HF_HOME / HF_HUB_CACHE at a cache that holds it (with HF_HUB_OFFLINE=1 to stay "
+            "offline); pass a local model directory instead of a hub id; or use an offline model "
+            f"({', '.join(OFFLINE_MODELS)}; profile 'offline')."
+        ) from exc
+    return path, path.name if _COMMIT.match(path.name) else None
+
+
+def weights_sha256(path: Path) -> str:
+    """sha256 over the safetensors weight files (sorted by name): the revision of a model without a hub commit."""
+    digest = hashlib.sha256()
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{path}: no *.safetensors weights (pickle checkpoints are not loaded)")
+    for file in files:
+        digest.update(file.name.encode())
+        with open(file, "rb") as handle:
+            while chunk := handle.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _disk_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+
+
+def load_model(
+    model_id: str,
+    *,
+    device: str = "auto",
+    compute_dtype: str = "float32",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    training_texts: Callable[[], Sequence[str]] | None = None,
+) -> LoadedModel:
+    """Load the base model and tokenizer of `model_id` for inference. Raises `ModelLoadError`."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from emo_assets.core.layers import find_hook_points
+
+    started = time.perf_counter()
+    slug = model_slug(model_id)
+    source, path, commit = resolve_model_path(model_id, training_texts=training_texts, revision=revision)
+    device = resolve_device(device)
+    dtype = getattr(torch, compute_dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModel.from_pretrained(
+            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except Exception as exc:
+        raise ModelLoadError(f"model {model_id!r} ({path}) could not be loaded: {type(exc).__name__}: {exc}") from exc
+    model.eval().requires_grad_(False).to(device)
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False  # no KV cache: one forward pass per batch, nothing to reuse
+    points = find_hook_points(model)
+    config = model.config
+    context = min(
+        v for v in (getattr(config, "max_position_embeddings", None), getattr(config, "n_positions", None),
+                    _sane_max_length(tokenizer)) if v
+    )
+    return LoadedModel(
+        model_id=model_id,
+        slug=slug,
+        source=source,
+        path=path,
+        revision=commit or weights_sha256(path),
+        model=model,
+        tokenizer=tokenizer,
+        architecture=type(model).__name__,
+        n_layers=len(points.blocks),
+        d_model=int(getattr(config, "hidden_size", None) or config.n_embd),
+        n_params=sum(p.numel() for p in model.parameters()),
+        context_length=int(context),
+        device=device,
+        compute_dtype=compute_dtype,
+        load_seconds=time.perf_counter() - started,
+        disk_bytes=_disk_bytes(path),
+    )
+
+
+def _sane_max_length(tokenizer) -> int | None:
+    """Tokenizers without a limit report 1e30; treat that as unknown."""
+    value = getattr(tokenizer, "model_max_length", None)
+    return value if value and value < 10**7 else None
