@@ -45,6 +45,7 @@ class ExtractionOptions:
     attention: bool = False
     storage_dtype: str = "float32"
     progress: bool = False
+    truncate: bool = False  # cut sentences longer than the context instead of failing
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -82,19 +83,22 @@ def bos_token_id(tokenizer) -> int:
 
 
 def tokenize(
-    loaded: LoadedModel, texts: Sequence[str], sentence_ids: Sequence[str], prepend_bos: bool
+    loaded: LoadedModel, texts: Sequence[str], sentence_ids: Sequence[str], prepend_bos: bool, truncate: bool = False
 ) -> list[list[int]]:
     """Token ids of every text, no padding, no special tokens except the optional BOS; checked against context."""
     encoded = loaded.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     if prepend_bos:
         bos = bos_token_id(loaded.tokenizer)
         encoded = [[bos, *ids] for ids in encoded]
+    if truncate:
+        encoded = [ids[: loaded.context_length] for ids in encoded]
     for sid, ids in zip(sentence_ids, encoded):
         if not ids:
             raise ExtractionError(f"sentence {sid!r}: tokenizes to zero tokens")
         if len(ids) > loaded.context_length:
             raise ExtractionError(
-                f"sentence {sid!r}: {len(ids)} tokens exceed the context of {loaded.model_id} ({loaded.context_length})"
+                f"sentence {sid!r}: {len(ids)} tokens exceed the context of {loaded.model_id} "
+                f"({loaded.context_length}); shorten it or ask for truncation"
             )
     return encoded
 
@@ -164,7 +168,7 @@ def extract_to_file(
     if len(set(sentence_ids)) != len(sentence_ids):
         raise ExtractionError("sentence ids must be unique")
     started = time.perf_counter()
-    encoded = tokenize(loaded, texts, sentence_ids, options.prepend_bos)
+    encoded = tokenize(loaded, texts, sentence_ids, options.prepend_bos, options.truncate)
     lengths = [len(ids) for ids in encoded]
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     input_ids = np.fromiter((t for ids in encoded for t in ids), dtype=np.int64, count=int(offsets[-1]))
@@ -179,6 +183,7 @@ def extract_to_file(
         "architecture": loaded.architecture,
         "sentence_ids": json.dumps(list(sentence_ids), ensure_ascii=False),
         "prepend_bos": json.dumps(options.prepend_bos),
+        "truncated_to_context": json.dumps(options.truncate),
         "compute_dtype": loaded.compute_dtype,
         "hook_points": json.dumps(capture.hook_names),
         "package_version": __version__,

@@ -1,0 +1,142 @@
+"""Model resolution and loading: hub ids through a real (offline) HF cache, local dirs, layer discovery, safety.
+
+The hub-id path is exercised with tiny stand-ins saved into a temp Hugging Face cache under the real ids
+(`models--gpt2/snapshots/<commit>`), loaded with `HF_HUB_OFFLINE=1` in a subprocess (huggingface_hub reads
+its environment at import time).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from emo_assets.core.layers import find_hook_points
+from emo_assets.core.models import ModelLoadError, load_model, weights_sha256
+from emo_assets.core.offline_models import tiny_model_dir
+
+PAPER_IDS = {"gpt2": "tiny-gpt2", "EleutherAI/pythia-160m": "tiny-pythia", "EleutherAI/gpt-neo-125M": "tiny-gpt-neo"}
+
+
+def fake_hub_cache(home: Path, texts: list[str]) -> dict[str, str]:
+    """Lay out tiny models as the hub client would cache them; returns hub id -> commit."""
+    commits = {}
+    for index, (hub_id, tiny) in enumerate(PAPER_IDS.items()):
+        commit = f"{index + 1:x}" * 40
+        repo = home / "hub" / f"models--{hub_id.replace('/', '--')}"
+        snapshot = repo / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        for file in tiny_model_dir(tiny, texts).iterdir():
+            (snapshot / file.name).write_bytes(file.read_bytes())
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(commit)
+        commits[hub_id] = commit
+    return commits
+
+
+def run_python(code: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_paper_hub_ids_load_from_the_hf_cache_offline(tmp_path, small_texts):
+    commits = fake_hub_cache(tmp_path / "hf", small_texts)
+    code = (
+        "import json; from emo_assets.core.models import load_model\n"
+        "out = {}\n"
+        f"for hub_id in {list(PAPER_IDS)!r}:\n"
+        "    m = load_model(hub_id, device='cpu')\n"
+        "    out[hub_id] = [m.slug, m.source, m.revision, m.architecture, m.n_layers]\n"
+        "print(json.dumps(out))\n"
+    )
+    result = run_python(code, {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert loaded == {
+        "gpt2": ["gpt2", "hub", commits["gpt2"], "GPT2Model", 4],
+        "EleutherAI/pythia-160m": ["EleutherAI-pythia-160m", "hub", commits["EleutherAI/pythia-160m"], "GPTNeoXModel", 4],
+        "EleutherAI/gpt-neo-125M": ["EleutherAI-gpt-neo-125M", "hub", commits["EleutherAI/gpt-neo-125M"], "GPTNeoModel", 4],
+    }
+
+
+def test_uncached_hub_model_fails_with_remedies(tmp_path):
+    code = "from emo_assets.core.models import load_model\nload_model('EleutherAI/pythia-160m', device='cpu')"
+    result = run_python(code, {"HF_HOME": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode != 0
+    assert "ModelLoadError" in result.stderr and "'EleutherAI/pythia-160m'" in result.stderr
+    for remedy in ("network", "HF_HOME", "HF_HUB_OFFLINE", "local model directory", "offline model"):
+        assert remedy in result.stderr
+
+
+def test_local_directory_revision_is_the_weights_sha256(tmp_path, small_texts):
+    source = tiny_model_dir("tiny-gpt-neo", small_texts)
+    local = tmp_path / "my-model"
+    local.mkdir()
+    for file in source.iterdir():
+        (local / file.name).write_bytes(file.read_bytes())
+    loaded = load_model(str(local), device="cpu")
+    assert (loaded.source, loaded.slug) == ("local", "my-model")
+    assert loaded.revision == weights_sha256(local) and len(loaded.revision) == 64
+    assert loaded.disk_bytes == sum(f.stat().st_size for f in local.iterdir())
+    assert not loaded.model.training
+
+
+def test_remote_code_is_not_run_by_default(tmp_path):
+    marker = tmp_path / "remote_code_ran"
+    model_dir = tmp_path / "evil"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps(
+        {"model_type": "evil", "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"}}))
+    (model_dir / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    with pytest.raises(ModelLoadError):
+        load_model(str(model_dir), device="cpu")
+    assert not marker.exists()
+
+
+def test_missing_local_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(str(tmp_path / "nope"), device="cpu")
+
+
+def _tiny(config_cls, **kwargs):
+    torch.manual_seed(0)
+    from transformers import AutoModel
+
+    return AutoModel.from_config(config_cls(**kwargs)).eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_layer_discovery_on_llama_style_decoders(family):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[family]
+    model = _tiny(config_cls, vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2)
+    points = find_hook_points(model)
+    assert points.names["resid_post"] == ["layers.0", "layers.1", "layers.2"]
+    assert points.names["mlp_out"] == ["layers.0.mlp", "layers.1.mlp", "layers.2.mlp"]
+    assert points.names["attn_out"] == ["layers.0.self_attn", "layers.1.self_attn", "layers.2.self_attn"]
+
+
+def test_layer_discovery_names_for_offline_models(offline_models):
+    expected = {
+        "minilm": ("encoder.layer.0", "encoder.layer.0.output.dense", "encoder.layer.0.attention.output.dense"),
+        "tiny-gpt2": ("h.0", "h.0.mlp", "h.0.attn"),
+        "tiny-pythia": ("layers.0", "layers.0.mlp", "layers.0.attention"),
+        "tiny-gpt-neo": ("h.0", "h.0.mlp", "h.0.attn"),
+    }
+    for name, (block, mlp, attn) in expected.items():
+        names = find_hook_points(offline_models[name].model).names
+        assert (names["resid_post"][0], names["mlp_out"][0], names["attn_out"][0]) == (block, mlp, attn)
+        assert len(names["resid_post"]) == offline_models[name].n_layers
+
+
+def test_tiny_models_are_deterministic(small_texts, tmp_path, monkeypatch):
+    first = weights_sha256(tiny_model_dir("tiny-gpt2", small_texts))
+    monkeypatch.setenv("EMO_ASSETS_MODEL_CACHE", str(tmp_path))
+    assert weights_sha256(tiny_model_dir("tiny-gpt2", small_texts)) == first

@@ -1,0 +1,134 @@
+"""The activation file format: round trip, safetensors compatibility, corruption detection, atomicity."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import load_file
+
+from emo_assets.core.atomic import atomic_path, remove_stale_temps, temp_path_for
+from emo_assets.core.storage import (
+    CHECKSUM_KEY,
+    ActivationFile,
+    ActivationFileError,
+    ActivationWriter,
+    write_activation_file,
+)
+
+OFFSETS = np.array([0, 3, 4, 9, 11])
+IDS = np.arange(11) + 100
+
+
+@pytest.fixture
+def arrays():
+    rng = np.random.default_rng(7)
+    return {kind: rng.standard_normal((3, 11, 8)).astype(np.float32) for kind in ("resid_post", "mlp_out")}
+
+
+@pytest.fixture
+def written(tmp_path, arrays):
+    return write_activation_file(
+        tmp_path / "activations_anger.safetensors", arrays, offsets=OFFSETS, input_ids=IDS,
+        storage_dtype="float32", metadata={"emotion": "anger", "sentence_ids": json.dumps(list("abcd"))},
+    )
+
+
+def test_round_trip(written, arrays):
+    stored = ActivationFile(written)
+    assert (stored.n_layers, stored.n_tokens, stored.d_model, stored.n_sentences) == (3, 11, 8, 4)
+    assert stored.kinds == ["resid_post", "mlp_out"]
+    np.testing.assert_array_equal(stored.offsets, OFFSETS)
+    np.testing.assert_array_equal(stored.input_ids, IDS)
+    for kind, array in arrays.items():
+        np.testing.assert_array_equal(stored.raw(kind), array)
+        np.testing.assert_array_equal(stored.sentence_end(kind, 2), array[2, OFFSETS[1:] - 1])
+        np.testing.assert_array_equal(stored.sentence(kind, 1, 2), array[1, 4:9])
+    assert stored.sentence_ids == list("abcd")
+    assert stored.metadata["emotion"] == "anger"
+
+
+def test_plain_safetensors_readers_open_it(written, arrays):
+    loaded = load_file(written)
+    assert set(loaded) == {"resid_post", "mlp_out", "input_ids", "offsets"}
+    np.testing.assert_array_equal(loaded["mlp_out"], arrays["mlp_out"])
+    with safe_open(written, framework="numpy") as handle:
+        assert handle.metadata()["format"] == "emo_assets.activations"
+
+
+def test_batches_out_of_order_land_in_dataset_order(tmp_path, arrays):
+    path = tmp_path / "a.safetensors"
+    lengths = np.diff(OFFSETS)
+    with ActivationWriter(path, n_layers=3, d_model=8, kinds=list(arrays), offsets=OFFSETS, input_ids=IDS,
+                          storage_dtype="float32", metadata={}) as writer:
+        for batch in ([2, 0], [3, 1]):
+            rows = np.concatenate([np.arange(OFFSETS[i], OFFSETS[i + 1]) for i in batch])
+            writer.write_batch({k: a[:, rows] for k, a in arrays.items()}, batch, lengths[batch])
+        writer.commit()
+    for kind, array in arrays.items():
+        np.testing.assert_array_equal(ActivationFile(path).raw(kind), array)
+
+
+def test_incomplete_file_is_refused_and_nothing_published(tmp_path, arrays):
+    path = tmp_path / "a.safetensors"
+    with pytest.raises(ValueError, match="incomplete"):
+        with ActivationWriter(path, n_layers=3, d_model=8, kinds=list(arrays), offsets=OFFSETS, input_ids=IDS,
+                              storage_dtype="float32", metadata={}) as writer:
+            writer.write_batch({k: a[:, :3] for k, a in arrays.items()}, [0], [3])
+            writer.commit()
+    assert os.listdir(tmp_path) == []
+
+
+def test_truncated_file_raises(written):
+    data = written.read_bytes()
+    written.write_bytes(data[:-100])
+    with pytest.raises(ActivationFileError, match="truncated"):
+        ActivationFile(written)
+    written.write_bytes(data[:5])
+    with pytest.raises(ActivationFileError, match="truncated"):
+        ActivationFile(written)
+
+
+def test_bit_flip_in_data_raises(written):
+    data = bytearray(written.read_bytes())
+    data[-17] ^= 0x04
+    written.write_bytes(bytes(data))
+    with pytest.raises(ActivationFileError, match="checksum mismatch"):
+        ActivationFile(written)
+    ActivationFile(written, verify=False)  # an explicit opt-out still opens it
+
+
+def test_bit_flip_in_header_raises(written):
+    data = bytearray(written.read_bytes())
+    data[12] ^= 0x40
+    written.write_bytes(bytes(data))
+    with pytest.raises(ActivationFileError):
+        ActivationFile(written)
+
+
+def test_checksum_is_recorded(written):
+    assert len(ActivationFile(written).metadata[CHECKSUM_KEY]) == 32
+
+
+def test_atomic_path_keeps_previous_file_on_error(tmp_path):
+    final = tmp_path / "out.txt"
+    final.write_text("previous")
+    with pytest.raises(RuntimeError):
+        with atomic_path(final) as temp:
+            temp.write_text("half")
+            raise RuntimeError("boom")
+    assert final.read_text() == "previous"
+    assert os.listdir(tmp_path) == ["out.txt"]
+
+
+def test_stale_temps_of_dead_processes_are_removed(tmp_path):
+    final = tmp_path / "out.txt"
+    dead = final.with_name(f".{final.name}.tmp-999999999-abcd1234")
+    dead.write_text("left by a killed writer")
+    mine = temp_path_for(final)
+    mine.write_text("in progress")
+    assert remove_stale_temps(final) == [dead]
+    assert mine.exists()

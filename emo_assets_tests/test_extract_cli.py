@@ -1,0 +1,122 @@
+"""The seed-compatible CLI: files, counts, exit codes, nothing written on bad input, SIGKILL safety."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from emo_assets.core.storage import ActivationFile
+from emo_assets.extract import main
+from emo_assets_tests.conftest import REPO_ROOT, read_records, write_records
+
+EMOTIONS = ("gratitude", "anger", "apology", "neutral")
+
+
+@pytest.fixture
+def cli_env(monkeypatch, small_datasets):
+    """Configure the tiny models' training corpus exactly like the session fixture (cache hit, fast)."""
+    monkeypatch.setenv("EMO_ASSETS_DATASETS", ",".join(f"{k}={v}" for k, v in small_datasets.items()))
+    return small_datasets
+
+
+def test_every_emotion_gets_a_file_with_the_dataset_counts(cli_env, tmp_path, capsys):
+    dataset = cli_env["baseline"]
+    assert main(["--model", "tiny-gpt2", "--dataset", str(dataset), "--output", str(tmp_path / "out"), "--no-progress"]) == 0
+    records = read_records(dataset)
+    for emotion in EMOTIONS:
+        stored = ActivationFile(tmp_path / "out" / f"activations_{emotion}.safetensors")
+        expected_ids = [r["id"] for r in records if r["emotion"] == emotion]
+        assert stored.sentence_ids == expected_ids
+        assert stored.metadata["emotion"] == emotion
+        assert stored.metadata["dataset_sha256"] == hashlib.sha256(dataset.read_bytes()).hexdigest()
+        assert stored.kinds == ["resid_post", "mlp_out"]
+    assert "samples/s" in capsys.readouterr().out
+
+
+def test_single_emotion_and_options(cli_env, tmp_path):
+    args = ["--model", "tiny-pythia", "--dataset", str(cli_env["baseline"]), "--output", str(tmp_path),
+            "--emotion", "apology", "--attention", "--prepend-bos", "--storage-dtype", "float16", "--batch-size", "2",
+            "--no-progress"]
+    assert main(args) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["activations_apology.safetensors"]
+    stored = ActivationFile(tmp_path / "activations_apology.safetensors")
+    assert stored.kinds == ["resid_post", "mlp_out", "attn_out"]
+    assert (stored.metadata["prepend_bos"], stored.dtype) == ("true", "float16")
+
+
+def _assert_rejected(args, tmp_path, capsys, *fragments, code=2):
+    assert main(args + ["--output", str(tmp_path / "out"), "--no-progress"]) == code
+    err = capsys.readouterr().err
+    for fragment in fragments:
+        assert fragment in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_invalid_dataset_exits_2_and_writes_nothing(cli_env, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    lines = cli_env["baseline"].read_text().splitlines()
+    lines[2] = '{"id": "x", "emotion": "anger"'
+    bad.write_text("\n".join(lines) + "\n")
+    _assert_rejected(["--model", "tiny-gpt2", "--dataset", str(bad)], tmp_path, capsys, f"{bad}:3: json:")
+
+
+def test_unknown_and_unsafe_emotions_exit_2(cli_env, tmp_path, capsys):
+    base = ["--model", "tiny-gpt2", "--dataset", str(cli_env["baseline"])]
+    _assert_rejected(base + ["--emotion", "joy"], tmp_path, capsys, "'joy' is not one of")
+    _assert_rejected(base + ["--emotion", "../../etc"], tmp_path, capsys, "invalid emotion")
+
+
+def test_text_longer_than_context_exits_2_naming_the_line(cli_env, tmp_path, capsys):
+    records = read_records(cli_env["baseline"])
+    records[5]["text"] = " ".join(["remarkably"] * 700)
+    long_file = write_records(tmp_path / "long.jsonl", records)
+    _assert_rejected(["--model", "tiny-gpt2", "--dataset", str(long_file)], tmp_path, capsys,
+                     f"{long_file}:6: text:", "exceed")
+
+
+def test_model_load_failure_exits_1(cli_env, tmp_path, capsys):
+    _assert_rejected(["--model", str(tmp_path / "no-such-model"), "--dataset", str(cli_env["baseline"])],
+                     tmp_path, capsys, "does not exist", code=1)
+
+
+def test_missing_dataset_exits_2(cli_env, tmp_path, capsys):
+    _assert_rejected(["--model", "tiny-gpt2", "--dataset", str(tmp_path / "none.jsonl")], tmp_path, capsys,
+                     "none.jsonl")
+
+
+@pytest.mark.slow
+def test_sigkill_mid_write_leaves_no_file_and_keeps_the_previous_one(tmp_path):
+    """Kill the CLI while the temp file of the second run exists: final path holds the first run's bytes."""
+    out = tmp_path / "out"
+    big = write_records(tmp_path / "big.jsonl", read_records(REPO_ROOT / "data" / "emotion_dataset_extended.jsonl"))
+    env = {**os.environ, "EMO_ASSETS_DATASETS": f"extended={big}"}
+    command = [sys.executable, "-m", "emo_assets.extract", "--model", "minilm", "--dataset", str(big),
+               "--output", str(out), "--emotion", "neutral", "--no-progress"]
+    subprocess.run(command, env=env, check=True, capture_output=True, timeout=300)
+    final = out / "activations_neutral.safetensors"
+    good = final.read_bytes()
+
+    process = subprocess.Popen(command + ["--batch-size", "1"], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not any(p.name.startswith(".activations_neutral") for p in out.iterdir()):
+        assert process.poll() is None, "the extraction finished before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    time.sleep(0.3)  # let it write some batches
+    assert process.poll() is None, "the extraction finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert final.read_bytes() == good
+    ActivationFile(final)  # still valid
+    assert any(p.name.startswith(".activations_neutral") for p in out.iterdir())  # the killed run's temp
+
+    subprocess.run(command, env=env, check=True, capture_output=True, timeout=300)
+    assert [p.name for p in out.iterdir()] == ["activations_neutral.safetensors"]  # stale temp cleaned
+    assert final.read_bytes() == good  # deterministic rerun
