@@ -1,0 +1,60 @@
+# One entry point for setup, the pipeline, tests, benchmarks and the UIs. Every target sets up the venv first.
+#
+# torch: the default TORCH_SPEC is the CPU build this project is developed and tested with (a bare `torch`
+# requirement would pull a multi-GB CUDA build on Linux). GPU users pick their build, e.g.
+#   make setup TORCH_SPEC="torch==2.13.0" TORCH_INDEX=https://download.pytorch.org/whl/cu128
+# or install torch into .venv themselves first (the project accepts torch>=2.4).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+PROFILE ?= offline
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: setup demo test test-fast bench ui mlflow-ui check-defs lock clean-results
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip check
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+## The whole pipeline on the offline models (no network needed), recorded in the local Dagster instance.
+demo: setup
+	$(BIN)/emo-assets materialize --profile $(PROFILE)
+
+## The test suite (what CI runs).
+test: setup
+	$(BIN)/python -m pytest -q --timeout=900 -p no:cacheprovider
+
+## Tests without the slow fault-injection, end-to-end and browser tests.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow and not ui" -p no:cacheprovider
+
+bench: setup
+	$(BIN)/python -m benchmarks
+
+## Dagster UI (webserver + daemon) on http://127.0.0.1:3000
+ui: setup
+	$(BIN)/emo-assets ui
+
+## MLflow UI on the pipeline's tracking store, http://127.0.0.1:5000
+mlflow-ui: setup
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/results/mlflow.db --host 127.0.0.1 --port 5000
+
+check-defs: setup
+	$(BIN)/dagster definitions validate -m emo_assets.definitions
+
+## Regenerate constraints.txt (pinned versions of every dependency except torch) from a fresh resolve.
+lock:
+	rm -rf /tmp/emo-assets-lock && $(PYTHON) -m venv /tmp/emo-assets-lock
+	/tmp/emo-assets-lock/bin/pip install --quiet "$(TORCH_SPEC)" && /tmp/emo-assets-lock/bin/pip install --quiet -e ".[dev]"
+	/tmp/emo-assets-lock/bin/pip freeze --exclude-editable | grep -v -E '^(torch|emo.assets)[=@ ]' > constraints.txt
+
+clean-results:
+	rm -rf results/* .dagster_home/history .dagster_home/storage .dagster_home/schedules

@@ -1,0 +1,226 @@
+"""Phase 3.5: vectors built from token-level activations instead of the sentence-end token.
+
+Token-level activations of one layer are stored ragged: `acts` [n_tokens, d] with `offsets` [n_sentences + 1]
+so that sentence i owns rows offsets[i]:offsets[i+1], and `tokens[j]` is the decoded string of row j.
+
+(a) `sentence_content_means`: per-sentence mean over tokens *excluding the first token*. In GPT-2-style models
+    without a BOS token the first position is an attention sink whose residual norm is tens of times larger
+    than any other token's, so including it would make every sentence mean point along the sink direction
+    (another face of the anisotropy trap). A one-token sentence has nothing else, so it falls back to that
+    token (recorded in `ContentMeans.fallback`). The result [n_sentences, d] feeds `vectors.emotion_vectors`.
+(b) `emotion_word_vectors`: the mean activation over tokens that are emotion words ("thank", "sorry", ...)
+    - the seed built these because Pythia-160M's sentence-end vectors all had cosine ~0.99 with each other.
+    A token matches emotion e when its normalised string (leading space / "Ġ" / "▁" markers stripped,
+    lowercased) starts with one of e's lexicon stems. By default only tokens of sentences labelled e count for
+    e, and the first token is excluded even if it is an emotion word ("Thanks ..."): its activation is the
+    sink's, whatever its identity. An emotion with no matched token (neutral has no stems) gets a NaN vector
+    and count 0 - never a zero vector that would look like a real direction.
+
+An emotion word split by the tokenizer before the end of its stem (" ap" + "ologize") is not matched; the
+counts tell how much of the lexicon the tokenizer left visible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from emo_assets.core.analysis.blas import single_blas_thread
+from emo_assets.core.analysis.labels import DEFAULT_EMOTIONS, as_float64_2d, encode_labels
+from emo_assets.core.analysis.vectors import EmotionVectors, cosine_matrix
+
+_TOKEN_MARKERS = " \t\r\n\u0120\u2581\u010a"  # space, tab, CR, LF, "Ġ", "▁", "Ċ"
+
+
+def normalise_token(token: str) -> str:
+    """Lowercase a decoded token after stripping leading whitespace and BPE/SentencePiece space markers."""
+    return token.lstrip(_TOKEN_MARKERS).lower()
+
+
+def validate_offsets(offsets: Sequence[int] | np.ndarray, n_tokens: int) -> np.ndarray:
+    """Offsets as int64; they must start at 0, end at `n_tokens` and be strictly increasing (no empty
+    sentence: an empty sentence has no activation to average)."""
+    offsets = np.asarray(offsets)
+    if offsets.ndim != 1 or len(offsets) < 2 or not np.issubdtype(offsets.dtype, np.integer):
+        raise ValueError(f"offsets must be a 1-D integer array [n_sentences + 1], got {offsets.dtype} {offsets.shape}")
+    offsets = offsets.astype(np.int64)
+    if offsets[0] != 0 or offsets[-1] != n_tokens:
+        raise ValueError(f"offsets must run from 0 to n_tokens={n_tokens}, got {offsets[0]}..{offsets[-1]}")
+    if np.any(np.diff(offsets) <= 0):
+        raise ValueError("offsets must be strictly increasing (every sentence needs at least one token)")
+    return offsets
+
+
+@dataclass(frozen=True)
+class ContentMeans:
+    """Per-sentence means over tokens 1.. (first token excluded); `fallback[i]` marks one-token sentences."""
+
+    means: np.ndarray  # [n_sentences, d] float64
+    fallback: np.ndarray  # [n_sentences] bool
+
+
+def sentence_content_means(acts: np.ndarray, offsets: Sequence[int] | np.ndarray) -> ContentMeans:
+    """Mean activation of each sentence over its tokens except the first (attention sink); see module doc."""
+    acts = as_float64_2d(acts, "acts")
+    offsets = validate_offsets(offsets, acts.shape[0])
+    lengths = np.diff(offsets)
+    fallback = lengths == 1
+    keep = first_token_excluded_mask(offsets)
+    keep[offsets[:-1][fallback]] = True  # one-token sentences: the only token there is
+    sentence = np.repeat(np.arange(len(lengths)), lengths)
+    sums = np.zeros((len(lengths), acts.shape[1]), dtype=np.float64)
+    np.add.at(sums, sentence[keep], acts[keep])
+    counts = np.where(fallback, 1, lengths - 1)
+    return ContentMeans(means=sums / counts[:, None], fallback=fallback)
+
+
+def first_token_excluded_mask(offsets: np.ndarray) -> np.ndarray:
+    """Boolean mask over tokens: True for every token that is not the first of its sentence."""
+    keep = np.ones(int(offsets[-1]), dtype=bool)
+    keep[offsets[:-1]] = False
+    return keep
+
+
+def lexicon_matches(
+    tokens: Sequence[str],
+    offsets: Sequence[int] | np.ndarray,
+    labels: Sequence[str],
+    lexicon: Mapping[str, Sequence[str]],
+    emotions: Sequence[str] = DEFAULT_EMOTIONS,
+    *,
+    within_label: bool = True,
+    exclude_first: bool = True,
+) -> np.ndarray:
+    """Boolean [n_emotions, n_tokens]: token j is an emotion word of emotion e (see module doc).
+
+    `within_label`: count a match for e only in sentences labelled e. `exclude_first`: never match a
+    sentence's first token (attention sink). Emotions missing from `lexicon` have no stems.
+    """
+    emotions = tuple(emotions)
+    offsets = validate_offsets(offsets, len(tokens))
+    y = encode_labels(labels, emotions)
+    if len(y) != len(offsets) - 1:
+        raise ValueError(f"{len(y)} labels for {len(offsets) - 1} sentences")
+    unknown = sorted(set(lexicon) - set(emotions))
+    if unknown:
+        raise ValueError(f"lexicon emotions {unknown} are not in {list(emotions)}")
+    normalised = [normalise_token(str(t)) for t in tokens]
+    token_label = np.repeat(y, np.diff(offsets))
+    allowed = first_token_excluded_mask(offsets) if exclude_first else np.ones(len(tokens), dtype=bool)
+    matches = np.zeros((len(emotions), len(tokens)), dtype=bool)
+    for e, emotion in enumerate(emotions):
+        stems = tuple(s.strip().lower() for s in lexicon.get(emotion, ()))
+        if any(not s for s in stems):
+            raise ValueError(f"empty stem in the lexicon of {emotion!r}")
+        if not stems:
+            continue
+        hit = np.fromiter((t.startswith(stems) for t in normalised), dtype=bool, count=len(normalised))
+        if within_label:
+            hit &= token_label == e
+        matches[e] = hit & allowed
+    return matches
+
+
+@dataclass(frozen=True)
+class TokenVectors:
+    """Emotion-word token vectors of one layer. Rows follow `emotions`; NaN rows where `counts` is 0."""
+
+    emotions: tuple[str, ...]
+    vectors: np.ndarray  # [E, d] mean activation of the matched tokens
+    centred: np.ndarray  # [E, d] vectors - content_grand_mean
+    counts: np.ndarray  # [E] matched tokens
+    sentence_counts: np.ndarray  # [E] sentences with at least one matched token
+    content_grand_mean: np.ndarray  # [d] unweighted mean over emotions of their content-token means
+
+
+def emotion_word_vectors(
+    acts: np.ndarray,
+    offsets: Sequence[int] | np.ndarray,
+    labels: Sequence[str],
+    matches: np.ndarray,
+    emotions: Sequence[str] = DEFAULT_EMOTIONS,
+) -> TokenVectors:
+    """Mean activation over each emotion's matched tokens (`matches` from `lexicon_matches`, computed once
+    for all layers). `centred` subtracts the content-token grand mean - the mean over emotions of the mean of
+    all non-first tokens of that emotion's sentences - because raw token activations share the same
+    anisotropic offset as sentence-end ones, so only centred vectors can be compared by cosine."""
+    emotions = tuple(emotions)
+    acts = as_float64_2d(acts, "acts")
+    offsets = validate_offsets(offsets, acts.shape[0])
+    y = encode_labels(labels, emotions)
+    if matches.shape != (len(emotions), acts.shape[0]):
+        raise ValueError(f"matches must be [{len(emotions)}, {acts.shape[0]}], got {matches.shape}")
+    sentence = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    d = acts.shape[1]
+    counts = matches.sum(axis=1)
+    vectors = np.full((len(emotions), d), np.nan)
+    sentence_counts = np.zeros(len(emotions), dtype=np.int64)
+    for e in range(len(emotions)):
+        if counts[e]:
+            vectors[e] = acts[matches[e]].mean(axis=0)
+            sentence_counts[e] = len(np.unique(sentence[matches[e]]))
+    content = first_token_excluded_mask(offsets)
+    token_label = y[sentence]
+    per_emotion = [acts[content & (token_label == e)] for e in range(len(emotions))]
+    present = [block.mean(axis=0) for block in per_emotion if len(block)]
+    grand = np.mean(present, axis=0) if present else np.full(d, np.nan)
+    return TokenVectors(
+        emotions=emotions,
+        vectors=vectors,
+        centred=vectors - grand,
+        counts=counts.astype(np.int64),
+        sentence_counts=sentence_counts,
+        content_grand_mean=grand,
+    )
+
+
+def cosine_with_sentence_end(token: TokenVectors, sentence_end: EmotionVectors) -> dict[str, dict[str, float]]:
+    """Per emotion: cosine of the centred token vector with the centred sentence-end vector ("centred") and
+    of the raw vectors ("raw", inflated by anisotropy; for comparison only). NaN where a vector is NaN/zero."""
+    if token.emotions != sentence_end.emotions:
+        raise ValueError(f"emotion orders differ: {token.emotions} vs {sentence_end.emotions}")
+    centred = np.diag(cosine_matrix(token.centred, sentence_end.centred))
+    raw = np.diag(cosine_matrix(token.vectors, sentence_end.means))
+    return {e: {"centred": float(c), "raw": float(r)} for e, c, r in zip(token.emotions, centred, raw)}
+
+
+@single_blas_thread
+def token_vector_rows(
+    acts_layers: Sequence[np.ndarray] | np.ndarray,
+    offsets: Sequence[int] | np.ndarray,
+    tokens: Sequence[str],
+    labels: Sequence[str],
+    lexicon: Mapping[str, Sequence[str]],
+    sentence_end_by_layer: Sequence[EmotionVectors],
+    emotions: Sequence[str] = DEFAULT_EMOTIONS,
+    *,
+    within_label: bool = True,
+    exclude_first: bool = True,
+    **keys: object,
+) -> list[dict]:
+    """Tidy rows (layer x emotion): matched-token counts and the cosine of each emotion-word vector with the
+    sentence-end vector of the same layer. `acts_layers` is [n_layers, n_tokens, d] (or a list of layers)
+    and must have as many layers as `sentence_end_by_layer`; `keys` are copied into every row."""
+    if len(acts_layers) != len(sentence_end_by_layer):
+        raise ValueError(f"{len(acts_layers)} token-level layers vs {len(sentence_end_by_layer)} sentence-end layers")
+    matches = lexicon_matches(
+        tokens, offsets, labels, lexicon, emotions, within_label=within_label, exclude_first=exclude_first
+    )
+    rows = []
+    for layer, (acts, sent) in enumerate(zip(acts_layers, sentence_end_by_layer)):
+        tv = emotion_word_vectors(acts, offsets, labels, matches, emotions)
+        cos = cosine_with_sentence_end(tv, sent)
+        for e, emotion in enumerate(tv.emotions):
+            row = dict(keys)
+            row.update(
+                layer=layer,
+                emotion=emotion,
+                n_tokens=int(tv.counts[e]),
+                n_sentences=int(tv.sentence_counts[e]),
+                cosine_centred=cos[emotion]["centred"],
+                cosine_raw=cos[emotion]["raw"],
+            )
+            rows.append(row)
+    return rows

@@ -1,0 +1,77 @@
+import numpy as np
+import pytest
+
+from emo_assets.core.analysis.subspaces import (
+    effective_k,
+    emotion_subspaces,
+    emotion_subspaces_by_layer,
+    empirical_random_overlap,
+    expected_random_overlap,
+    overlap_matrix,
+    pca_subspace,
+    principal_angles,
+    random_orthonormal_basis,
+    subspace_overlap,
+    subspace_rows,
+)
+from emo_assets_tests.core.analysis.synthetic import EMOTIONS, planted_activations
+
+
+def test_angles_identical_orthogonal_and_known():
+    rng = np.random.default_rng(0)
+    U = random_orthonormal_basis(40, 5, rng)
+    R, _ = np.linalg.qr(rng.standard_normal((5, 5)))
+    np.testing.assert_allclose(principal_angles(U, U @ R), 0, atol=1e-5)  # same span, other basis
+    assert subspace_overlap(U, U @ R) == pytest.approx(1.0)
+    eye = np.eye(40)
+    np.testing.assert_allclose(principal_angles(eye[:, :5], eye[:, 5:10]), 90.0, atol=1e-9)
+    assert subspace_overlap(eye[:, :5], eye[:, 5:10]) == pytest.approx(0.0)
+    t = np.radians(30)
+    a = eye[:, :1]
+    b = np.cos(t) * eye[:, :1] + np.sin(t) * eye[:, 1:2]
+    np.testing.assert_allclose(principal_angles(a, b), [30.0], atol=1e-9)
+    assert subspace_overlap(a, b) == pytest.approx(np.cos(t) ** 2)
+    # overlap = mean squared cosine of the principal angles
+    V = random_orthonormal_basis(40, 5, rng)
+    assert subspace_overlap(U, V) == pytest.approx(np.mean(np.cos(np.radians(principal_angles(U, V))) ** 2))
+
+
+def test_random_overlap_matches_k_over_d():
+    d, k = 64, 8
+    rng = np.random.default_rng(1)
+    draws = [subspace_overlap(random_orthonormal_basis(d, k, rng), random_orthonormal_basis(d, k, rng)) for _ in range(400)]
+    # one draw has std ~0.018 here, so the mean of 400 has std ~0.001; tolerance 0.01 (10 sigma)
+    assert np.mean(draws) == pytest.approx(k / d, abs=0.01)
+    base = empirical_random_overlap(d, k, n_draws=300, seed=2)
+    assert base.analytical == pytest.approx(0.125)
+    assert base.mean == pytest.approx(0.125, abs=0.01)
+    assert expected_random_overlap(4, 100, 10) == pytest.approx(0.1)  # max(k1, k2) / d
+
+
+def test_pca_recovers_planted_plane_and_clips_k():
+    rng = np.random.default_rng(3)
+    d = 30
+    plane = random_orthonormal_basis(d, 2, rng)
+    X = 3 + rng.standard_normal((200, 2)) * [10.0, 6.0] @ plane.T + 0.1 * rng.standard_normal((200, d))
+    sub = pca_subspace(X, k=2)
+    assert principal_angles(sub, plane).max() < 2.0
+    assert sub.explained_variance_ratio.sum() > 0.98
+    assert sub.explained_variance_ratio[0] > sub.explained_variance_ratio[1]
+    np.testing.assert_allclose(sub.basis.T @ sub.basis, np.eye(2), atol=1e-10)
+    assert pca_subspace(X[:5], k=8).k == 4  # n_samples - 1
+    assert effective_k(8, 100, 3) == 3  # d
+    with pytest.raises(ValueError):
+        effective_k(8, 1, 3)
+
+
+def test_emotion_subspaces_and_rows():
+    data = planted_activations(d=32, per_emotion=30)
+    per_layer = emotion_subspaces_by_layer(np.stack([data.X, data.X]), data.labels, EMOTIONS, k=4)
+    assert len(per_layer) == 2 and set(per_layer[0]) == set(EMOTIONS)
+    assert all(s.k == 4 and s.d == 32 for s in per_layer[0].values())
+    one = emotion_subspaces(data.X, data.labels, EMOTIONS, k=4)
+    np.testing.assert_allclose(subspace_overlap(one["anger"], per_layer[1]["anger"]), 1.0)
+    names, M = overlap_matrix(one)
+    assert names == EMOTIONS and np.allclose(np.diag(M), 1.0) and np.allclose(M, M.T)
+    rows = subspace_rows(per_layer, model="m")
+    assert len(rows) == 8 and rows[0]["random_overlap_analytical"] == pytest.approx(4 / 32)
