@@ -37,7 +37,7 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -54,7 +54,7 @@ def remove_stale_temps(final: Path) -> list[Path]:
         return removed
     for entry in final.parent.iterdir():
         match = _TEMP_RE.match(entry.name)
-        if match and match["final"] == final.name and not _pid_alive(int(match["pid"])):
+        if match and match["final"] == final.name and not pid_alive(int(match["pid"])):
             with contextlib.suppress(FileNotFoundError):
                 entry.unlink()
                 removed.append(entry)

@@ -1,0 +1,165 @@
+"""`<V>/activations`: one activation file per model x emotion, extracted with each model loaded once per run.
+
+The asset is partitioned by model x emotion and uses a single-run backfill policy: a run covering many
+partitions receives them all in `context.partition_keys` (in Dagster's emotion-major order), groups them by
+model, and loads each model once through the run's `ModelCache`, releasing it before the next one. The
+tensors are far too large for an IO manager: the file is written at a deterministic path
+(`activation_path`, which downstream assets use too) and the asset returns metadata only.
+"""
+
+import os
+from datetime import timedelta
+from itertools import groupby
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+
+from emo_assets.core.config import Settings
+from emo_assets.core.extraction import ExtractionError, ExtractionOptions, extract_to_file
+from emo_assets.core.models import LoadedModel
+from emo_assets.core.paths import activation_dir, activation_file
+from emo_assets.defs.datasets import emotion_dataset_key, emotion_parquet_path
+from emo_assets.defs.models import LANGUAGE_MODEL
+from emo_assets.defs.partitions import Partitions, fingerprint, partitions_for, step_data_version
+from emo_assets.defs.resources import MlflowTracker, ModelCache
+
+CODE_VERSION = "1"
+
+
+def activations_key(variant: str) -> dg.AssetKey:
+    return dg.AssetKey([variant, "activations"])
+
+
+def activation_path(settings: Settings, variant: str, slug: str, emotion: str) -> Path:
+    """`results/<variant>/activations/<model-slug>/activations_<emotion>.safetensors`."""
+    return activation_file(activation_dir(settings.results_dir, variant, slug), emotion)
+
+
+def freshness_policy(settings: Settings) -> dg.FreshnessPolicy:
+    """Asset-level freshness (evaluated by the daemon): the newest materialization within max_age_hours.
+
+    Dagster requires a window of at least a minute; the per-partition check applies the limit exactly.
+    """
+    window = max(timedelta(hours=settings.max_age_hours), timedelta(minutes=1))
+    return dg.FreshnessPolicy.time_window(fail_window=window)
+
+
+def extraction_options(settings: Settings) -> ExtractionOptions:
+    ext = settings.extraction
+    return ExtractionOptions(
+        batch_size=ext.batch_size, prepend_bos=ext.prepend_bos, attention=ext.attention, storage_dtype=ext.storage_dtype
+    )
+
+
+def group_by_model(keys, parts: Partitions, model_order) -> list[tuple[str, list[str]]]:
+    """[(slug, [emotion, ...])] for the given partition keys, models in `model_order`, emotions in key order."""
+    pairs = sorted((parts.split(key) for key in keys), key=lambda pair: list(model_order).index(pair[0]))
+    return [(slug, [emotion for _, emotion in group]) for slug, group in groupby(pairs, key=lambda pair: pair[0])]
+
+
+def _extract(context, settings: Settings, variant: str, loaded: LoadedModel, emotion: str, mlflow: MlflowTracker):
+    """Extract one partition; return (its metadata, its input fingerprint)."""
+    source = emotion_parquet_path(settings, variant, emotion)
+    if not source.is_file():
+        raise dg.Failure(description=f"{source} is missing: materialize {variant}/emotion_dataset[{emotion}] first")
+    rows = pl.read_parquet(source, columns=["id", "text"])
+    source_meta = pl.read_parquet_metadata(source)
+    options = extraction_options(settings)
+    target = activation_path(settings, variant, loaded.slug, emotion)
+    try:
+        result = extract_to_file(
+            loaded, rows["text"].to_list(), rows["id"].to_list(), target, options,
+            metadata={"emotion": emotion, "dataset_variant": variant, "dataset_path": source_meta["dataset_path"],
+                      "dataset_sha256": source_meta["dataset_sha256"]},
+        )
+    except ExtractionError as exc:
+        raise dg.Failure(description=f"{variant}/{loaded.slug}/{emotion}: {exc}") from exc
+    size = os.stat(result.path).st_size
+    inputs = fingerprint(
+        {"dataset_sha256": source_meta["dataset_sha256"], "emotion": emotion, "model_revision": loaded.revision,
+         "code_version": CODE_VERSION, "compute_dtype": loaded.compute_dtype, "prepend_bos": options.prepend_bos,
+         "kinds": options.kinds, "storage_dtype": options.storage_dtype, "truncate": options.truncate}
+    )
+    key = partitions_for(settings).key(loaded.slug, emotion)
+    status = mlflow.log_run(
+        f"{variant}/{loaded.slug}/{emotion}",
+        params={"phase": "phase2", "task": "activation_extraction", "dataset": variant, "model": loaded.model_id,
+                "emotion": emotion, "dtype": result.storage_dtype, "batch_size": options.batch_size,
+                "model_revision": loaded.revision, "dataset_sha256": source_meta["dataset_sha256"]},
+        metrics={"file_size_mb": size / 2**20, "n_samples": result.n_sentences, "samples_per_s": result.samples_per_s,
+                 "n_tokens": result.n_tokens, "wall_seconds": result.wall_seconds},
+        tags={"dagster.run_id": context.run.run_id, "dagster.partition_key": key,
+              "dagster.asset_key": activations_key(variant).to_user_string()},
+        log=context.log,
+    )
+    context.log.info(
+        f"{variant}/{loaded.slug}/{emotion}: {result.n_sentences} samples, {result.n_tokens} tokens, "
+        f"{size / 2**20:.2f} MB, {result.wall_seconds:.2f}s ({result.samples_per_s:.1f} samples/s); mlflow {status}"
+    )
+    metadata = {
+        "dagster/uri": result.path.as_uri(),
+        "file_size_bytes": size,
+        "file_size_mb": size / 2**20,
+        "n_samples": result.n_sentences,
+        "dagster/partition_row_count": result.n_sentences,
+        "n_tokens": result.n_tokens,
+        "n_layers": result.n_layers,
+        "d_model": result.d_model,
+        "dtype": result.storage_dtype,
+        "layers_saved": ", ".join(result.kinds),
+        "n_nonfinite": result.n_nonfinite,
+        "samples_per_s": round(result.samples_per_s, 2),
+        "wall_seconds": round(result.wall_seconds, 3),
+        "model_id": loaded.model_id,
+        "model_revision": loaded.revision,
+        "dataset_sha256": source_meta["dataset_sha256"],
+        "input_fingerprint": inputs,
+        "mlflow": status,
+    }
+    return metadata, inputs
+
+
+def _extract_model(context, settings: Settings, variant: str, slug: str, emotions, model_cache: ModelCache,
+                   mlflow: MlflowTracker) -> dict[str, str]:
+    """Extract every emotion of one model (loaded once); return {partition key: input fingerprint}."""
+    parts = partitions_for(settings)
+    loaded = model_cache.get(settings.model_slugs[slug], settings)
+    versions = {}
+    for emotion in emotions:
+        metadata, versions[parts.key(slug, emotion)] = _extract(context, settings, variant, loaded, emotion, mlflow)
+        context.add_asset_metadata(metadata, partition_key=parts.key(slug, emotion))
+    return versions
+
+
+def _variant_activations(settings: Settings, variant: str) -> dg.AssetsDefinition:
+    parts = partitions_for(settings)
+
+    @dg.asset(
+        key=activations_key(variant),
+        partitions_def=parts.activations,
+        deps=[emotion_dataset_key(variant), LANGUAGE_MODEL],
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        pool="torch",
+        group_name=variant,
+        kinds={"pytorch", "safetensors"},
+        code_version=CODE_VERSION,
+        freshness_policy=freshness_policy(settings),
+        description=f"Every layer's residual-stream and MLP activations of the {variant} sentences of one emotion, "
+        f"for one model: results/{variant}/activations/<model>/activations_<emotion>.safetensors.",
+    )
+    def activations(
+        context: dg.AssetExecutionContext, model_cache: ModelCache, mlflow: MlflowTracker
+    ) -> dg.MaterializeResult:
+        versions = {}
+        for slug, emotions in group_by_model(context.partition_keys, parts, settings.model_slugs):
+            versions |= _extract_model(context, settings, variant, slug, emotions, model_cache, mlflow)
+            model_cache.release(slug)  # after _extract_model returned: no reference to the model is left
+        context.add_asset_metadata({"model_loads_in_run": dg.MetadataValue.json(model_cache.loads)})
+        return dg.MaterializeResult(data_version=step_data_version(versions))
+
+    return activations
+
+
+def build_defs(settings: Settings) -> dg.Definitions:
+    return dg.Definitions(assets=[_variant_activations(settings, variant) for variant in settings.datasets])

@@ -1,0 +1,72 @@
+"""`emo-assets` edges: bad arguments, a failing run's exit status, and what `ui` starts."""
+
+import contextlib
+import io
+import subprocess
+
+import dagster as dg
+import pytest
+from dagster._core.utils import make_new_run_id
+
+from emo_assets import cli
+
+
+@pytest.fixture
+def env(tmp_path, small_datasets, mlflow_uri, monkeypatch):
+    values = {
+        "EMO_ASSETS_ROOT": str(tmp_path),
+        "EMO_ASSETS_PROFILE": "offline",
+        "EMO_ASSETS_DATASETS": ",".join(f"{v}={p}" for v, p in small_datasets.items()),
+        "EMO_ASSETS_RESULTS_DIR": str(tmp_path / "results"),
+        "EMO_ASSETS_MLFLOW_URI": mlflow_uri,
+        "DAGSTER_HOME": str(tmp_path / "home"),
+    }
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    return tmp_path
+
+
+def test_bad_arguments_are_rejected_before_anything_runs(env, capsys):
+    assert cli.main(["materialize", "--variant", "nope"]) == 2
+    assert "unknown variant(s) ['nope']" in capsys.readouterr().err
+    assert cli.main(["materialize", "--profile", "nope"]) == 2
+    assert "unknown profile 'nope'" in capsys.readouterr().err
+    assert not (env / "home").exists()
+
+
+def test_a_failed_run_stops_the_sequence_and_exits_1(env, monkeypatch, capsys):
+    monkeypatch.setenv("EMO_ASSETS_DATASETS", f"baseline={env / 'missing.jsonl'}")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(["materialize"]) == 1
+    assert "[1/" in out.getvalue() and "[2/" not in out.getvalue()
+    assert f"dataset file {env / 'missing.jsonl'} does not exist" in out.getvalue()
+    assert (env / "home" / "dagster.yaml").is_file()  # the instance was created from the template
+
+
+def test_ui_binds_localhost_and_uses_the_workspace(env, monkeypatch):
+    started = []
+    monkeypatch.setattr(cli.os, "execvp", lambda program, command: started.append(command))
+    cli.main(["ui"])
+    (command,) = started
+    assert command[1:] == ["dev", "-h", "127.0.0.1", "-p", "3000", "-w", str(cli.PROJECT / "workspace.yaml")]
+    assert command[0].endswith("dagster")
+    assert (env / "home" / "dagster.yaml").is_file()
+
+
+def test_runs_of_a_killed_process_release_their_pool_slot():
+    """Otherwise the next `emo-assets materialize` would wait forever for the `torch` slot."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    with dg.instance_for_test(overrides={"concurrency": {"pools": {"default_limit": 1}}}) as instance:
+        run = dg.DagsterRun(job_name="__ephemeral_asset_job__", run_id=make_new_run_id(),
+                            status=dg.DagsterRunStatus.STARTED, tags={cli.PID_TAG: str(dead.pid)})
+        instance.add_run(run)
+        instance.event_log_storage.set_concurrency_slots("torch", 1)
+        claim = instance.event_log_storage.claim_concurrency_slot("torch", run.run_id, "baseline__activations")
+        assert claim.is_claimed
+        messages = []
+        cli.release_abandoned_runs(instance, echo=messages.append)
+        assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
+        assert instance.event_log_storage.get_concurrency_info("torch").claimed_slots == []
+        assert messages == [f"run {run.run_id} of the dead process {dead.pid}: marked failed, its pool slots freed"]
