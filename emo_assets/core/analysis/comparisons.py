@@ -1,0 +1,224 @@
+"""Comparisons across models (one dataset variant) and across dataset variants (one model).
+
+- `cross_model_alignment_step`: on the sentences every model saw, per kind: linear CKA (plain and debiased)
+  for every layer pair of every model pair (self pairs included: they show a model's own layer similarity),
+  RSA of the centred emotion cosine matrices for every layer pair, and - for models of equal width only -
+  subspace overlap of the same emotion's PCA subspaces at matched relative depth, next to an empirical
+  random baseline. Files under `results/<variant>/analysis/_cross_model/`.
+- `vector_stability_step`: cosine between the baseline and extended (every pair of variants) centred
+  emotion vectors of the same model, kind, layer and emotion, read from the `emotion_vectors` outputs.
+  File `results/_cross_variant/vector_stability.parquet`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import polars as pl
+
+from emo_assets.core.analysis.alignment import cka_matrix, cross_model_subspace_rows, rsa
+from emo_assets.core.analysis.blas import one_blas_thread
+from emo_assets.core.analysis.inputs import (
+    ModelActivations,
+    cross_model_dir,
+    cross_variant_dir,
+    frame,
+    model_analysis_dir,
+    reference_emotion,
+)
+from emo_assets.core.analysis.phase3 import StepResult
+from emo_assets.core.analysis.plots import plot_cka_heatmaps
+from emo_assets.core.analysis.subspaces import DEFAULT_K, emotion_subspaces_by_layer
+from emo_assets.core.analysis.vectors import cosine_matrix, emotion_vectors
+
+CKA_SCHEMA = {
+    "model_a": pl.String, "model_b": pl.String, "kind": pl.String, "layer_a": pl.Int64, "layer_b": pl.Int64,
+    "matched_depth": pl.Boolean, "cka": pl.Float64, "cka_debiased": pl.Float64, "n_sentences": pl.Int64,
+}  # fmt: skip
+RSA_SCHEMA = {
+    "model_a": pl.String, "model_b": pl.String, "kind": pl.String, "layer_a": pl.Int64, "layer_b": pl.Int64,
+    "matched_depth": pl.Boolean, "rsa_pearson": pl.Float64, "rsa_spearman": pl.Float64, "n_pairs": pl.Int64,
+}  # fmt: skip
+OVERLAP_SCHEMA = {
+    "model_a": pl.String, "model_b": pl.String, "kind": pl.String, "layer_a": pl.Int64, "layer_b": pl.Int64,
+    "emotion": pl.String, "k": pl.Int64, "overlap": pl.Float64, "mean_angle_deg": pl.Float64,
+    "min_angle_deg": pl.Float64, "random_overlap_mean": pl.Float64, "random_overlap_std": pl.Float64,
+    "random_overlap_analytical": pl.Float64,
+}  # fmt: skip
+
+
+def matched_layers(n_a: int, n_b: int) -> list[tuple[int, int]]:
+    """Layer pairs at the same relative depth: every layer of A with layer round(i (n_b-1)/(n_a-1)) of B."""
+    if n_a == 1:
+        return [(0, n_b - 1)]
+    return [(i, int(round(i * (n_b - 1) / (n_a - 1)))) for i in range(n_a)]
+
+
+def common_sentences(models: Mapping[str, ModelActivations]) -> list[str]:
+    """Sentence ids every model has, in the first model's order."""
+    first = next(iter(models.values()))
+    shared = set(first.sentence_ids)
+    for acts in models.values():
+        shared &= set(acts.sentence_ids)
+    return [sid for sid in first.sentence_ids if sid in shared]
+
+
+def cross_model_alignment_step(
+    models: Mapping[str, ModelActivations],
+    results_dir: Path,
+    variant: str,
+    *,
+    k: int = DEFAULT_K,
+    n_random: int = 200,
+    seed: int = 0,
+) -> StepResult:
+    """CKA, RSA and subspace overlap between the models of one variant (see module doc). Files: `cka.parquet`,
+    `rsa.parquet`, `subspace_overlap.parquet` and `cka_heatmap.png`: debiased CKA of the first kind (resid_post)
+    for every pair of different models, or of a model with itself when there is only one. Only the debiased
+    values are drawn: with d > n the plain estimator is far from 0 even for unrelated representations (see
+    `alignment`), and one figure of many panels is what takes time here; both are in `cka.parquet`."""
+    out = cross_model_dir(Path(results_dir), variant)
+    result = StepResult()
+    slugs = list(models)
+    ids = common_sentences(models)
+    if not ids:
+        raise ValueError(f"{variant}: the models share no sentence ids")
+    for slug, acts in models.items():
+        if len(ids) != acts.n_sentences:
+            result.notes.append(f"{slug}: {acts.n_sentences - len(ids)} sentences not seen by every model were left out")
+    rows_of = {slug: acts.subset(ids) for slug, acts in models.items()}
+    labels = [models[slugs[0]].labels[i] for i in rows_of[slugs[0]]]
+    emotions = models[slugs[0]].emotions
+    reference = reference_emotion(emotions)
+    kinds = [kd for kd in models[slugs[0]].kinds if all(kd in a.kinds for a in models.values())]
+    cka_rows, rsa_rows, overlap_rows, skipped = [], [], [], []
+    heatmap: dict[tuple[str, str], np.ndarray] = {}
+    with one_blas_thread():
+        for kind in kinds:
+            X = {slug: acts.sentence_end(kind)[:, rows_of[slug]] for slug, acts in models.items()}
+            cos = {
+                slug: [cosine_matrix(emotion_vectors(x, labels, emotions, reference).centred) for x in X[slug]]
+                for slug in slugs
+            }
+            subspaces = {}
+            for a, b in itertools.combinations_with_replacement(slugs, 2):
+                plain = cka_matrix(X[a], X[b])
+                debiased = cka_matrix(X[a], X[b], debiased=True)
+                matched = set(matched_layers(len(X[a]), len(X[b])))
+                for la, lb in itertools.product(range(len(X[a])), range(len(X[b]))):
+                    cka_rows.append(dict(
+                        model_a=a, model_b=b, kind=kind, layer_a=la, layer_b=lb, matched_depth=(la, lb) in matched,
+                        cka=float(plain[la, lb]), cka_debiased=float(debiased[la, lb]), n_sentences=len(ids),
+                    ))  # fmt: skip
+                    r = rsa(cos[a][la], cos[b][lb])
+                    rsa_rows.append(dict(
+                        model_a=a, model_b=b, kind=kind, layer_a=la, layer_b=lb, matched_depth=(la, lb) in matched,
+                        rsa_pearson=r.pearson, rsa_spearman=r.spearman, n_pairs=r.n_pairs,
+                    ))  # fmt: skip
+                if kind == kinds[0] and (a != b or len(slugs) == 1):
+                    heatmap[(a, b)] = debiased
+                if a == b:
+                    continue
+                d_a, d_b = models[a].d_model, models[b].d_model
+                if d_a != d_b:
+                    skipped.append(f"{a} (d={d_a}) vs {b} (d={d_b})")
+                    continue
+                for slug in (a, b):
+                    if slug not in subspaces:
+                        subspaces[slug] = emotion_subspaces_by_layer(X[slug], labels, emotions, k)
+                overlap_rows += cross_model_subspace_rows(
+                    subspaces[a], subspaces[b], matched_layers(len(X[a]), len(X[b])),
+                    n_random=n_random, seed=seed, model_a=a, model_b=b, kind=kind,
+                )  # fmt: skip
+    cka, rsa_table = frame(cka_rows, CKA_SCHEMA), frame(rsa_rows, RSA_SCHEMA)
+    overlap = frame(overlap_rows, OVERLAP_SCHEMA).select(list(OVERLAP_SCHEMA))
+    meta = {"variant": variant, "models": json.dumps(slugs), "n_sentences": str(len(ids))}
+    result.table("cka", cka, out / "cka.parquet", meta)
+    result.table("rsa", rsa_table, out / "rsa.parquet", meta)
+    result.table("subspace_overlap", overlap, out / "subspace_overlap.parquet", meta)
+    skipped = sorted(set(skipped))
+    if skipped:
+        result.notes.append(
+            "subspace overlap needs equal widths; skipped pairs: " + "; ".join(skipped)
+            + " (CKA and RSA cover them)"
+        )  # fmt: skip
+    if heatmap:
+        result.files["cka_heatmap"] = plot_cka_heatmaps(
+            out / "cka_heatmap.png", heatmap, title=f"{variant}: debiased CKA ({kinds[0]})"
+        )
+    result.summary.update(n_models=len(slugs), n_sentences=len(ids), skipped_overlap_pairs=len(skipped))
+    cross = cka.filter((pl.col("model_a") != pl.col("model_b")) & pl.col("matched_depth"))
+    if cross.height:
+        result.summary["matched_depth_cka_mean"] = float(cross["cka"].mean())
+        result.summary["matched_depth_cka_debiased_mean"] = float(cross["cka_debiased"].mean())
+        rsa_cross = rsa_table.filter((pl.col("model_a") != pl.col("model_b")) & pl.col("matched_depth"))
+        rsa_mean = rsa_cross["rsa_pearson"].drop_nans().drop_nulls().mean()
+        result.summary["matched_depth_rsa_pearson_mean"] = float(rsa_mean) if rsa_mean is not None else float("nan")
+    if overlap.height:
+        result.summary["subspace_overlap_mean"] = float(overlap["overlap"].mean())
+        result.summary["subspace_random_overlap_mean"] = float(overlap["random_overlap_mean"].mean())
+    return result
+
+
+STABILITY_SCHEMA = {
+    "model": pl.String, "kind": pl.String, "layer": pl.Int64, "emotion": pl.String, "variant_a": pl.String,
+    "variant_b": pl.String, "cosine_centred": pl.Float64, "cosine_diff_vs_reference": pl.Float64,
+}  # fmt: skip
+
+
+def _vectors(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as handle:
+        return handle.metadata(), {name: handle.get_tensor(name) for name in handle.keys()}
+
+
+def stability_path(results_dir: Path) -> Path:
+    return cross_variant_dir(Path(results_dir)) / "vector_stability.parquet"
+
+
+def vector_stability_step(results_dir: Path, variants: Sequence[str], slugs: Sequence[str]) -> StepResult:
+    """For every model and pair of variants: per kind, layer and emotion, the cosine between the two variants'
+    centred emotion vectors (and their vs-reference differences), read from `emotion_vectors.safetensors`."""
+    result = StepResult()
+    rows = []
+    for slug in slugs:
+        loaded = {}
+        for variant in variants:
+            path = model_analysis_dir(Path(results_dir), variant, slug) / "emotion_vectors.safetensors"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing: materialize {variant}/emotion_vectors for {slug} first")
+            loaded[variant] = _vectors(path)
+        for va, vb in itertools.combinations(variants, 2):
+            (meta_a, ta), (meta_b, tb) = loaded[va], loaded[vb]
+            em_a, em_b = json.loads(meta_a["emotions"]), json.loads(meta_b["emotions"])
+            shared = [e for e in em_a if e in em_b]
+            kinds = [kd for kd in json.loads(meta_a["kinds"]) if kd in json.loads(meta_b["kinds"])]
+            for kind in kinds:
+                ca, cb = ta[f"{kind}/centred"], tb[f"{kind}/centred"]
+                da, db = ta[f"{kind}/diff_vs_reference"], tb[f"{kind}/diff_vs_reference"]
+                if ca.shape[0] != cb.shape[0] or ca.shape[2] != cb.shape[2]:
+                    raise ValueError(f"{slug}: {va} and {vb} emotion vectors differ in shape: {ca.shape} vs {cb.shape}")
+                for layer in range(ca.shape[0]):
+                    for emotion in shared:
+                        i, j = em_a.index(emotion), em_b.index(emotion)
+                        rows.append(dict(
+                            model=slug, kind=kind, layer=layer, emotion=emotion, variant_a=va, variant_b=vb,
+                            cosine_centred=float(cosine_matrix(ca[layer, i : i + 1], cb[layer, j : j + 1])[0, 0]),
+                            cosine_diff_vs_reference=float(cosine_matrix(da[layer, i : i + 1], db[layer, j : j + 1])[0, 0]),
+                        ))  # fmt: skip
+    table = frame(rows, STABILITY_SCHEMA)
+    result.table("vector_stability", table, stability_path(results_dir), {"variants": json.dumps(list(variants))})
+    if table.height:
+        result.summary["mean_cosine_centred"] = float(table["cosine_centred"].mean())
+        result.summary["min_cosine_centred"] = float(table["cosine_centred"].min())
+        for slug in slugs:
+            sub = table.filter((pl.col("model") == slug) & (pl.col("kind") == "resid_post"))
+            if sub.height:
+                result.summary[f"{slug}/resid_post_mean_cosine_centred"] = float(sub["cosine_centred"].mean())
+    result.summary.update(n_models=len(slugs), variants=", ".join(variants))
+    return result

@@ -1,0 +1,327 @@
+"""Inputs and outputs of the Phase 3 / 3.5 orchestration: one model's activation files, its sentences' texts
+and token strings, and where every analysis output lives.
+
+`ModelActivations.load` opens the model's per-emotion activation files once each (the checksum is verified
+on open) and concatenates them in emotion order, so that every analysis sees one sentence axis:
+`labels[i]`, `sentence_ids[i]`, `sentence_end(kind)[:, i]` and the token rows `offsets[i]:offsets[i+1]`
+all describe the same sentence. Arrays come back as float32 (stored precision); the math library converts
+to float64 layer by layer.
+
+Output layout (`results/<variant>/analysis/...`):
+
+    <model-slug>/emotion_vectors.safetensors, emotion_vectors.parquet, emotion_cosines.parquet, separation.parquet
+    <model-slug>/token_vectors.safetensors, token_vectors.parquet, lexicon_tokens.parquet
+    <model-slug>/emotion_subspaces.safetensors, subspaces.parquet, subspace_pairs.parquet
+    <model-slug>/probes.parquet
+    <model-slug>/layer_profile.png, cosine_heatmap.png
+    _cross_model/cka.parquet, rsa.parquet, subspace_overlap.parquet, cka_heatmap.png (debiased CKA)
+    report.md
+    results/_cross_variant/vector_stability.parquet
+
+Folders that are not model slugs start with `_`, which no slug can (`paths.safe_name`), so they never clash.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import polars as pl
+
+from emo_assets.core.atomic import atomic_path
+from emo_assets.core.datasets import read_dataset
+from emo_assets.core.paths import activation_dir, activation_file, safe_name, variant_dir
+from emo_assets.core.storage import ActivationFile
+
+ANALYSIS_STAGE = "analysis"
+CROSS_MODEL = "_cross_model"
+CROSS_VARIANT = "_cross_variant"
+KINDS = ("resid_post", "mlp_out")  # the kinds analysed (attn_out, when stored, is left out)
+REPORT_NAME = "report.md"
+
+
+# -- paths ------------------------------------------------------------------------------------------------
+def analysis_root(results_dir: Path, variant: str) -> Path:
+    """`results/<variant>/analysis/`."""
+    return variant_dir(Path(results_dir), variant, ANALYSIS_STAGE)
+
+
+def model_analysis_dir(results_dir: Path, variant: str, slug: str) -> Path:
+    """`results/<variant>/analysis/<model-slug>/`."""
+    return analysis_root(results_dir, variant) / safe_name(slug, "model slug")
+
+
+def cross_model_dir(results_dir: Path, variant: str) -> Path:
+    """`results/<variant>/analysis/_cross_model/`."""
+    return analysis_root(results_dir, variant) / CROSS_MODEL
+
+
+def cross_variant_dir(results_dir: Path) -> Path:
+    """`results/_cross_variant/` (comparisons between dataset variants)."""
+    return Path(results_dir) / CROSS_VARIANT
+
+
+def report_path(results_dir: Path, variant: str) -> Path:
+    """`results/<variant>/analysis/report.md`."""
+    return analysis_root(results_dir, variant) / REPORT_NAME
+
+
+# -- atomic writers ---------------------------------------------------------------------------------------
+def write_parquet(frame: pl.DataFrame, path: Path, metadata: Mapping[str, str] | None = None) -> int:
+    """Write `frame` atomically; returns its height (the row count recorded in asset metadata)."""
+    with atomic_path(path) as temp:
+        frame.write_parquet(temp, metadata=dict(metadata) if metadata else None)
+    return frame.height
+
+
+def write_safetensors(arrays: Mapping[str, np.ndarray], path: Path, metadata: Mapping[str, str]) -> Path:
+    """`safetensors.numpy.save_file` into an atomic temp path (contiguous copies; string metadata)."""
+    from safetensors.numpy import save_file
+
+    tensors = {name: np.ascontiguousarray(array) for name, array in arrays.items()}
+    with atomic_path(path) as temp:
+        save_file(tensors, str(temp), metadata={str(k): str(v) for k, v in metadata.items()})
+    return Path(path)
+
+
+def frame(rows: Sequence[Mapping], schema: Mapping[str, pl.DataType] | None = None) -> pl.DataFrame:
+    """Rows as a polars frame; with `schema` the columns are fixed even when `rows` is empty."""
+    if schema is not None:
+        return pl.DataFrame(list(rows), schema=dict(schema), orient="row") if rows else pl.DataFrame(schema=dict(schema))
+    return pl.DataFrame(list(rows), infer_schema_length=None)
+
+
+# -- activations of one model -----------------------------------------------------------------------------
+class AnalysisInputError(ValueError):
+    """Activation files or texts that cannot be analysed together (missing, inconsistent, stale)."""
+
+
+@dataclass
+class ModelActivations:
+    """The activation files of one model and variant, concatenated in emotion order."""
+
+    variant: str
+    slug: str
+    model_id: str
+    model_revision: str
+    emotions: tuple[str, ...]
+    files: dict[str, ActivationFile]
+    labels: list[str]  # per sentence
+    sentence_ids: list[str]  # per sentence
+    offsets: np.ndarray  # [n_sentences + 1] int64, concatenated token rows
+    n_layers: int
+    d_model: int
+    kinds: tuple[str, ...]
+    dataset_sha256: str
+    prepend_bos: bool
+    texts: list[str] | None = None  # per sentence, when a dataset was given
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def n_sentences(self) -> int:
+        return len(self.labels)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {emotion: self.files[emotion].n_sentences for emotion in self.emotions}
+
+    @classmethod
+    def load(
+        cls,
+        results_dir: Path,
+        variant: str,
+        slug: str,
+        emotions: Sequence[str],
+        *,
+        dataset_path: Path | None = None,
+        kinds: Sequence[str] = KINDS,
+    ) -> "ModelActivations":
+        """Open `results/<variant>/activations/<slug>/activations_<emotion>.safetensors` for every emotion
+        (checksums verified) and, with `dataset_path`, look up each sentence's text by its id."""
+        folder = activation_dir(Path(results_dir), variant, slug)
+        paths = {emotion: activation_file(folder, emotion) for emotion in emotions}
+        missing = [str(p) for p in paths.values() if not p.is_file()]
+        if missing:
+            raise AnalysisInputError(
+                f"{variant}/{slug}: activation files missing (materialize {variant}/activations for model {slug} "
+                f"first): {missing}"
+            )
+        files = {emotion: ActivationFile(path) for emotion, path in paths.items()}
+        return cls.from_files(variant, slug, files, dataset_path=dataset_path, kinds=kinds)
+
+    @classmethod
+    def from_files(
+        cls,
+        variant: str,
+        slug: str,
+        files: Mapping[str, ActivationFile],
+        *,
+        dataset_path: Path | None = None,
+        kinds: Sequence[str] = KINDS,
+    ) -> "ModelActivations":
+        emotions = tuple(files)
+        first = files[emotions[0]]
+        facts = {}
+        for emotion, f in files.items():
+            recorded = f.metadata.get("emotion")
+            if recorded is not None and recorded != emotion:
+                raise AnalysisInputError(f"{f.path}: holds emotion {recorded!r}, expected {emotion!r}")
+            facts[emotion] = (f.metadata.get("model_id"), f.metadata.get("model_revision"), f.n_layers, f.d_model,
+                              f.metadata.get("dataset_sha256"))  # fmt: skip
+        if len(set(facts.values())) != 1:
+            raise AnalysisInputError(
+                f"{variant}/{slug}: the emotion files come from different models, shapes or datasets "
+                f"(model_id, revision, n_layers, d_model, dataset_sha256): {facts}"
+            )
+        common = [k for k in kinds if all(k in f.kinds for f in files.values())]
+        if not common:
+            raise AnalysisInputError(f"{variant}/{slug}: no activation kind of {list(kinds)} in every file")
+        labels, ids, lengths = [], [], []
+        for emotion, f in files.items():
+            labels += [emotion] * f.n_sentences
+            ids += f.sentence_ids
+            lengths.append(np.diff(np.asarray(f.offsets, dtype=np.int64)))
+        if len(set(ids)) != len(ids):
+            raise AnalysisInputError(f"{variant}/{slug}: sentence ids repeat across emotion files")
+        offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths))]).astype(np.int64)
+        acts = cls(
+            variant=variant,
+            slug=slug,
+            model_id=str(first.metadata.get("model_id", slug)),
+            model_revision=str(first.metadata.get("model_revision", "")),
+            emotions=emotions,
+            files=dict(files),
+            labels=labels,
+            sentence_ids=ids,
+            offsets=offsets,
+            n_layers=first.n_layers,
+            d_model=first.d_model,
+            kinds=tuple(common),
+            dataset_sha256=str(first.metadata.get("dataset_sha256", "")),
+            prepend_bos=json.loads(first.metadata.get("prepend_bos", "false")),
+        )
+        if dataset_path is not None:
+            acts.attach_texts(dataset_path)
+        return acts
+
+    def attach_texts(self, dataset_path: Path) -> None:
+        """Texts per sentence from the dataset file, matched by sentence id (a stale file fails loudly)."""
+        dataset = read_dataset(dataset_path, self.emotions)
+        by_id = {sample.id: sample for sample in dataset.samples}
+        missing = [sid for sid in self.sentence_ids if sid not in by_id]
+        if missing:
+            raise AnalysisInputError(
+                f"{self.variant}/{self.slug}: {len(missing)} sentence ids of the activation files are not in "
+                f"{dataset_path} (e.g. {missing[:3]}); the activations are stale: extract them again"
+            )
+        wrong = [sid for sid, label in zip(self.sentence_ids, self.labels) if by_id[sid].emotion != label]
+        if wrong:
+            raise AnalysisInputError(f"{self.variant}/{self.slug}: sentences {wrong[:3]} changed emotion in {dataset_path}")
+        if self.dataset_sha256 and dataset.sha256 != self.dataset_sha256:
+            self.notes.append(
+                f"{dataset_path} changed since extraction (sha256 {dataset.sha256[:12]} vs {self.dataset_sha256[:12]} "
+                "recorded in the activation files); texts were matched by sentence id"
+            )
+        self.texts = [by_id[sid].text for sid in self.sentence_ids]
+
+    # -- arrays -----------------------------------------------------------------------------------------
+    def sentence_end(self, kind: str) -> np.ndarray:
+        """Sentence-end activations of every layer: float32 [n_layers, n_sentences, d_model]."""
+        out = np.empty((self.n_layers, self.n_sentences, self.d_model), dtype=np.float32)
+        for layer in range(self.n_layers):
+            start = 0
+            for emotion in self.emotions:
+                block = self.files[emotion].sentence_end(kind, layer)
+                out[layer, start : start + len(block)] = block
+                start += len(block)
+        return out
+
+    def token_layer(self, kind: str, layer: int) -> np.ndarray:
+        """All token rows of one layer, float32 [n_tokens, d_model] (rows follow `offsets`)."""
+        return np.concatenate([self.files[emotion].layer(kind, layer) for emotion in self.emotions])
+
+    def input_ids(self) -> np.ndarray:
+        return np.concatenate([np.asarray(self.files[emotion].input_ids) for emotion in self.emotions])
+
+    def subset(self, sentence_ids: Sequence[str]) -> np.ndarray:
+        """Row indices of `sentence_ids` in this model's sentence order."""
+        index = {sid: i for i, sid in enumerate(self.sentence_ids)}
+        return np.array([index[sid] for sid in sentence_ids], dtype=np.int64)
+
+    def keys(self) -> dict[str, str]:
+        """String metadata shared by every output file of this model."""
+        return {
+            "variant": self.variant,
+            "model": self.slug,
+            "model_id": self.model_id,
+            "model_revision": self.model_revision,
+            "dataset_sha256": self.dataset_sha256,
+            "emotions": json.dumps(list(self.emotions)),
+            "n_sentences": str(self.n_sentences),
+            "n_layers": str(self.n_layers),
+            "d_model": str(self.d_model),
+        }
+
+
+def reference_emotion(emotions: Sequence[str]) -> str:
+    """`neutral` when configured, else the last emotion (the vs-reference differences need one)."""
+    return "neutral" if "neutral" in emotions else tuple(emotions)[-1]
+
+
+# -- token strings ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TokenStrings:
+    tokens: list[str] | None  # one per token row, or None when the tokenizer could not be trusted
+    status: str
+
+
+def token_strings(
+    acts: ModelActivations,
+    training_texts: Callable[[], Sequence[str]] | None = None,
+    *,
+    tokenizer=None,
+) -> TokenStrings:
+    """Decode every stored token id to its token string (`convert_ids_to_tokens`), with the model's own
+    tokenizer loaded alone (no weights).
+
+    The tokenizer is checked before it is trusted: with the sentences' texts attached, re-tokenizing them
+    must give exactly the stored ids (the offline models train their tokenizer on the configured datasets,
+    so a changed dataset means a different tokenizer); without texts, every id must be in its vocabulary.
+    If the check fails or the tokenizer cannot be loaded, `tokens` is None and `status` says why.
+    """
+    ids = acts.input_ids()
+    if tokenizer is None:
+        try:
+            from transformers import AutoTokenizer
+
+            from emo_assets.core.models import resolve_model_path
+
+            _, path, _ = resolve_model_path(acts.model_id, training_texts=training_texts)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except Exception as exc:  # noqa: BLE001 - any failure means "no token strings", reported in status
+            return TokenStrings(None, f"tokenizer not loaded ({type(exc).__name__}: {str(exc)[:200]})")
+    if acts.texts is not None:
+        encoded = tokenizer(list(acts.texts), add_special_tokens=False)["input_ids"]
+        if acts.prepend_bos:
+            bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
+            encoded = [[bos, *e] for e in encoded]
+        stored = [ids[a:b].tolist() for a, b in zip(acts.offsets[:-1], acts.offsets[1:])]
+        mismatched = sum(1 for e, s in zip(encoded, stored) if e[: len(s)] != s)
+        if mismatched:
+            return TokenStrings(None, f"tokenizer does not reproduce the stored ids of {mismatched} sentences")
+        status = "verified (texts re-tokenize to the stored ids)"
+    else:
+        if int(ids.max()) >= len(tokenizer):
+            return TokenStrings(None, f"stored id {int(ids.max())} is outside the tokenizer's vocabulary")
+        status = "vocabulary checked (no texts to re-tokenize)"
+    return TokenStrings([str(t) for t in tokenizer.convert_ids_to_tokens(ids.tolist())], status)
+
+
+def read_parquet_if_exists(paths: Iterable[Path]) -> pl.DataFrame | None:
+    """Vertical concatenation of the existing files (schemas relaxed), or None if there is none."""
+    frames = [pl.read_parquet(p) for p in paths if Path(p).is_file()]
+    frames = [f for f in frames if f.height]
+    return pl.concat(frames, how="diagonal_relaxed") if frames else None

@@ -1,0 +1,378 @@
+"""Phase 3 / 3.5 for one model of one dataset variant: plain-Python orchestration of the analysis library.
+
+One function per Dagster asset; each takes a `ModelActivations` (files opened once), computes with the math
+modules under one BLAS thread, writes its outputs atomically under `results/<variant>/analysis/<slug>/`
+(see `inputs` for the layout) and returns a `StepResult`: the files written, each table's row count, headline
+numbers and notes - what the asset puts in its metadata. Nothing here imports Dagster.
+
+- `emotion_vectors_step`  sentence-end mean vectors, differences vs neutral / grand mean, cosines, separation
+- `token_vectors_step`    first-token-free sentence means and emotion-word token vectors vs sentence-end ones
+- `emotion_subspaces_step` per-emotion PCA subspaces, explained variance, principal angles, overlap
+- `linear_probes_step`    per-layer 4-way probes, bag-of-words baseline, shuffled-label control, selectivity
+- `model_plots_step`      layer profile (separation + probes) and the cosine heatmap at the best probe layer
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import polars as pl
+
+from emo_assets.core.analysis.blas import one_blas_thread
+from emo_assets.core.analysis.inputs import ModelActivations, TokenStrings, frame, model_analysis_dir, reference_emotion
+from emo_assets.core.analysis.inputs import write_parquet, write_safetensors
+from emo_assets.core.analysis.plots import plot_cosine_heatmap, plot_layer_profile
+from emo_assets.core.analysis.probes import ProbeSettings, probe_layers
+from emo_assets.core.analysis.subspaces import (
+    DEFAULT_K,
+    empirical_random_overlap,
+    emotion_subspaces_by_layer,
+    expected_random_overlap,
+    principal_angles,
+    subspace_overlap,
+    subspace_rows,
+)
+from emo_assets.core.analysis.token_vectors import (
+    cosine_with_sentence_end,
+    emotion_word_vectors,
+    lexicon_matches,
+    normalise_token,
+    sentence_content_means,
+)
+from emo_assets.core.analysis.vectors import EmotionVectors, cosine_matrix, emotion_vectors, separation_rows
+
+PRIMARY_KIND = "resid_post"  # the kind whose best layer is the headline
+
+
+@dataclass
+class TableFile:
+    path: Path
+    rows: int
+
+
+@dataclass
+class StepResult:
+    """What one step wrote and found: the asset's metadata comes from here."""
+
+    tables: dict[str, TableFile] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def table(self, name: str, data: pl.DataFrame, path: Path, metadata: Mapping[str, str] | None = None) -> None:
+        self.tables[name] = TableFile(Path(path), write_parquet(data, Path(path), metadata))
+
+    def paths(self) -> list[Path]:
+        return [t.path for t in self.tables.values()] + list(self.files.values())
+
+
+def _out_dir(acts: ModelActivations, results_dir: Path) -> Path:
+    return model_analysis_dir(Path(results_dir), acts.variant, acts.slug)
+
+
+def _vectors_by_layer(X_layers: np.ndarray, acts: ModelActivations) -> list[EmotionVectors]:
+    reference = reference_emotion(acts.emotions)
+    return [emotion_vectors(X_layers[layer], acts.labels, acts.emotions, reference) for layer in range(len(X_layers))]
+
+
+# -- Phase 3: sentence-end emotion vectors ----------------------------------------------------------------
+VECTOR_FIELDS = (
+    "means", "grand_mean", "diff_vs_reference", "diff_vs_reference_unit", "diff_vs_reference_norm",
+    "centred", "centred_unit", "centred_norm", "cosine", "cosine_raw",
+)  # fmt: skip
+
+
+def emotion_vectors_step(acts: ModelActivations, results_dir: Path) -> StepResult:
+    """Per kind and layer: per-emotion mean sentence-end activation; differences vs the reference (neutral)
+    and vs the grand mean, unit versions and norms; centred and raw cosine matrices; separation score.
+
+    Files: `emotion_vectors.safetensors` (tensors `<kind>/<field>` stacked over layers: [L, E, d], [L, d],
+    [L, E] or [L, E, E]), `emotion_vectors.parquet` (kind, layer, emotion: counts and norms),
+    `emotion_cosines.parquet` (kind, layer, emotion_a, emotion_b: centred / raw / vs-reference cosines),
+    `separation.parquet` (`vectors.separation_rows`)."""
+    out = _out_dir(acts, results_dir)
+    result = StepResult()
+    tensors: dict[str, np.ndarray] = {}
+    vector_rows, cosine_rows, sep_rows = [], [], []
+    with one_blas_thread():
+        for kind in acts.kinds:
+            by_layer = _vectors_by_layer(acts.sentence_end(kind), acts)
+            for name in VECTOR_FIELDS:
+                tensors[f"{kind}/{name}"] = np.stack([getattr(v, name) for v in by_layer])
+            tensors[f"{kind}/counts"] = by_layer[0].counts.astype(np.int64)
+            tensors[f"{kind}/separation"] = np.array([v.separation.ratio for v in by_layer])
+            sep_rows += separation_rows(by_layer, model=acts.slug, kind=kind)
+            for layer, vec in enumerate(by_layer):
+                diff_cos = cosine_matrix(vec.diff_vs_reference)
+                for e, emotion in enumerate(vec.emotions):
+                    vector_rows.append(dict(
+                        model=acts.slug, kind=kind, layer=layer, emotion=emotion, n_sentences=int(vec.counts[e]),
+                        norm_mean=float(np.linalg.norm(vec.means[e])),
+                        norm_diff_vs_reference=float(vec.diff_vs_reference_norm[e]),
+                        norm_centred=float(vec.centred_norm[e]),
+                    ))  # fmt: skip
+                    for f, other in enumerate(vec.emotions):
+                        cosine_rows.append(dict(
+                            model=acts.slug, kind=kind, layer=layer, emotion_a=emotion, emotion_b=other,
+                            cosine_centred=float(vec.cosine[e, f]), cosine_raw=float(vec.cosine_raw[e, f]),
+                            cosine_diff_vs_reference=float(diff_cos[e, f]),
+                        ))  # fmt: skip
+    meta = {**acts.keys(), "reference": reference_emotion(acts.emotions), "kinds": json.dumps(list(acts.kinds)),
+            "fields": json.dumps(list(VECTOR_FIELDS) + ["counts", "separation"])}  # fmt: skip
+    result.files["vectors"] = write_safetensors(tensors, out / "emotion_vectors.safetensors", meta)
+    result.table("emotion_vectors", frame(vector_rows), out / "emotion_vectors.parquet")
+    result.table("emotion_cosines", frame(cosine_rows), out / "emotion_cosines.parquet")
+    separation = frame(sep_rows)
+    result.table("separation", separation, out / "separation.parquet")
+    for kind in acts.kinds:
+        sub = separation.filter(pl.col("kind") == kind).sort(["separation", "layer"], descending=[True, False])
+        best = sub.row(0, named=True)
+        result.summary[f"{kind}/best_separation_layer"] = int(best["layer"])
+        result.summary[f"{kind}/best_separation"] = float(best["separation"])
+        last = separation.filter((pl.col("kind") == kind) & (pl.col("layer") == acts.n_layers - 1)).row(0, named=True)
+        result.summary[f"{kind}/last_layer_mean_cosine_raw"] = float(last["mean_offdiag_cosine_raw"])
+        result.summary[f"{kind}/last_layer_mean_cosine_centred"] = float(last["mean_offdiag_cosine_centred"])
+    result.summary.update(n_layers=acts.n_layers, d_model=acts.d_model, n_sentences=acts.n_sentences)
+    result.notes += acts.notes
+    return result
+
+
+# -- Phase 3.5: token-level vectors -----------------------------------------------------------------------
+def token_vectors_step(
+    acts: ModelActivations,
+    results_dir: Path,
+    lexicon: Mapping[str, Sequence[str]],
+    tokens: TokenStrings,
+) -> StepResult:
+    """(a) per-sentence mean over tokens excluding the first ("content_mean") and (b) emotion-word token
+    vectors from `lexicon` ("emotion_word"), each turned into per-emotion vectors and compared (cosine of the
+    centred vectors, and raw for contrast) with the sentence-end vectors of the same layer and kind.
+
+    Without trusted token strings (`tokens.tokens is None`) part (b) is skipped (NaN cosines, 0 counts) and
+    `tokens.status` says why. Files: `token_vectors.safetensors` (`<kind>/content_centred`,
+    `<kind>/word_vectors`, `<kind>/word_centred` [L, E, d], `<kind>/word_counts` [L, E]),
+    `token_vectors.parquet` (kind, layer, emotion, source, n_tokens, n_sentences, cosine_centred, cosine_raw),
+    `lexicon_tokens.parquet` (emotion, token, count: what the tokenizer left visible of the lexicon)."""
+    out = _out_dir(acts, results_dir)
+    result = StepResult()
+    lexicon = {e: list(stems) for e, stems in lexicon.items() if e in acts.emotions}
+    matches = None
+    lex_rows = []
+    if tokens.tokens is not None:
+        matches = lexicon_matches(tokens.tokens, acts.offsets, acts.labels, lexicon, acts.emotions)
+        for e, emotion in enumerate(acts.emotions):
+            found: dict[str, int] = {}
+            for j in np.flatnonzero(matches[e]):
+                word = normalise_token(tokens.tokens[j])
+                found[word] = found.get(word, 0) + 1
+            lex_rows += [dict(model=acts.slug, emotion=emotion, token=t, count=c) for t, c in sorted(found.items())]
+    else:
+        result.notes.append(f"{acts.slug}: emotion-word vectors skipped: {tokens.status}")
+    lengths = np.diff(acts.offsets)
+    tensors: dict[str, np.ndarray] = {}
+    rows = []
+    E, nan_vec = len(acts.emotions), np.full(acts.d_model, np.nan)
+    with one_blas_thread():
+        for kind in acts.kinds:
+            sentence_end = _vectors_by_layer(acts.sentence_end(kind), acts)
+            content_centred, word_vectors, word_centred, word_counts = [], [], [], []
+            for layer in range(acts.n_layers):
+                layer_acts = acts.token_layer(kind, layer)
+                se = sentence_end[layer]
+                content = sentence_content_means(layer_acts, acts.offsets)
+                cv = emotion_vectors(content.means, acts.labels, acts.emotions, se.reference)
+                content_centred.append(cv.centred)
+                c_cos = np.diag(cosine_matrix(cv.centred, se.centred))
+                c_raw = np.diag(cosine_matrix(cv.means, se.means))
+                if matches is not None:
+                    tv = emotion_word_vectors(layer_acts, acts.offsets, acts.labels, matches, acts.emotions)
+                    w_cos = cosine_with_sentence_end(tv, se)
+                    word_vectors.append(tv.vectors)
+                    word_centred.append(tv.centred)
+                    word_counts.append(tv.counts)
+                    w_vs_c = np.diag(cosine_matrix(tv.centred, cv.centred))
+                else:
+                    tv = None
+                    word_vectors.append(np.tile(nan_vec, (E, 1)))
+                    word_centred.append(np.tile(nan_vec, (E, 1)))
+                    word_counts.append(np.zeros(E, dtype=np.int64))
+                for e, emotion in enumerate(acts.emotions):
+                    n_sent = int(cv.counts[e])
+                    rows.append(dict(
+                        model=acts.slug, kind=kind, layer=layer, emotion=emotion, source="content_mean",
+                        n_tokens=int(np.sum(np.where(lengths > 1, lengths - 1, 1)[np.asarray(acts.labels) == emotion])),
+                        n_sentences=n_sent, cosine_centred=float(c_cos[e]), cosine_raw=float(c_raw[e]),
+                        cosine_with_content_mean_centred=None,  # defined for emotion-word rows only
+                    ))  # fmt: skip
+                    rows.append(dict(
+                        model=acts.slug, kind=kind, layer=layer, emotion=emotion, source="emotion_word",
+                        n_tokens=int(tv.counts[e]) if tv else 0, n_sentences=int(tv.sentence_counts[e]) if tv else 0,
+                        cosine_centred=w_cos[emotion]["centred"] if tv else float("nan"),
+                        cosine_raw=w_cos[emotion]["raw"] if tv else float("nan"),
+                        cosine_with_content_mean_centred=float(w_vs_c[e]) if tv else float("nan"),
+                    ))  # fmt: skip
+            tensors[f"{kind}/content_centred"] = np.stack(content_centred)
+            tensors[f"{kind}/word_vectors"] = np.stack(word_vectors)
+            tensors[f"{kind}/word_centred"] = np.stack(word_centred)
+            tensors[f"{kind}/word_counts"] = np.stack(word_counts).astype(np.int64)
+    meta = {**acts.keys(), "kinds": json.dumps(list(acts.kinds)), "lexicon": json.dumps(lexicon, sort_keys=True),
+            "token_status": tokens.status}  # fmt: skip
+    result.files["vectors"] = write_safetensors(tensors, out / "token_vectors.safetensors", meta)
+    table = frame(rows)
+    result.table("token_vectors", table, out / "token_vectors.parquet")
+    lex_schema = {"model": pl.String, "emotion": pl.String, "token": pl.String, "count": pl.Int64}
+    result.table("lexicon_tokens", frame(lex_rows, lex_schema), out / "lexicon_tokens.parquet")
+    result.summary["token_status"] = tokens.status
+    result.summary["first_token_only_sentences"] = int(np.sum(lengths == 1))
+    if matches is not None:
+        for e, emotion in enumerate(acts.emotions):
+            result.summary[f"matched_tokens/{emotion}"] = int(matches[e].sum())
+    words = table.filter((pl.col("source") == "emotion_word") & (pl.col("kind") == acts.kinds[0]))
+    for layer in (0, acts.n_layers - 1):
+        at = words.filter(pl.col("layer") == layer)["cosine_centred"].drop_nans().drop_nulls()
+        result.summary[f"{acts.kinds[0]}/L{layer}/mean_word_vs_sentence_end_cosine"] = (
+            float(at.mean()) if len(at) else float("nan")
+        )
+    return result
+
+
+# -- Phase 3.5: subspaces ---------------------------------------------------------------------------------
+def emotion_subspaces_step(
+    acts: ModelActivations, results_dir: Path, k: int = DEFAULT_K, *, n_random: int = 200, seed: int = 0
+) -> StepResult:
+    """Per kind, layer and emotion: PCA subspace (top-k of that emotion's centred sentence-end activations;
+    k clipped to n_e - 1), explained variance, and between emotions principal angles and overlap next to an
+    empirical random-subspace baseline (`n_random` draws, fixed `seed`) and the analytical max(k)/d.
+
+    Files: `emotion_subspaces.safetensors` (`<kind>/L<layer>/<emotion>/{basis,explained_variance_ratio,mean}`),
+    `subspaces.parquet` (`subspaces.subspace_rows` + empirical baseline), `subspace_pairs.parquet`
+    (kind, layer, emotion_a, emotion_b, k, overlap, mean/min/max angle, baselines)."""
+    out = _out_dir(acts, results_dir)
+    result = StepResult()
+    tensors: dict[str, np.ndarray] = {}
+    rows, pair_rows = [], []
+    baselines: dict[tuple[int, int, int], Any] = {}
+
+    def baseline(d: int, k1: int, k2: int):
+        key = (d, max(k1, k2), min(k1, k2))
+        if key not in baselines:
+            baselines[key] = empirical_random_overlap(d, key[1], key[2], n_draws=n_random, seed=seed)
+        return baselines[key]
+
+    with one_blas_thread():
+        for kind in acts.kinds:
+            by_layer = emotion_subspaces_by_layer(acts.sentence_end(kind), acts.labels, acts.emotions, k)
+            for row in subspace_rows(by_layer, model=acts.slug, kind=kind):
+                sub = by_layer[row["layer"]][row["emotion"]]
+                base = baseline(sub.d, sub.k, sub.k)
+                row.update(random_overlap_mean=base.mean, random_overlap_std=base.std)
+                rows.append(row)
+            for layer, subspaces in enumerate(by_layer):
+                for emotion, sub in subspaces.items():
+                    prefix = f"{kind}/L{layer:02d}/{emotion}"
+                    tensors[f"{prefix}/basis"] = sub.basis
+                    tensors[f"{prefix}/explained_variance_ratio"] = sub.explained_variance_ratio
+                    tensors[f"{prefix}/mean"] = sub.mean
+                names = list(subspaces)
+                for i, a in enumerate(names):
+                    for b in names[i + 1 :]:
+                        sa, sb = subspaces[a], subspaces[b]
+                        angles = principal_angles(sa, sb)
+                        base = baseline(sa.d, sa.k, sb.k)
+                        pair_rows.append(dict(
+                            model=acts.slug, kind=kind, layer=layer, emotion_a=a, emotion_b=b,
+                            k=min(sa.k, sb.k), overlap=subspace_overlap(sa, sb),
+                            mean_angle_deg=float(angles.mean()), min_angle_deg=float(angles.min()),
+                            max_angle_deg=float(angles.max()), random_overlap_mean=base.mean,
+                            random_overlap_std=base.std,
+                            random_overlap_analytical=expected_random_overlap(sa.k, sa.d, sb.k),
+                        ))  # fmt: skip
+    meta = {**acts.keys(), "k_requested": str(k), "kinds": json.dumps(list(acts.kinds))}
+    result.files["bases"] = write_safetensors(tensors, out / "emotion_subspaces.safetensors", meta)
+    table = frame(rows)
+    pairs = frame(pair_rows)
+    result.table("subspaces", table, out / "subspaces.parquet")
+    result.table("subspace_pairs", pairs, out / "subspace_pairs.parquet")
+    result.summary["k_requested"] = int(k)
+    result.summary["k_used_min"] = int(table["k"].min())
+    for kind in acts.kinds:
+        sub = pairs.filter(pl.col("kind") == kind)
+        result.summary[f"{kind}/mean_pair_overlap"] = float(sub["overlap"].mean())
+        result.summary[f"{kind}/random_overlap_mean"] = float(sub["random_overlap_mean"].mean())
+    return result
+
+
+# -- probes -----------------------------------------------------------------------------------------------
+def linear_probes_step(
+    acts: ModelActivations, results_dir: Path, *, cv_folds: int = 5, seed: int = 0
+) -> StepResult:
+    """Per kind and layer: 4-way L2 logistic regression, stratified `cv_folds`-fold CV (mean, std), the
+    bag-of-words baseline on the same folds (needs texts), the shuffled-label control and selectivity
+    (`probes.probe_layers`). File: `probes.parquet` (its table plus a model column)."""
+    out = _out_dir(acts, results_dir)
+    result = StepResult()
+    settings = ProbeSettings(n_splits=int(cv_folds), seed=int(seed))
+    with one_blas_thread():
+        activations = {kind: acts.sentence_end(kind) for kind in acts.kinds}
+        probes = probe_layers(activations, acts.labels, acts.texts, acts.emotions, settings)
+    table = probes.table.with_columns(pl.lit(acts.slug).alias("model")).select(["model", *probes.table.columns])
+    result.table("probes", table, out / "probes.parquet", {"model": acts.slug, "variant": acts.variant})
+    if acts.texts is None:
+        result.notes.append(f"{acts.slug}: no texts, so no bag-of-words baseline")
+    primary = PRIMARY_KIND if PRIMARY_KIND in probes.best else next(iter(probes.best))
+    best = probes.best[primary]
+    result.summary.update(
+        best_kind=primary,
+        best_layer=int(best["layer"]),
+        best_accuracy=float(best["accuracy_mean"]),
+        best_selectivity=float(best["selectivity"]),
+        bow_accuracy=float(probes.bow.mean) if probes.bow else float("nan"),
+        chance=float(probes.chance),
+        n_folds=int(cv_folds),
+        probe_seconds=round(probes.seconds, 2),
+        all_converged=bool(table["converged"].all()),
+    )
+    for kind, b in probes.best.items():
+        result.summary[f"{kind}/best_layer"] = int(b["layer"])
+        result.summary[f"{kind}/best_accuracy"] = float(b["accuracy_mean"])
+    return result
+
+
+# -- plots per model --------------------------------------------------------------------------------------
+def best_probe_layer(probes: pl.DataFrame, kind: str = PRIMARY_KIND) -> int:
+    """Layer with the highest mean accuracy for `kind` (ties: earliest), from a probes table."""
+    sub = probes.filter(pl.col("kind") == kind)
+    if not sub.height:
+        sub = probes
+    return int(sub.sort(["accuracy_mean", "layer"], descending=[True, False])["layer"][0])
+
+
+def model_plots_step(results_dir: Path, variant: str, slug: str) -> StepResult:
+    """From the model's `separation.parquet`, `probes.parquet` and `emotion_vectors.safetensors`: the layer
+    profile (separation and probe accuracy vs layer with control, bag-of-words and chance) and the heatmap of
+    centred emotion-vector cosines at the best probe layer (resid_post). Files: `layer_profile.png`,
+    `cosine_heatmap.png`."""
+    from safetensors import safe_open
+
+    out = model_analysis_dir(Path(results_dir), variant, slug)
+    result = StepResult()
+    separation = pl.read_parquet(out / "separation.parquet")
+    probes = pl.read_parquet(out / "probes.parquet")
+    result.files["layer_profile"] = plot_layer_profile(
+        out / "layer_profile.png", probes, separation, title=f"{slug} ({variant}): separation and probe accuracy"
+    )
+    kind = PRIMARY_KIND if PRIMARY_KIND in probes["kind"].to_list() else probes["kind"][0]
+    layer = best_probe_layer(probes, kind)
+    with safe_open(str(out / "emotion_vectors.safetensors"), framework="numpy") as handle:
+        emotions = json.loads(handle.metadata()["emotions"])
+        cosine = handle.get_tensor(f"{kind}/cosine")[layer]
+    result.files["cosine_heatmap"] = plot_cosine_heatmap(
+        out / "cosine_heatmap.png", cosine, emotions,
+        title=f"{slug} ({variant}) {kind} layer {layer}: centred cosines",
+    )  # fmt: skip
+    result.summary.update(best_kind=kind, best_layer=layer)
+    return result
