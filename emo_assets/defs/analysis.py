@@ -26,13 +26,10 @@ steps of `emo_assets.cli.plan`.
 """
 
 import base64
-import contextlib
-import math
-import os
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import dagster as dg
 import polars as pl
@@ -83,92 +80,10 @@ def analysis_settings(settings: Settings) -> dict:
 
 
 # -- MLflow (best effort) ---------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _fast_http(timeout_s: int) -> Iterator[None]:
-    """MLflow's HTTP client retries for minutes by default; fail fast instead (restored afterwards)."""
-    values = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)}
-    previous = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in previous.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-_MLFLOW_FAILURES: dict[str, str] = {}  # run id -> reason: after one failure a Dagster run does not retry
-
-
-def analysis_experiment(tracker: MlflowTracker) -> str:
-    return f"{tracker.experiment}-analysis"
-
-
-def log_mlflow(
-    context: dg.AssetExecutionContext,
-    tracker: MlflowTracker,
-    settings: Settings,
-    name: str,
-    *,
-    params: Mapping[str, object],
-    metrics: Mapping[str, object],
-    files: Sequence[Path],
-) -> str:
-    """One finished MLflow run with params, finite numeric metrics and `files` as artifacts; returns
-    `logged (run <id>, N artifacts)` or `not logged (<reason>)`. Never raises.
-
-    `MlflowTracker` logs params and metrics only, so artifacts go through `MlflowClient` here, in the
-    experiment `<experiment>-analysis`. When this code creates that experiment on a local store (sqlite or
-    file URI) its artifact location is `<results_dir>/mlflow-artifacts`, not MLflow's cwd-relative `./mlruns`.
-    """
-    run_id = context.run.run_id
-    if run_id in _MLFLOW_FAILURES:
-        return f"not logged ({_MLFLOW_FAILURES[run_id]}; not retried in this run)"
-    try:
-        from mlflow import MlflowClient
-        from mlflow.entities import Metric, Param
-
-        with _fast_http(tracker.request_timeout_s):
-            client = MlflowClient(tracking_uri=tracker.tracking_uri)
-            experiment_name = analysis_experiment(tracker)
-            experiment = client.get_experiment_by_name(experiment_name)
-            if experiment is not None:
-                experiment_id = experiment.experiment_id
-            else:
-                local = tracker.tracking_uri.startswith(("sqlite:", "file:")) or "://" not in tracker.tracking_uri
-                location = (settings.results_dir / "mlflow-artifacts").resolve().as_uri() if local else None
-                experiment_id = client.create_experiment(experiment_name, artifact_location=location)
-            tags = {"dagster.run_id": run_id, "dagster.asset_key": context.asset_key.to_user_string()}
-            run = client.create_run(experiment_id, run_name=name, tags=tags)
-            try:
-                now = int(time.time() * 1000)
-                numeric = {k: float(v) for k, v in metrics.items()
-                           if isinstance(v, (int, float)) and not isinstance(v, bool)}  # fmt: skip
-                client.log_batch(
-                    run.info.run_id,
-                    metrics=[Metric(_mlflow_name(k), v, now, 0) for k, v in numeric.items() if math.isfinite(v)],
-                    params=[Param(_mlflow_name(k), str(v)[:500]) for k, v in params.items()],
-                )
-                for path in files:
-                    client.log_artifact(run.info.run_id, str(path), artifact_path=name.replace("/", "_"))
-            except Exception:
-                with contextlib.suppress(Exception):
-                    client.set_terminated(run.info.run_id, status="FAILED")
-                raise
-            client.set_terminated(run.info.run_id)
-        return f"logged (run {run.info.run_id}, {len(files)} artifacts)"
-    except Exception as exc:  # noqa: BLE001 - MLflow is a secondary record; its failure never fails the asset
-        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no message'}"[:300]
-        _MLFLOW_FAILURES[run_id] = reason
-        context.log.warning(f"MLflow at {tracker.tracking_uri}: analysis run not logged: {reason}")
-        return f"not logged ({reason})"
-
-
-def _mlflow_name(key: str) -> str:
-    """MLflow keys allow letters, digits, `_ - . / space`; anything else becomes `_`."""
-    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in key)
+def log_mlflow(context: dg.AssetExecutionContext, tracker: MlflowTracker, name: str, **run) -> str:
+    """One MLflow run (params, metrics, files as artifacts) tagged with the Dagster run and asset."""
+    tags = {"dagster.run_id": context.run.run_id, "dagster.asset_key": context.asset_key.to_user_string()}
+    return tracker.log_run(name, tags=tags, log=context.log, **run)
 
 
 # -- metadata ---------------------------------------------------------------------------------------------
@@ -257,7 +172,7 @@ def _per_model_asset(
             for note in result.notes:
                 context.log.warning(f"{variant}/{name}[{slug}]: {note}")
             status = log_mlflow(
-                context, mlflow, settings, f"{variant}/{slug}/{name}",
+                context, mlflow, f"{variant}/{slug}/{name}",
                 params={"phase": "phase3", "task": name, "dataset": variant, "model": acts.model_id,
                         "model_revision": acts.model_revision, "dataset_sha256": acts.dataset_sha256,
                         **{k: v for k, v in config.items() if k != "lexicon"}},
@@ -296,7 +211,7 @@ def _plots_asset(settings: Settings, variant: str) -> dg.AssetsDefinition:
             except FileNotFoundError as exc:
                 raise dg.Failure(description=f"{variant}/analysis_plots[{slug}]: {exc}") from exc
             status = log_mlflow(
-                context, mlflow, settings, f"{variant}/{slug}/analysis_plots",
+                context, mlflow, f"{variant}/{slug}/analysis_plots",
                 params={"phase": "phase3", "task": "plots", "dataset": variant, "model": slug},
                 metrics=result.summary, files=list(result.files.values()),
             )  # fmt: skip
@@ -337,7 +252,7 @@ def _cross_model_asset(settings: Settings, variant: str, config: dict) -> dg.Ass
             context.log.info(note)
         files = list(result.paths())
         status = log_mlflow(
-            context, mlflow, settings, f"{variant}/cross_model_alignment",
+            context, mlflow, f"{variant}/cross_model_alignment",
             params={"phase": "phase3", "task": "cross_model_alignment", "dataset": variant,
                     "models": list(settings.model_slugs), "pca_components": config["pca_components"]},
             metrics=result.summary, files=files,
@@ -371,7 +286,7 @@ def _stability_asset(settings: Settings) -> dg.AssetsDefinition:
         except (FileNotFoundError, ValueError) as exc:
             raise dg.Failure(description=f"vector_stability: {exc}") from exc
         status = log_mlflow(
-            context, mlflow, settings, "vector_stability",
+            context, mlflow, "vector_stability",
             params={"phase": "phase3", "task": "vector_stability", "datasets": variants,
                     "models": list(settings.model_slugs)},
             metrics=result.summary, files=result.paths(),
@@ -409,7 +324,7 @@ def _report_asset(settings: Settings, variant: str) -> dg.AssetsDefinition:
             context.log.warning(f"{variant}/analysis_report: {note}")
         report = result.files["report"]
         status = log_mlflow(
-            context, mlflow, settings, f"{variant}/analysis_report",
+            context, mlflow, f"{variant}/analysis_report",
             params={"phase": "phase3", "task": "report", "dataset": variant, "models": list(settings.model_slugs)},
             metrics={k: v for k, v in result.summary.items() if k != "best_layers"},
             files=[report, *(p for k, p in result.files.items() if k.startswith("image: "))],

@@ -7,10 +7,12 @@ exactly as long as one run.
 
 import contextlib
 import gc
+import math
 import os
 import time
 from collections import Counter
-from typing import Iterator, Mapping
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
 
 import dagster as dg
 from pydantic import PrivateAttr
@@ -82,16 +84,18 @@ def _environment(values: Mapping[str, str]) -> Iterator[None]:
 
 
 class MlflowTracker(dg.ConfigurableResource):
-    """Logs finished MLflow runs; never fails a materialization.
+    """Logs finished MLflow runs (params, metrics, files as artifacts); never fails a materialization.
 
     MLflow is a secondary record: the files and Dagster's metadata are the primary one. Any MLflow error
     is turned into a status string (`not logged (<reason>)`) that the asset puts in its metadata, plus a
     warning. MLflow's HTTP client retries for minutes by default, so requests here fail fast, and after one
-    failure the rest of the run does not try again.
+    failure the rest of the run does not try again. An experiment created here on a local store keeps its
+    artifacts under `artifact_root` (the results folder), not in MLflow's cwd-relative `./mlruns`.
     """
 
     tracking_uri: str
     experiment: str = "emo_assets"
+    artifact_root: str = ""
     request_timeout_s: int = 5
 
     _client: object = PrivateAttr(default=None)
@@ -105,41 +109,57 @@ class MlflowTracker(dg.ConfigurableResource):
         name: str,
         *,
         params: Mapping[str, object],
-        metrics: Mapping[str, float],
+        metrics: Mapping[str, object],
         tags: Mapping[str, str],
         log,
+        files: Sequence[Path] = (),
     ) -> str:
-        """Log one run; return `logged (run <id>)` or `not logged (<reason>)` (and warn through `log`)."""
+        """Log one run; return `logged (run <id>[, N artifacts])` or `not logged (<reason>)` (and warn through `log`).
+
+        Non-numeric and non-finite metrics are left out; keys are made MLflow-safe.
+        """
         if self._failure is not None:
             return f"not logged ({self._failure}; not retried in this run)"
         fast = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(self.request_timeout_s)}
         try:
             with _environment(fast):
-                run_id = self._log(name, params, metrics, tags)
+                run_id = self._log(name, params, metrics, tags, files)
         except Exception as exc:  # MLflow raises many types (MlflowException, requests, sqlalchemy errors)
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no message'}"[:300]
             self._failure = reason
             log.warning(f"MLflow at {self.tracking_uri} failed, the run is not logged there: {reason}")
             return f"not logged ({reason})"
-        return f"logged (run {run_id})"
+        return f"logged (run {run_id}, {len(files)} artifacts)" if files else f"logged (run {run_id})"
 
-    def _log(self, name: str, params: Mapping, metrics: Mapping, tags: Mapping) -> str:
+    def _experiment_id(self, client) -> str:
+        experiment = client.get_experiment_by_name(self.experiment)
+        if experiment is not None:
+            return experiment.experiment_id
+        local = self.tracking_uri.startswith(("sqlite:", "file:")) or "://" not in self.tracking_uri
+        location = Path(self.artifact_root).resolve().as_uri() if local and self.artifact_root else None
+        return client.create_experiment(self.experiment, artifact_location=location)
+
+    def _log(self, name: str, params: Mapping, metrics: Mapping, tags: Mapping, files: Sequence[Path]) -> str:
         from mlflow import MlflowClient
         from mlflow.entities import Metric, Param
 
         if self._client is None:
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         client = self._client
-        experiment = client.get_experiment_by_name(self.experiment)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(self.experiment)
-        run = client.create_run(experiment_id, run_name=name, tags=dict(tags))
+        run = client.create_run(self._experiment_id(client), run_name=name, tags=dict(tags))
         now = int(time.time() * 1000)
+        numeric = {
+            _mlflow_key(k): float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        }
         try:
             client.log_batch(
                 run.info.run_id,
-                metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()],
-                params=[Param(key, str(value)) for key, value in params.items()],
+                metrics=[Metric(key, value, now, 0) for key, value in numeric.items()],
+                params=[Param(_mlflow_key(key), str(value)[:500]) for key, value in params.items()],
             )
+            for path in files:
+                client.log_artifact(run.info.run_id, str(path), artifact_path=name.replace("/", "_"))
         except Exception:
             with contextlib.suppress(Exception):
                 client.set_terminated(run.info.run_id, status="FAILED")
@@ -148,9 +168,18 @@ class MlflowTracker(dg.ConfigurableResource):
         return run.info.run_id
 
 
+def _mlflow_key(key: str) -> str:
+    """MLflow keys allow letters, digits, `_ - . / space`; anything else becomes `_`."""
+    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in str(key))
+
+
 def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
     """The resources every asset here uses, configured from the settings."""
     return {
         "model_cache": ModelCache(),
-        "mlflow": MlflowTracker(tracking_uri=settings.mlflow_tracking_uri, experiment=settings.mlflow_experiment),
+        "mlflow": MlflowTracker(
+            tracking_uri=settings.mlflow_tracking_uri,
+            experiment=settings.mlflow_experiment,
+            artifact_root=str(settings.results_dir / "mlflow-artifacts"),
+        ),
     }
