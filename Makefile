@@ -13,7 +13,7 @@ TORCH_INDEX ?=
 PROFILE ?= offline
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test test-fast bench ui mlflow-ui check-defs lock clean-results
+.PHONY: setup demo test test-fast bench ui mlflow-ui check-defs lock clean-results readme-results
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -58,3 +58,9 @@ lock:
 
 clean-results:
 	rm -rf results/* .dagster_home/history .dagster_home/storage .dagster_home/schedules
+
+## The README's MiniLM probe table: the pipeline on the full baseline dataset with minilm, then the table.
+readme-results: setup
+	EMO_ASSETS_MODELS=minilm EMO_ASSETS_DATASETS=baseline=data/emotion_dataset.jsonl \
+	EMO_ASSETS_RESULTS_DIR=results/minilm-baseline $(BIN)/emo-assets materialize --variant baseline
+	$(BIN)/python scripts/readme_probe_table.py results/minilm-baseline README.md
