@@ -32,8 +32,13 @@ def model_slug(model_id: str) -> str:
 
     Local directories are named by their last path component. The result is checked with `safe_name`.
     """
+    if not isinstance(model_id, str) or "\x00" in model_id:  # a NUL would make Path/expanduser raise ValueError
+        raise UnsafeNameError(f"invalid model id {model_id!r}: not a non-empty string without NUL characters")
     if model_id.startswith(("/", ".", "~")) or "\\" in model_id:
-        slug = Path(model_id).expanduser().name
+        try:
+            slug = Path(model_id).expanduser().name
+        except RuntimeError:  # `~user/...` of an unknown user: no home to expand, keep the name as written
+            slug = Path(model_id).name
     else:
         if model_id.count("/") > 1:
             raise UnsafeNameError(f"invalid model id {model_id!r}: a hub id has at most one '/'")

@@ -441,8 +441,12 @@ class ActivationWriter:
         synced = time.perf_counter()
         os.close(self._fd)
         self._fd = None
-        temp, self._temp = self._temp, None
-        publish(temp, self.final_path)
+        try:
+            publish(self._temp, self.final_path)
+        except OSError as exc:
+            self.abort()
+            raise ActivationWriteError(exc.errno, f"{self.final_path}: rename into place failed: {exc}") from exc
+        self._temp = None
         self.timings.update(hash_s=hashed - started, fsync_s=synced - hashed, publish_s=time.perf_counter() - synced)
         return self.final_path
 

@@ -10,6 +10,7 @@ unsynced. The activation checks compare files against this recorded metadata.
 import dagster as dg
 
 from emo_assets.core.config import Settings
+from emo_assets.core.models import ModelLoadError
 from emo_assets.defs.partitions import partitions_for, step_data_version
 from emo_assets.defs.resources import ModelCache
 
@@ -29,7 +30,10 @@ def model_facts(instance: dg.DagsterInstance, slug: str) -> dict[str, object] | 
 
 def _record(context: dg.AssetExecutionContext, settings: Settings, slug: str, model_cache: ModelCache) -> str:
     """Load one model, record its facts as the partition's metadata; return its revision."""
-    loaded = model_cache.get(settings.model_slugs[slug], settings)
+    try:
+        loaded = model_cache.get(settings.model_slugs[slug], settings)
+    except ModelLoadError as exc:  # the step failure itself must name the model and the remedies
+        raise dg.Failure(description=str(exc)) from exc
     context.log.info(
         f"{slug}: {loaded.architecture}, {loaded.n_layers} layers, d={loaded.d_model}, "
         f"revision {loaded.revision[:12]}, loaded in {loaded.load_seconds:.1f}s"
