@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--sweep", default="8,16,32,64", help="batch sizes of row 8 (default: %(default)s)")
     parser.add_argument("--sweep-reps", type=int, help="repetitions of the sweep (default: 1 with --quick, else reps - 1)")
+    parser.add_argument("--seed-fraction", type=float, default=0.25,
+                        help="time the one-at-a-time loop on this share of the sentences (every k-th) and scale its "
+                             "time to the whole workload; its cost is per sentence (default: %(default)s)")
+    parser.add_argument("--budget", type=float, default=540,
+                        help="seconds; the batch-size sweep is cut to 1 repetition or skipped when the run is "
+                             "behind this budget (default: %(default)s)")
     parser.add_argument("--skip", default="", help=f"comma-separated rows to skip: {', '.join(SKIPPABLE)}")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="result folder (default: %(default)s)")
     return parser
@@ -197,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         meta["dataset"]["n_batches"] = len(work.batches)
         contenders = {"floor": Floor(work), "extract": Extraction(work, storage_dtype=args.storage_dtype)}
         if "seed" not in skip:
-            contenders["seed"] = SeedLoop(work)
+            contenders["seed"] = SeedLoop(work, args.seed_fraction)
         if "tl" not in skip:
             contenders["tl"] = TransformerLens(work)
         if "nnsight" not in skip:
@@ -247,7 +253,14 @@ def main(argv: list[str] | None = None) -> int:
         for contender in contenders.values():
             contender.close()
         del contenders
-        if "sweep" not in skip:
+        elapsed = time.perf_counter() - started
+        if "sweep" not in skip and elapsed > 0.6 * args.budget:
+            _echo(f"batch-size sweep skipped: {elapsed:.0f} s spent of the {args.budget:.0f} s budget")
+            rows.append(Row("8", "batch-size sweep", status=f"skipped: {elapsed:.0f} s of the {args.budget:.0f} s "
+                                                            "budget already spent (machine busy?)"))
+        elif "sweep" not in skip:
+            if elapsed > 0.35 * args.budget and not args.sweep_reps:
+                args.sweep_reps = 1
             rows += batch_sweep(args, loaded, texts, ids, work_dir, {"floor": times["floor"], "extract": ext})
         if "rss" not in skip:
             _echo("peak RSS (subprocesses)")
