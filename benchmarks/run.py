@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, help="only the first N sentences of the dataset")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--sweep", default="8,16,32,64", help="batch sizes of row 8 (default: %(default)s)")
-    parser.add_argument("--sweep-reps", type=int, help="repetitions of the sweep (default: 1 with --quick, else reps - 1)")
+    parser.add_argument("--sweep-reps", type=int, help="repetitions of the sweep (default: 1)")
     parser.add_argument("--seed-fraction", type=float, default=0.25,
                         help="time the one-at-a-time loop on this share of the sentences (every k-th) and scale its "
                              "time to the whole workload; its cost is per sentence (default: %(default)s)")
@@ -155,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         _echo(f"error: unknown --skip {sorted(unknown)}; choose from {SKIPPABLE}")
         return 2
     started = time.perf_counter()
+    # a SIGTERM unwinds like Ctrl-C: subprocesses are killed and the work folder is removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     import torch
 
     from benchmarks.contenders import (
@@ -259,8 +262,6 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(Row("8", "batch-size sweep", status=f"skipped: {elapsed:.0f} s of the {args.budget:.0f} s "
                                                             "budget already spent (machine busy?)"))
         elif "sweep" not in skip:
-            if elapsed > 0.35 * args.budget and not args.sweep_reps:
-                args.sweep_reps = 1
             rows += batch_sweep(args, loaded, texts, ids, work_dir, {"floor": times["floor"], "extract": ext})
         if "rss" not in skip:
             _echo("peak RSS (subprocesses)")
@@ -366,7 +367,7 @@ def batch_sweep(args, loaded, texts, ids, work_dir: Path, main: dict[str, list[f
     from benchmarks.contenders import Extraction, Floor, Workload
 
     sizes = [int(s) for s in args.sweep.split(",") if s.strip()]
-    reps = args.sweep_reps or (1 if args.quick else max(1, args.reps - 1))
+    reps = args.sweep_reps or 1
     contenders = {}
     for size in sizes:
         if size == args.batch_size:

@@ -22,10 +22,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from emo_assets.core.atomic import process_identity
+
 PROJECT = Path(__file__).resolve().parents[1]  # the source tree (editable install): workspace.yaml, template
 TEMPLATE = PROJECT / ".dagster_home" / "dagster.yaml"
 RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
-PID_TAG = "emo_assets/cli_pid"  # the process that ran a run in-process (see release_abandoned_runs)
+PROCESS_TAG = "emo_assets/cli_process"  # `pid:start time` of the process that ran a run in-process
 
 
 @dataclass(frozen=True)
@@ -52,17 +54,19 @@ def release_abandoned_runs(instance, echo=print) -> None:
     """Fail the runs of earlier `emo-assets` processes that died mid-run, and free their pool slots.
 
     A killed process leaves its run STARTED with its `torch` pool slot claimed. The daemon frees the slots
-    of runs that *ended* only, so the next in-process run would wait for that slot forever.
+    of runs that *ended* only, so the next in-process run would wait for that slot forever. Runs are matched to
+    processes by pid *and* start time: a restarted container's entry point gets the same pid (often 1) again.
     """
     import dagster as dg
 
-    from emo_assets.core.atomic import pid_alive
+    from emo_assets.core.atomic import process_running
 
     unfinished = [dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
     for run in instance.get_runs(dg.RunsFilter(statuses=unfinished)):
-        pid = run.tags.get(PID_TAG)
-        if pid is None or int(pid) == os.getpid() or pid_alive(int(pid)):
+        owner = run.tags.get(PROCESS_TAG)
+        if owner is None or process_running(owner):
             continue
+        pid = owner.partition(":")[0]
         instance.report_run_failed(run, f"the emo-assets process {pid} that ran it is gone")
         instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
         echo(f"run {run.run_id} of the dead process {pid}: marked failed, its pool slots freed")
@@ -128,7 +132,7 @@ def run_steps(defs, steps: list[Step], instance, echo=print) -> bool:
         echo(f"[{number}/{len(steps)}] {step.title}")
         started = time.perf_counter()
         result = dg.materialize(assets, selection=step.selection, instance=instance, resources=defs.resources,
-                                tags={**step.tags, PID_TAG: str(os.getpid())}, run_config=log_config,
+                                tags={**step.tags, PROCESS_TAG: process_identity()}, run_config=log_config,
                                 raise_on_error=False)
         echo(f"    {_outcome(result)}")
         outcome = "ok" if result.success else "FAILED"

@@ -5,7 +5,9 @@ folder (so the final `os.replace` is a rename on one filesystem), flushed and fs
 path, and the folder is fsynced so the rename itself survives a crash. On any error the temp file is removed
 and the previous file at the final path is untouched. A process killed with SIGKILL cannot run cleanup, so
 temp files carry a recognisable name (`.<final name>.tmp-<pid>-<random>`) and `remove_stale_temps` deletes
-those of dead processes on the next successful write.
+those of dead processes on the next successful write. A temp file named with *this* process's pid that this
+process did not create is stale too: it was left by an earlier process with the same pid (a restarted
+container's entry point is PID 1 again), so the pid alone cannot tell that its writer is gone.
 """
 
 from __future__ import annotations
@@ -14,15 +16,38 @@ import contextlib
 import os
 import re
 import secrets
+import threading
 from pathlib import Path
 from typing import Iterator
 
 _TEMP_RE = re.compile(r"^\.(?P<final>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]+$")
 
 
+# Names of the temp files this process handed out and has not published yet (names, not paths: the same folder
+# may be reached by a relative and an absolute path).
+_OWN_TEMPS: set[str] = set()
+_OWN_TEMPS_LOCK = threading.Lock()
+
+
 def temp_path_for(final: Path) -> Path:
     """A unique temp-file path next to `final`, named so that its owner process can be identified."""
-    return final.with_name(f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    temp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    with _OWN_TEMPS_LOCK:
+        _OWN_TEMPS.add(temp.name)
+    return temp
+
+
+def _forget(temp: Path) -> None:
+    with _OWN_TEMPS_LOCK:
+        _OWN_TEMPS.discard(temp.name)
+
+
+def _writer_gone(name: str, pid: int) -> bool:
+    """True when the process that created temp file `name` can no longer finish it."""
+    if pid == os.getpid():
+        with _OWN_TEMPS_LOCK:
+            return name not in _OWN_TEMPS  # our pid, not our file: an earlier process with the same pid
+    return not pid_alive(pid)
 
 
 def fsync_dir(directory: Path) -> None:
@@ -35,6 +60,29 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def process_identity(pid: int | None = None) -> str:
+    """`<pid>:<start time>` of a process, which unlike the pid alone is not reused by a later process.
+
+    The start time (in clock ticks since boot, from /proc) is empty where /proc is unavailable; the identity
+    then degrades to the pid.
+    """
+    pid = os.getpid() if pid is None else pid
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        start = stat.rsplit(")", 1)[1].split()[19]  # field 22; the command name in () may contain spaces
+    except (OSError, IndexError):
+        start = ""
+    return f"{pid}:{start}"
+
+
+def process_running(identity: str) -> bool:
+    """True while the process recorded as `identity` (see `process_identity`) still runs."""
+    pid, _, start = identity.partition(":")
+    if not pid.isdigit() or not pid_alive(int(pid)):
+        return False
+    return not start or process_identity(int(pid)) == identity
 
 
 def pid_alive(pid: int) -> bool:
@@ -54,7 +102,8 @@ def remove_stale_temps(final: Path) -> list[Path]:
         return removed
     for entry in final.parent.iterdir():
         match = _TEMP_RE.match(entry.name)
-        if match and match["final"] == final.name and not pid_alive(int(match["pid"])):
+        if (match and match["final"] == final.name and not entry.is_dir()
+                and _writer_gone(entry.name, int(match["pid"]))):
             with contextlib.suppress(FileNotFoundError):
                 entry.unlink()
                 removed.append(entry)
@@ -64,6 +113,7 @@ def remove_stale_temps(final: Path) -> list[Path]:
 def publish(temp: Path, final: Path) -> None:
     """Rename an already fsynced `temp` over `final`, fsync the folder, then clear stale temps of dead writers."""
     os.replace(temp, final)
+    _forget(temp)
     fsync_dir(final.parent)
     remove_stale_temps(final)
 
@@ -90,6 +140,7 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             temp.unlink()
+        _forget(temp)
         raise
 
 

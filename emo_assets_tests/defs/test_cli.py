@@ -2,6 +2,7 @@
 
 import contextlib
 import io
+import os
 import subprocess
 
 import dagster as dg
@@ -9,6 +10,7 @@ import pytest
 from dagster._core.utils import make_new_run_id
 
 from emo_assets import cli
+from emo_assets.core.atomic import process_identity
 
 
 @pytest.fixture
@@ -54,19 +56,35 @@ def test_ui_binds_localhost_and_uses_the_workspace(env, monkeypatch):
     assert (env / "home" / "dagster.yaml").is_file()
 
 
-def test_runs_of_a_killed_process_release_their_pool_slot():
-    """Otherwise the next `emo-assets materialize` would wait forever for the `torch` slot."""
+def _dead_pid() -> int:
     dead = subprocess.Popen(["true"])
     dead.wait()
+    return dead.pid
+
+
+@pytest.mark.parametrize("owner, released", [
+    (lambda: f"{_dead_pid()}:123", True),
+    # an earlier process with this pid (a restarted container's entry point is PID 1 again)
+    (lambda: f"{os.getpid()}:1", True),
+    (lambda: process_identity(), False),
+], ids=["dead-process", "reused-pid", "this-process"])
+def test_runs_of_a_killed_process_release_their_pool_slot(owner, released):
+    """Otherwise the next `emo-assets materialize` would wait forever for the `torch` slot."""
+    owner = owner()
     with dg.instance_for_test(overrides={"concurrency": {"pools": {"default_limit": 1}}}) as instance:
         run = dg.DagsterRun(job_name="__ephemeral_asset_job__", run_id=make_new_run_id(),
-                            status=dg.DagsterRunStatus.STARTED, tags={cli.PID_TAG: str(dead.pid)})
+                            status=dg.DagsterRunStatus.STARTED, tags={cli.PROCESS_TAG: owner})
         instance.add_run(run)
         instance.event_log_storage.set_concurrency_slots("torch", 1)
         claim = instance.event_log_storage.claim_concurrency_slot("torch", run.run_id, "baseline__activations")
         assert claim.is_claimed
         messages = []
         cli.release_abandoned_runs(instance, echo=messages.append)
-        assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
-        assert instance.event_log_storage.get_concurrency_info("torch").claimed_slots == []
-        assert messages == [f"run {run.run_id} of the dead process {dead.pid}: marked failed, its pool slots freed"]
+        status = instance.get_run_by_id(run.run_id).status
+        claimed = instance.event_log_storage.get_concurrency_info("torch").claimed_slots
+        if released:
+            assert status == dg.DagsterRunStatus.FAILURE and claimed == []
+            pid = owner.partition(":")[0]
+            assert messages == [f"run {run.run_id} of the dead process {pid}: marked failed, its pool slots freed"]
+        else:
+            assert status == dg.DagsterRunStatus.STARTED and len(claimed) == 1 and messages == []

@@ -21,7 +21,8 @@ from emo_assets_tests.reliability.helpers import tree
 
 HOSTILE = ["../escape", "../../etc", "/tmp/abs", "a/b", "a\\b", "..", ".", "", ".hidden", "-rf", "x/../../y",
            "~", "~/x", "con\x00nul", "a\nb", "…/x", "ok/", " lead"]
-HOSTILE_MODELS = ["a/b/c", "..", ".", "./..", "x/..", "../..", "a\\..\\b", "org/..", "/", "~\x00x", "a\x00/b", "~no-such-user-here"]
+HOSTILE_MODELS = ["a/b/c", "..", ".", "./..", "x/..", "../..", "a\\..\\b", "org/..", "/", "~\x00x", "a\x00/b",
+                  "~no-such-user-here"]
 
 
 @pytest.mark.parametrize("value", HOSTILE)

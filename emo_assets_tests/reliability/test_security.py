@@ -74,7 +74,8 @@ def unsafe_patterns(source: str, *, model_loading: bool = True) -> list[str]:
                 found.append(f"{node.lineno}: {name}(..., allow_pickle={ast.unparse(allow)})")
         if attr in PICKLE_CALLS:
             found.append(f"{node.lineno}: {name}(...)")
-        if model_loading and attr == "from_pretrained" and "Model" in name and not _is_true(_keyword(node, "use_safetensors")):
+        loads_weights = model_loading and attr == "from_pretrained" and "Model" in name
+        if loads_weights and not _is_true(_keyword(node, "use_safetensors")):
             found.append(f"{node.lineno}: {name}(...) without use_safetensors=True (may load a pickle checkpoint)")
     return found
 
