@@ -164,7 +164,8 @@ def materialize(args) -> int:
           f"results {settings.results_dir}, DAGSTER_HOME {home}")
     instance = DagsterInstance.get()
     release_abandoned_runs(instance)
-    ok = run_steps(build_defs(settings), full_plan(settings, variants), instance)
+    steps = plan(settings, variants) if args.phase2_only else full_plan(settings, variants)
+    ok = run_steps(build_defs(settings), steps, instance)
     print("done" if ok else "failed", file=sys.stdout if ok else sys.stderr)
     return 0 if ok else 1
 
@@ -190,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("materialize", help="materialize every asset of a profile, in this process")
     run.add_argument("--profile", help="model profile from config.toml (offline | paper); default: the configured one")
     run.add_argument("--variant", action="append", help="dataset variant to build (repeatable); default: all")
+    run.add_argument("--phase2-only", action="store_true",
+                     help="stop after Phase 2 (datasets, models, activations, summaries): no analysis assets")
     run.set_defaults(handler=materialize)
     web = sub.add_parser("ui", help="start the Dagster UI (dagster dev) on this project")
     web.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")

@@ -88,3 +88,19 @@ def test_runs_of_a_killed_process_release_their_pool_slot(owner, released):
             assert messages == [f"run {run.run_id} of the dead process {pid}: marked failed, its pool slots freed"]
         else:
             assert status == dg.DagsterRunStatus.STARTED and len(claimed) == 1 and messages == []
+
+
+@pytest.mark.parametrize("phase2_only", [True, False])
+def test_phase2_only_stops_before_the_analysis(env, monkeypatch, phase2_only):
+    from emo_assets.core.config import load_settings
+    from emo_assets.defs.analysis import plan_steps as analysis_steps
+
+    ran = []
+    monkeypatch.setattr(cli, "run_steps", lambda defs, steps, instance: ran.append(steps) or True)
+    assert cli.main(["materialize", *(["--phase2-only"] if phase2_only else [])]) == 0
+    (steps,) = ran
+    settings = load_settings()
+    variants = list(settings.datasets)
+    phase2, phase3 = cli.plan(settings, variants), analysis_steps(settings, variants)
+    assert phase2 and phase3
+    assert steps == (phase2 if phase2_only else phase2 + phase3)

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
-from scipy import stats
 
 from emo_assets.core.analysis.blas import single_blas_thread
 from emo_assets.core.analysis.labels import as_float64_2d
@@ -139,6 +138,8 @@ def rsa(cos_a: np.ndarray, cos_b: np.ndarray) -> RSAResult:
     if len(a) < 2 or not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))) or np.ptp(a) == 0 or np.ptp(b) == 0:
         return RSAResult(float("nan"), float("nan"), len(a))
     pearson = float(np.corrcoef(a, b)[0, 1])
+    from scipy import stats
+
     spearman = float(np.corrcoef(stats.rankdata(a), stats.rankdata(b))[0, 1])
     return RSAResult(pearson, spearman, len(a))
 

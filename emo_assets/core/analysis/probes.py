@@ -25,18 +25,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 import polars as pl
-from sklearn.feature_extraction.text import CountVectorizer
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold
-from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import StandardScaler
 
 from emo_assets.core.analysis.blas import one_blas_thread, single_blas_thread
 from emo_assets.core.analysis.labels import DEFAULT_EMOTIONS, as_float64_2d, encode_labels
+
+if TYPE_CHECKING:  # scikit-learn is imported on use: loading the Dagster definitions stays fast
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
 
 Folds = list[tuple[np.ndarray, np.ndarray]]
 
@@ -56,6 +55,8 @@ def make_folds(y: np.ndarray, n_splits: int = 5, seed: int = 0) -> Folds:
     _, counts = np.unique(y, return_counts=True)
     if counts.min() < n_splits:
         raise ValueError(f"every class needs >= n_splits={n_splits} samples for stratified CV, got {counts.tolist()}")
+    from sklearn.model_selection import StratifiedKFold
+
     splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     return [(train, test) for train, test in splitter.split(np.zeros(len(y)), y)]
 
@@ -66,6 +67,8 @@ def shuffled_labels(y: np.ndarray, seed: int = 0) -> np.ndarray:
 
 
 def _logistic(settings: ProbeSettings) -> LogisticRegression:
+    from sklearn.linear_model import LogisticRegression
+
     return LogisticRegression(
         C=settings.C, solver="lbfgs", max_iter=settings.max_iter, tol=settings.tol, random_state=settings.seed
     )
@@ -73,11 +76,17 @@ def _logistic(settings: ProbeSettings) -> LogisticRegression:
 
 def activation_probe(settings: ProbeSettings = ProbeSettings()) -> Pipeline:
     """The activation probe: standardise (fitted on the training fold) then L2 logistic regression."""
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
     return Pipeline([("scale", StandardScaler()), ("logreg", _logistic(settings))])
 
 
 def bow_probe(settings: ProbeSettings = ProbeSettings()) -> Pipeline:
     """The bag-of-words baseline: word counts (vocabulary from the training fold) then the same regression."""
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.pipeline import Pipeline
+
     return Pipeline([("bow", CountVectorizer(lowercase=True)), ("logreg", _logistic(settings))])
 
 

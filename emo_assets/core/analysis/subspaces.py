@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-from sklearn.decomposition import PCA
 
 from emo_assets.core.analysis.blas import single_blas_thread
 from emo_assets.core.analysis.labels import DEFAULT_EMOTIONS, as_float64_2d, encode_labels
@@ -64,6 +63,8 @@ def pca_subspace(X: np.ndarray, k: int = DEFAULT_K) -> Subspace:
     """PCA subspace of `X` [n, d] (centred by PCA). Full SVD solver: deterministic, no random state."""
     X = as_float64_2d(X)
     k_eff = effective_k(k, X.shape[0], X.shape[1])
+    from sklearn.decomposition import PCA  # imported on use: loading the Dagster definitions stays fast
+
     pca = PCA(n_components=k_eff, svd_solver="full").fit(X)
     basis = orthonormalise(pca.components_.T)
     return Subspace(
