@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -280,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work_dir, ignore_errors=True)
     meta["loadavg_end"] = loadavg()
     meta["total_wall_s"] = round(time.perf_counter() - started, 1)
-    rows.sort(key=lambda r: (len(r.key), r.key))
+    rows.sort(key=lambda r: [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", r.key)])
     table = format_table(rows)
     payload = {"meta": meta, "rows": [r.as_dict() for r in rows], "table_markdown": table}
     stamped, latest = write_results(out_dir, payload)

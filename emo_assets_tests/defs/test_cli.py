@@ -104,3 +104,20 @@ def test_phase2_only_stops_before_the_analysis(env, monkeypatch, phase2_only):
     phase2, phase3 = cli.plan(settings, variants), analysis_steps(settings, variants)
     assert phase2 and phase3
     assert steps == (phase2 if phase2_only else phase2 + phase3)
+
+
+def test_only_the_program_freezes_its_heap(env, monkeypatch):
+    """`emo-assets` (argv from the command line) takes its long-lived objects out of the collector's scans;
+    a Python caller of `main([...])` keeps the normal collector (frozen objects are never freed)."""
+    import gc
+
+    monkeypatch.setattr(cli, "run_steps", lambda defs, steps, instance: True)
+    assert gc.get_freeze_count() == 0
+    try:
+        assert cli.main(["materialize", "--phase2-only"]) == 0
+        assert gc.get_freeze_count() == 0
+        monkeypatch.setattr("sys.argv", ["emo-assets", "materialize", "--phase2-only"])
+        assert cli.main() == 0
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
