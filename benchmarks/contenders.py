@@ -192,10 +192,20 @@ class SeedLoop(Contender):
         return (time.perf_counter() - started) * self.scale
 
 
-def _stored_rows(path: Path, kind: str, layer: int, sentence: int) -> np.ndarray:
+def _max_abs_diff(work: Workload, reference: Path, batch: list[int], captured) -> float:
+    """Largest |captured - stored| over the first four sentences of `batch`, every layer and kind;
+    `captured(kind, layer)` is the contender's padded [batch, width, d_model] tensor."""
     from emo_assets.core.storage import ActivationFile
 
-    return ActivationFile(path, verify=False).sentence(kind, layer, sentence)
+    stored = ActivationFile(reference, verify=False)
+    diff = 0.0
+    for row, index in enumerate(batch[:4]):
+        n = work.lengths[index]
+        for layer in range(work.loaded.n_layers):
+            for kind in KINDS:
+                got = captured(kind, layer)[row, :n].float().cpu().numpy()
+                diff = max(diff, float(np.abs(got - stored.sentence(kind, layer, index)).max()))
+    return diff
 
 
 class TransformerLens(Contender):
@@ -242,14 +252,8 @@ class TransformerLens(Contender):
         """Largest |difference| to the extraction's stored rows on the first batch (eager vs sdpa attention)."""
         batch = self.work.batches[0]
         cache = self._pass([batch])
-        diff = 0.0
-        for row, index in enumerate(batch[:4]):
-            n = self.work.lengths[index]
-            for layer in range(self.work.loaded.n_layers):
-                for kind, name in (("resid_post", "hook_resid_post"), ("mlp_out", "hook_mlp_out")):
-                    got = cache[f"blocks.{layer}.{name}"][row, :n].float().cpu().numpy()
-                    diff = max(diff, float(np.abs(got - _stored_rows(reference, kind, layer, index)).max()))
-        self.extra["max_abs_diff_vs_extraction"] = diff
+        self.extra["max_abs_diff_vs_extraction"] = _max_abs_diff(
+            self.work, reference, batch, lambda kind, layer: cache[f"blocks.{layer}.hook_{kind}"])
 
     def run(self, rep: int) -> float:
         started = time.perf_counter()
@@ -303,16 +307,12 @@ class Nnsight(Contender):
         return saved
 
     def check(self, reference: Path) -> None:
+        """Largest |difference| to the extraction's stored rows on the first batch."""
         batch = self.work.batches[0]
         saved = self._pass([batch])
-        diff = 0.0
-        for row, index in enumerate(batch[:4]):
-            n = self.work.lengths[index]
-            for layer in range(self.work.loaded.n_layers):
-                for kind, value in (("mlp_out", saved[2 * layer]), ("resid_post", saved[2 * layer + 1])):
-                    got = first_tensor(value)[row, :n].float().cpu().numpy()
-                    diff = max(diff, float(np.abs(got - _stored_rows(reference, kind, layer, index)).max()))
-        self.extra["max_abs_diff_vs_extraction"] = diff
+        position = {"mlp_out": 0, "resid_post": 1}  # saved in execution order: mlp, block, mlp, block, ...
+        self.extra["max_abs_diff_vs_extraction"] = _max_abs_diff(
+            self.work, reference, batch, lambda kind, layer: first_tensor(saved[2 * layer + position[kind]]))
 
     def run(self, rep: int) -> float:
         started = time.perf_counter()

@@ -15,6 +15,7 @@ import pytest
 from emo_assets.cli import plan, run_steps
 from emo_assets.core.config import load_settings
 from emo_assets.definitions import build_defs
+from emo_assets_tests.pipeline import pipeline_env
 
 TWO_MODELS = "tiny-gpt2,tiny-pythia"
 
@@ -26,15 +27,7 @@ def mlflow_uri(tmp_path_factory) -> str:
 
 def make_settings(tmp_path: Path, datasets: dict[str, Path], mlflow_uri: str, **env: str):
     """Settings for a test: the offline profile, results under `tmp_path`, `env` on top (EMO_ASSETS_* values)."""
-    base = {
-        "EMO_ASSETS_ROOT": str(tmp_path),
-        "EMO_ASSETS_PROFILE": "offline",
-        "EMO_ASSETS_DATASETS": ",".join(f"{variant}={path}" for variant, path in datasets.items()),
-        "EMO_ASSETS_RESULTS_DIR": str(tmp_path / "results"),
-        "EMO_ASSETS_MLFLOW_URI": mlflow_uri,
-        "EMO_ASSETS_DEVICE": "cpu",
-    }
-    return load_settings({**base, **env})
+    return load_settings(pipeline_env(tmp_path, datasets, mlflow_uri, **env))
 
 
 @pytest.fixture
@@ -62,14 +55,6 @@ def baseline_ready(tmp_path, own_datasets, mlflow_uri, instance):
     defs = build_defs(settings)
     assert run_steps(defs, plan(settings, ["baseline"])[:-1], instance, echo=lambda line: None)
     return settings, defs, instance
-
-
-def materialize(defs, selection, instance, tags=None, resources=None) -> dg.ExecuteInProcessResult:
-    """One in-process run of `selection` (with the checks of the selected assets), not raising on failure."""
-    return dg.materialize(
-        [*defs.assets, *defs.asset_checks], selection=selection, instance=instance,
-        resources={**defs.resources, **(resources or {})}, tags=tags or {}, raise_on_error=False,
-    )
 
 
 def partition_metadata(result: dg.ExecuteInProcessResult, key: dg.AssetKey) -> dict[str, dict]:

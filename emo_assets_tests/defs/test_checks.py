@@ -15,7 +15,8 @@ from emo_assets.defs.datasets import emotion_dataset_key
 from emo_assets.defs.partitions import partitions_for
 from emo_assets.defs.summary import summary_key
 from emo_assets_tests.conftest import read_records, write_records
-from emo_assets_tests.defs.conftest import check_results, make_settings, materialize, partition_metadata
+from emo_assets_tests.defs.conftest import check_results, make_settings, partition_metadata
+from emo_assets_tests.pipeline import materialize
 
 
 def _flip_a_bit(path) -> None:

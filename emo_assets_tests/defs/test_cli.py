@@ -11,18 +11,12 @@ from dagster._core.utils import make_new_run_id
 
 from emo_assets import cli
 from emo_assets.core.atomic import process_identity
+from emo_assets_tests.pipeline import pipeline_env
 
 
 @pytest.fixture
 def env(tmp_path, small_datasets, mlflow_uri, monkeypatch):
-    values = {
-        "EMO_ASSETS_ROOT": str(tmp_path),
-        "EMO_ASSETS_PROFILE": "offline",
-        "EMO_ASSETS_DATASETS": ",".join(f"{v}={p}" for v, p in small_datasets.items()),
-        "EMO_ASSETS_RESULTS_DIR": str(tmp_path / "results"),
-        "EMO_ASSETS_MLFLOW_URI": mlflow_uri,
-        "DAGSTER_HOME": str(tmp_path / "home"),
-    }
+    values = pipeline_env(tmp_path, small_datasets, mlflow_uri)
     for key, value in values.items():
         monkeypatch.setenv(key, value)
     return tmp_path
@@ -33,7 +27,7 @@ def test_bad_arguments_are_rejected_before_anything_runs(env, capsys):
     assert "unknown variant(s) ['nope']" in capsys.readouterr().err
     assert cli.main(["materialize", "--profile", "nope"]) == 2
     assert "unknown profile 'nope'" in capsys.readouterr().err
-    assert not (env / "home").exists()
+    assert not (env / "dagster_home").exists()
 
 
 def test_a_failed_run_stops_the_sequence_and_exits_1(env, monkeypatch, capsys):
@@ -43,7 +37,7 @@ def test_a_failed_run_stops_the_sequence_and_exits_1(env, monkeypatch, capsys):
         assert cli.main(["materialize"]) == 1
     assert "[1/" in out.getvalue() and "[2/" not in out.getvalue()
     assert f"dataset file {env / 'missing.jsonl'} does not exist" in out.getvalue()
-    assert (env / "home" / "dagster.yaml").is_file()  # the instance was created from the template
+    assert (env / "dagster_home" / "dagster.yaml").is_file()  # the instance was created from the template
 
 
 def test_ui_binds_localhost_and_uses_the_workspace(env, monkeypatch):
@@ -53,7 +47,7 @@ def test_ui_binds_localhost_and_uses_the_workspace(env, monkeypatch):
     (command,) = started
     assert command[1:] == ["dev", "-h", "127.0.0.1", "-p", "3000", "-w", str(cli.PROJECT / "workspace.yaml")]
     assert command[0].endswith("dagster")
-    assert (env / "home" / "dagster.yaml").is_file()
+    assert (env / "dagster_home" / "dagster.yaml").is_file()
 
 
 def _dead_pid() -> int:

@@ -10,7 +10,8 @@ from emo_assets.definitions import build_defs
 from emo_assets.defs.activations import activations_key
 from emo_assets.defs.partitions import partitions_for
 from emo_assets.defs.schedules import FRESHNESS_SCHEDULE
-from emo_assets_tests.defs.conftest import check_results, make_settings, materialize
+from emo_assets_tests.defs.conftest import check_results, make_settings
+from emo_assets_tests.pipeline import materialize
 
 
 def _run_schedule(defs, instance) -> dg.ExecuteInProcessResult:

@@ -7,7 +7,8 @@ from emo_assets.defs.activations import activations_key
 from emo_assets.defs.partitions import partitions_for
 from emo_assets.defs.resources import MlflowTracker
 from emo_assets.defs.summary import summary_key
-from emo_assets_tests.defs.conftest import materialize, partition_metadata
+from emo_assets_tests.defs.conftest import partition_metadata
+from emo_assets_tests.pipeline import materialize
 
 
 def test_unreachable_mlflow_is_reported_not_fatal(baseline_ready):

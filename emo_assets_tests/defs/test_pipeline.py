@@ -21,6 +21,7 @@ from emo_assets.defs.datasets import emotion_parquet_path
 from emo_assets.defs.partitions import partitions_for
 from emo_assets_tests.conftest import read_records
 from emo_assets_tests.defs.conftest import make_settings
+from emo_assets_tests.pipeline import pipeline_env
 
 VARIANTS = ("baseline", "extended")
 pytestmark = pytest.mark.slow  # end to end: every model, both variants
@@ -30,15 +31,7 @@ pytestmark = pytest.mark.slow  # end to end: every model, both variants
 def pipeline(tmp_path_factory, small_datasets, mlflow_uri):
     """Run the CLI once; return (settings, instance, exit code, printed text)."""
     root = tmp_path_factory.mktemp("pipeline")
-    env = {
-        "EMO_ASSETS_ROOT": str(root),
-        "EMO_ASSETS_PROFILE": "offline",  # the command sets it too; setting it here restores it afterwards
-        "EMO_ASSETS_DATASETS": ",".join(f"{v}={p}" for v, p in small_datasets.items()),
-        "EMO_ASSETS_RESULTS_DIR": str(root / "results"),
-        "EMO_ASSETS_MLFLOW_URI": mlflow_uri,
-        "EMO_ASSETS_DEVICE": "cpu",
-        "DAGSTER_HOME": str(root / "dagster_home"),
-    }
+    env = pipeline_env(root, small_datasets, mlflow_uri)  # the command sets the profile too; restored afterwards
     output = io.StringIO()
     with pytest.MonkeyPatch.context() as patch:
         for key, value in env.items():

@@ -10,7 +10,7 @@ from emo_assets.defs.activations import activations_key
 from emo_assets.defs.datasets import dataset_file_key, emotion_dataset_key
 from emo_assets.defs.partitions import partitions_for
 from emo_assets_tests.conftest import read_records, write_records
-from emo_assets_tests.defs.conftest import materialize
+from emo_assets_tests.pipeline import materialize
 
 
 @pytest.fixture

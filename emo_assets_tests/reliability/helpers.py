@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from emo_assets_tests.conftest import REPO_ROOT
+from emo_assets_tests.pipeline import pipeline_env
 
 # The name `emo_assets.core.atomic.temp_path_for` gives temp files: `.<final name>.tmp-<pid>-<hex>`.
 TEMP_RE = re.compile(r"^\..+\.tmp-\d+-[0-9a-f]+$")
@@ -81,31 +82,14 @@ UNREACHABLE_MLFLOW = "http://127.0.0.1:9"  # nothing listens on the discard port
 
 
 def dagster_env(root: Path, datasets: Mapping[str, Path], **extra: str) -> dict[str, str]:
-    """EMO_ASSETS_* values of a test pipeline under `root` (results, DAGSTER_HOME) on `datasets`."""
-    return {
-        "EMO_ASSETS_ROOT": str(root),
-        "EMO_ASSETS_PROFILE": "offline",
-        "EMO_ASSETS_DATASETS": ",".join(f"{k}={v}" for k, v in datasets.items()),
-        "EMO_ASSETS_RESULTS_DIR": str(root / "results"),
-        "EMO_ASSETS_MLFLOW_URI": UNREACHABLE_MLFLOW,
-        "EMO_ASSETS_DEVICE": "cpu",
-        "DAGSTER_HOME": str(root / "dagster_home"),
-        **extra,
-    }
+    """EMO_ASSETS_* values of a test pipeline under `root` (results, DAGSTER_HOME) on `datasets`; MLflow unreachable."""
+    return pipeline_env(root, datasets, UNREACHABLE_MLFLOW, **extra)
 
 
 def dagster_settings(root: Path, datasets: Mapping[str, Path], **extra: str):
     from emo_assets.core.config import load_settings
 
     return load_settings(dagster_env(root, datasets, **extra))
-
-
-def materialize(defs, selection, instance, tags=None, resources=None):
-    """One in-process run of `selection` (with the selected assets' checks), not raising on failure."""
-    import dagster as dg
-
-    return dg.materialize([*defs.assets, *defs.asset_checks], selection=selection, instance=instance,
-                          resources={**defs.resources, **(resources or {})}, tags=tags or {}, raise_on_error=False)
 
 
 def step_failures(result, *, causes: bool = True) -> dict[str, str]:

@@ -120,7 +120,8 @@ def test_two_concurrent_dagster_materializations_of_one_partition(tmp_path, smal
     from emo_assets.cli import partition_range, plan, run_steps
     from emo_assets.definitions import build_defs
     from emo_assets.defs.activations import activation_path, activations_key
-    from emo_assets_tests.reliability.helpers import dagster_settings, materialize
+    from emo_assets_tests.reliability.helpers import dagster_settings
+    from emo_assets_tests.pipeline import materialize
 
     settings = dagster_settings(tmp_path, small_datasets, EMO_ASSETS_MODELS="tiny-gpt2")
     defs = build_defs(settings)

@@ -28,7 +28,8 @@ from emo_assets.defs.partitions import partitions_for
 from emo_assets.defs.resources import MlflowTracker
 from emo_assets.defs.summary import summary_key
 from emo_assets_tests.conftest import REPO_ROOT
-from emo_assets_tests.reliability.helpers import dagster_settings, materialize, step_failures, temp_files, tree
+from emo_assets_tests.reliability.helpers import dagster_settings, step_failures, temp_files, tree
+from emo_assets_tests.pipeline import materialize
 
 BAD = REPO_ROOT / "emo_assets_tests" / "data" / "bad"
 BAD_KINDS = ["invalid_json.jsonl", "top_level_array.jsonl", "unknown_emotion.jsonl", "duplicate_id.jsonl",
