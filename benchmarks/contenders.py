@@ -67,11 +67,42 @@ class Contender:
     def setup(self) -> str | None:
         return None
 
-    def run(self, rep: int) -> float:
+    def _pass(self, batches):
         raise NotImplementedError
+
+    def run(self, rep: int) -> float:
+        """One full pass over the workload; its wall seconds."""
+        started = time.perf_counter()
+        self._pass(self.work.batches)
+        return time.perf_counter() - started
 
     def close(self) -> None:
         pass
+
+
+class OptionalContender(Contender):
+    """A contender from the optional `bench` extra: `setup` says why it cannot run instead of raising."""
+
+    package = ""  # distribution name, also the import name with `-` as `_`
+
+    def setup(self) -> str | None:
+        import importlib
+        import importlib.metadata as md
+
+        try:
+            importlib.import_module(self.package.replace("-", "_"))
+        except Exception as exc:  # noqa: BLE001
+            return f"unavailable: {self.package} not installed ({type(exc).__name__}: {exc}); pip install '.[bench]'"
+        try:
+            self.extra["version"] = md.version(self.package)
+            self.prepare()
+            self._pass(self.work.batches[:1])  # warm-up
+        except Exception as exc:  # noqa: BLE001
+            return f"failed: {type(exc).__name__}: {exc}"
+        return None
+
+    def prepare(self) -> None:
+        raise NotImplementedError
 
 
 class Floor(Contender):
@@ -91,11 +122,6 @@ class Floor(Contender):
                 ids, mask = work.padded(batch)
                 work.loaded.model(input_ids=ids, attention_mask=mask)
         sync_device(work.device)
-
-    def run(self, rep: int) -> float:
-        started = time.perf_counter()
-        self._pass(self.work.batches)
-        return time.perf_counter() - started
 
 
 class Extraction(Contender):
@@ -208,36 +234,25 @@ def _max_abs_diff(work: Workload, reference: Path, batch: list[int], captured) -
     return diff
 
 
-class TransformerLens(Contender):
+class TransformerLens(OptionalContender):
     """TransformerLens 4.x `TransformerBridge.boot_transformers(name, hf_model=<LM-head model of the same
     weights>, tokenizer=...)`, `run_with_cache` with a names filter for blocks.{i}.hook_resid_post/hook_mlp_out,
     same batches and attention mask. TransformerLens needs the LM-head model and forces eager attention."""
 
     key, title = "4a", "TransformerLens run_with_cache (names filter)"
+    package = "transformer-lens"
 
-    def setup(self) -> str | None:
-        try:
-            import transformer_lens  # noqa: F401
-            from transformer_lens.model_bridge import TransformerBridge
-            from transformers import AutoModelForCausalLM
-        except Exception as exc:  # noqa: BLE001
-            return f"unavailable: transformer-lens not installed ({type(exc).__name__}: {exc}); pip install '.[bench]'"
+    def prepare(self) -> None:
+        from transformer_lens.model_bridge import TransformerBridge
+        from transformers import AutoModelForCausalLM
+
         work = self.work
-        try:
-            import importlib.metadata as md
-
-            self.extra["version"] = md.version("transformer-lens")
-            lm = AutoModelForCausalLM.from_pretrained(work.loaded.path, dtype=torch.float32).eval()
-            with _quiet():
-                self.bridge = TransformerBridge.boot_transformers(
-                    work.tl_name, hf_model=lm, tokenizer=work.loaded.tokenizer, device=work.device
-                )
-            n = work.loaded.n_layers
-            self.names = {f"blocks.{i}.hook_resid_post" for i in range(n)} | {f"blocks.{i}.hook_mlp_out" for i in range(n)}
-            self._pass(work.batches[:1])
-        except Exception as exc:  # noqa: BLE001
-            return f"failed: {type(exc).__name__}: {exc}"
-        return None
+        lm = AutoModelForCausalLM.from_pretrained(work.loaded.path, dtype=torch.float32).eval()
+        with _quiet():
+            self.bridge = TransformerBridge.boot_transformers(
+                work.tl_name, hf_model=lm, tokenizer=work.loaded.tokenizer, device=work.device
+            )
+        self.names = {f"blocks.{i}.hook_{kind}" for i in range(work.loaded.n_layers) for kind in KINDS}
 
     def _pass(self, batches) -> dict:
         cache = None
@@ -255,37 +270,25 @@ class TransformerLens(Contender):
         self.extra["max_abs_diff_vs_extraction"] = _max_abs_diff(
             self.work, reference, batch, lambda kind, layer: cache[f"blocks.{layer}.hook_{kind}"])
 
-    def run(self, rep: int) -> float:
-        started = time.perf_counter()
-        self._pass(self.work.batches)
-        return time.perf_counter() - started
 
-
-class Nnsight(Contender):
+class Nnsight(OptionalContender):
     """nnsight `NNsight(model).trace(...)` saving each block's and MLP's output, same batches and mask
     (its own copy of the base model, so nnsight's wrapping cannot touch the other contenders)."""
 
     key, title = "4b", "nnsight trace + save"
+    package = "nnsight"
 
-    def setup(self) -> str | None:
-        try:
-            import nnsight
-            from transformers import AutoModel
-        except Exception as exc:  # noqa: BLE001
-            return f"unavailable: nnsight not installed ({type(exc).__name__}: {exc}); pip install '.[bench]'"
+    def prepare(self) -> None:
+        import nnsight
+        from transformers import AutoModel
+
         work = self.work
-        try:
-            self.extra["version"] = nnsight.__version__
-            model = AutoModel.from_pretrained(work.loaded.path, dtype=torch.float32).eval().requires_grad_(False)
-            model.to(work.device)
-            self.nnsight = nnsight
-            self.model = nnsight.NNsight(model)
-            names = find_hook_points(model).names
-            self.paths = [(names["mlp_out"][i], names["resid_post"][i]) for i in range(work.loaded.n_layers)]
-            self._pass(work.batches[:1])
-        except Exception as exc:  # noqa: BLE001
-            return f"failed: {type(exc).__name__}: {exc}"
-        return None
+        model = AutoModel.from_pretrained(work.loaded.path, dtype=torch.float32).eval().requires_grad_(False)
+        model.to(work.device)
+        self.nnsight = nnsight
+        self.model = nnsight.NNsight(model)
+        names = find_hook_points(model).names
+        self.paths = [(names["mlp_out"][i], names["resid_post"][i]) for i in range(work.loaded.n_layers)]
 
     def _envoy(self, path: str):
         envoy = self.model
@@ -313,11 +316,6 @@ class Nnsight(Contender):
         position = {"mlp_out": 0, "resid_post": 1}  # saved in execution order: mlp, block, mlp, block, ...
         self.extra["max_abs_diff_vs_extraction"] = _max_abs_diff(
             self.work, reference, batch, lambda kind, layer: first_tensor(saved[2 * layer + position[kind]]))
-
-    def run(self, rep: int) -> float:
-        started = time.perf_counter()
-        self._pass(self.work.batches)
-        return time.perf_counter() - started
 
 
 @contextlib.contextmanager

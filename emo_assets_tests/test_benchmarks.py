@@ -1,0 +1,61 @@
+"""The benchmark harness runs end to end (on a tiny model, so in seconds) and reports what it measured.
+
+Speed itself is never asserted here (that is what `make bench` is for): these tests check that every row runs,
+that the extraction row wrote the file it should have, that the optional contenders either agree with the
+extraction or say why they did not run, and that the graph rows read the CLI's progress lines.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+from benchmarks.graph import step_seconds
+from emo_assets_tests.conftest import REPO_ROOT
+
+
+def test_harness_writes_the_table_and_json(tmp_path, offline_models):
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--limit", "24", "--model", "tiny-gpt2", "--reps", "1",
+         "--skip", "graph,rss,sweep,bf16", "--out", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    latest = json.loads((out / "latest.json").read_text())
+    stamped = [p for p in out.iterdir() if p.name.startswith("bench-")]
+    assert len(stamped) == 1 and json.loads(stamped[0].read_text()) == latest
+    rows = {row["key"]: row for row in latest["rows"]}
+    assert list(rows) == ["1", "2", "3", "4a", "4b"]
+    for key in ("1", "2", "3"):
+        assert rows[key]["status"] == "ok" and len(rows[key]["seconds"]) == 1 and rows[key]["seconds"][0] > 0
+    meta = latest["meta"]
+    assert meta["dataset"]["n_sentences"] == 24
+    # every layer's resid_post + mlp_out of every token, fp32, in MiB (the header and token ids are small)
+    model, n_tokens = meta["model"], meta["dataset"]["n_tokens"]
+    expected_mib = 2 * model["n_layers"] * n_tokens * model["d_model"] * 4 / 2**20
+    assert abs(rows["2"]["extra"]["file_mib"] - expected_mib) <= 0.1
+    assert rows["2"]["ratio"] > 0 and rows["3"]["ratio"] > 0
+    for key, package in (("4a", "transformer-lens"), ("4b", "nnsight")):
+        row = rows[key]
+        if row["status"] == "ok":
+            assert row["extra"]["max_abs_diff_vs_extraction"] <= 1e-4  # the same activations, other tool
+        else:
+            assert row["status"].startswith(f"unavailable: {package} not installed"), row["status"]
+    table = latest["table_markdown"]
+    assert table in proc.stdout and "emo_assets extract_to_file" in table
+
+
+def test_graph_rows_read_each_run_time_from_the_cli_output():
+    output = """profile offline: models ['tiny-gpt2'], variants ['baseline'], results /x, DAGSTER_HOME /y
+[1/3] observe dataset files
+    1 x baseline/dataset_file; checks: 0 passed, 0 failed
+    ok in 0.6s (run 1)
+[2/3] language_model[tiny-gpt2]
+    ok in 12.25s (run 2)
+[3/3] baseline/activations + phase2_summary
+    FAILED in 3.0s (run 3)
+done
+"""
+    assert step_seconds(output) == {"observe dataset files": 0.6, "language_model[tiny-gpt2]": 12.25,
+                                    "baseline/activations + phase2_summary": 3.0}
