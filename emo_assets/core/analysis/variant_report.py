@@ -66,7 +66,8 @@ def analysis_report_step(
     root = analysis_root(results_dir, variant)
     target = report_path(results_dir, variant)
     result = StepResult()
-    notes: list[str] = []
+    notes: list[str] = []  # problems: logged as warnings by the asset, and listed in the report
+    facts: list[str] = []  # method caveats and checks that passed: listed in the report only
 
     def gather(name: str) -> pl.DataFrame | None:
         return read_parquet_if_exists(model_analysis_dir(results_dir, variant, s) / name for s in slugs)
@@ -106,19 +107,18 @@ def analysis_report_step(
                  .head(8).str.join(", ").alias("most frequent"))
         )  # fmt: skip
     if lexicon is not None:
-        notes.append(
+        facts.append(
             "emotion-word vectors skip each sentence's first token (attention sink), so sentences that open with "
             "the emotion word (\"Thank you ...\") add no token; stems split by the tokenizer are not matched"
         )
-    token_status = []
     for s in present:
         meta_path = model_analysis_dir(results_dir, variant, s) / "token_vectors.safetensors"
         if meta_path.is_file():
             from safetensors import safe_open
 
             with safe_open(str(meta_path), framework="numpy") as handle:
-                token_status.append(f"{s}: token strings {handle.metadata().get('token_status')}")
-    notes += token_status
+                status = str(handle.metadata().get("token_status"))
+            (facts if status.startswith("verified") else notes).append(f"{s}: token strings {status}")
 
     cross = cross_model_dir(results_dir, variant)
     cka, rsa_t, overlap = (pl.read_parquet(cross / name) if (cross / name).is_file() else None
@@ -178,7 +178,7 @@ def analysis_report_step(
         images=images,
         base_dir=root,
         overview=OVERVIEW,
-        notes=notes,
+        notes=facts + notes,
     )
     write_bytes_atomic(target, text.encode("utf-8"))
     result.files["report"] = target

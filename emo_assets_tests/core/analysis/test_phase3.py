@@ -292,6 +292,10 @@ def test_vector_stability_and_report(workspace, baseline_a, tmp_path):
     text = path.read_text(encoding="utf-8")
     assert "## Probe accuracy per layer" in text and "## Stability" in text
     assert "no probe results yet for: model-b" in text
+    # problems are the notes the asset logs as warnings; checks that passed are in the report only
+    assert "no probe results yet for: model-b" in report.notes
+    verified = [line[2:] for line in text.splitlines() if line.startswith("- ") and "token strings verified" in line]
+    assert verified and not set(verified) & set(report.notes)
     links = [line[line.index("](") + 2 : -1] for line in text.splitlines() if line.startswith("![")]
     assert len(links) == report.summary["n_images"] == 3  # model-a's two figures + the CKA heatmap
     for link in links:
