@@ -168,7 +168,9 @@ def cross_model_subspace_rows(
     rows = []
     for layer_a, layer_b in layer_pairs:
         for emotion, sub_a in subspaces_a[layer_a].items():
-            sub_b = subspaces_b[layer_b][emotion]
+            sub_b = subspaces_b[layer_b].get(emotion)
+            if sub_b is None:  # no variance in model B there (see subspaces.emotion_subspaces)
+                continue
             if sub_a.d != sub_b.d:
                 raise ValueError(f"models have different widths ({sub_a.d} vs {sub_b.d}); overlap is undefined")
             key = (sub_a.d, sub_a.k, sub_b.k)

@@ -266,6 +266,10 @@ def emotion_subspaces_step(
     with one_blas_thread():
         for kind in acts.kinds:
             by_layer = emotion_subspaces_by_layer(acts.sentence_end(kind), acts.labels, acts.emotions, k)
+            for layer, subspaces in enumerate(by_layer):
+                if missing := [e for e in acts.emotions if e not in subspaces]:
+                    result.notes.append(f"{acts.slug}: {kind} layer {layer}: no variance at the sentence end for "
+                                        f"{', '.join(missing)} (every sentence gives the same vector): no subspace")
             for row in subspace_rows(by_layer, model=acts.slug, kind=kind):
                 sub = by_layer[row["layer"]][row["emotion"]]
                 base = baseline(sub.d, sub.k, sub.k)

@@ -58,18 +58,36 @@ def effective_k(k: int, n_samples: int, d: int) -> int:
     return k_eff
 
 
+class NoVarianceError(ValueError):
+    """All rows are the same vector: the centred data spans no subspace."""
+
+
 @single_blas_thread
 def pca_subspace(X: np.ndarray, k: int = DEFAULT_K) -> Subspace:
-    """PCA subspace of `X` [n, d] (centred by PCA). Full SVD solver: deterministic, no random state."""
-    X = as_float64_2d(X)
+    """PCA subspace of `X` [n, d] (centred by PCA). Full SVD solver: deterministic, no random state.
+
+    k is also clipped to the numerical rank of the centred data: directions beyond it carry no variance and
+    would only be arbitrary completions of the basis (this happens for real: Pythia's layer-0 MLP output at a
+    sentence end depends on the last token alone, so an emotion whose sentences end in three different tokens
+    spans two dimensions there). Data without any variance raises `NoVarianceError`.
+    """
+    source = np.asarray(X)
+    eps = np.finfo(source.dtype if np.issubdtype(source.dtype, np.floating) else np.float64).eps
+    X = as_float64_2d(source)
     k_eff = effective_k(k, X.shape[0], X.shape[1])
+    if not np.any(X != X[0]):
+        raise NoVarianceError(f"all {X.shape[0]} rows are the same vector: no subspace")
     from sklearn.decomposition import PCA  # imported on use: loading the Dagster definitions stays fast
 
     pca = PCA(n_components=k_eff, svd_solver="full").fit(X)
-    basis = orthonormalise(pca.components_.T)
+    # Rounding each value to the input's precision moves X by E with ||E||_2 <= ||E||_F <= eps ||X||_F, and
+    # centring at most doubles that: singular values below it are indistinguishable from rounding.
+    rank = int(np.sum(pca.singular_values_ > 2 * eps * np.linalg.norm(X)))
+    if rank == 0:
+        raise NoVarianceError(f"the {X.shape[0]} rows differ only by rounding: no subspace")
     return Subspace(
-        basis=basis,
-        explained_variance_ratio=np.asarray(pca.explained_variance_ratio_, dtype=np.float64),
+        basis=orthonormalise(pca.components_[:rank].T),
+        explained_variance_ratio=np.asarray(pca.explained_variance_ratio_[:rank], dtype=np.float64),
         mean=np.asarray(pca.mean_, dtype=np.float64),
         n_samples=X.shape[0],
     )
@@ -81,12 +99,19 @@ def emotion_subspaces(
     emotions: Sequence[str] = DEFAULT_EMOTIONS,
     k: int = DEFAULT_K,
 ) -> dict[str, Subspace]:
-    """One PCA subspace per emotion for one layer: `X` [n_sentences, d], `labels` per sentence."""
+    """One PCA subspace per emotion for one layer: `X` [n_sentences, d], `labels` per sentence. An emotion whose
+    rows are all the same vector has no subspace and is left out (callers report the missing ones)."""
     X = as_float64_2d(X)
     y = encode_labels(labels, emotions)
     if len(y) != X.shape[0]:
         raise ValueError(f"{len(y)} labels for {X.shape[0]} rows of activations")
-    return {emotion: pca_subspace(X[y == e], k) for e, emotion in enumerate(emotions)}
+    subspaces = {}
+    for e, emotion in enumerate(emotions):
+        try:
+            subspaces[emotion] = pca_subspace(X[y == e], k)
+        except NoVarianceError:
+            continue
+    return subspaces
 
 
 @single_blas_thread

@@ -1,12 +1,16 @@
+import warnings
+
 import numpy as np
 import pytest
 
 from emo_assets.core.analysis.subspaces import (
+    NoVarianceError,
     effective_k,
     emotion_subspaces,
     emotion_subspaces_by_layer,
     empirical_random_overlap,
     expected_random_overlap,
+    orthonormalise,
     overlap_matrix,
     pca_subspace,
     principal_angles,
@@ -62,6 +66,40 @@ def test_pca_recovers_planted_plane_and_clips_k():
     assert effective_k(8, 100, 3) == 3  # d
     with pytest.raises(ValueError):
         effective_k(8, 1, 3)
+
+
+def test_k_is_clipped_to_the_rank_of_the_data():
+    """Rows from three distinct float32 vectors (Pythia's layer-0 MLP output at sentence ends that share three
+    end tokens), with float32 rounding noise: they span 2 dimensions once centred, whatever k asks for."""
+    rng = np.random.default_rng(4)
+    points = rng.standard_normal((3, 48)).astype(np.float32) * 20
+    X = points[rng.integers(0, 3, size=40)]
+    X = X * (1 + rng.standard_normal(X.shape).astype(np.float32) * np.finfo(np.float32).eps)  # rounding noise
+    assert X.dtype == np.float32
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sub = pca_subspace(X, k=8)
+    assert sub.k == 2
+    assert sub.explained_variance_ratio.sum() == pytest.approx(1.0, abs=1e-9)
+    # the basis spans the plane through the three points
+    plane = orthonormalise((points[1:] - points[0]).T.astype(np.float64))
+    assert principal_angles(sub, plane).max() < 1e-3
+
+
+def test_an_emotion_without_variance_has_no_subspace():
+    data = planted_activations(d=32, per_emotion=30)
+    X = data.X.copy()
+    labels = np.asarray(data.labels)
+    X[labels == "anger"] = X[labels == "anger"][0]  # every anger sentence gives the same vector
+    with pytest.raises(NoVarianceError, match="same vector"):
+        pca_subspace(X[labels == "anger"], k=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # sklearn's 0/0 explained-variance warning must not happen
+        one = emotion_subspaces(X, data.labels, EMOTIONS, k=4)
+    assert set(one) == set(EMOTIONS) - {"anger"}
+    rows = subspace_rows([one], model="m")
+    assert {r["emotion"] for r in rows} == set(EMOTIONS) - {"anger"}
+    assert all(np.isfinite(r["explained_variance_total"]) for r in rows)
 
 
 def test_emotion_subspaces_and_rows():
