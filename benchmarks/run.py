@@ -35,6 +35,7 @@ from benchmarks.common import (
     DEFAULT_DATASET,
     DEFAULT_OUT,
     REPO_ROOT,
+    TARGETS,
     Row,
     cpu_flags,
     cpu_name,
@@ -47,7 +48,6 @@ from benchmarks.common import (
 )
 
 SKIPPABLE = ("seed", "tl", "nnsight", "bf16", "sweep", "rss", "graph")
-TARGETS = {"2": 0.95, "3": 3.4, "4a": 1.6, "4b": 1.15, "5a": 1.5, "5b": 1.5, "6": 1.15}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -75,7 +75,7 @@ def pca_subspace(X: np.ndarray, k: int = DEFAULT_K) -> Subspace:
     eps = np.finfo(source.dtype if np.issubdtype(source.dtype, np.floating) else np.float64).eps
     X = as_float64_2d(source)
     k_eff = effective_k(k, X.shape[0], X.shape[1])
-    if not np.any(X != X[0]):
+    if not np.any(X != X[0]):  # checked first: sklearn would divide 0 by 0 for the explained variance
         raise NoVarianceError(f"all {X.shape[0]} rows are the same vector: no subspace")
     from sklearn.decomposition import PCA  # imported on use: loading the Dagster definitions stays fast
 
