@@ -4,7 +4,8 @@ Checks both the baseline (``emotion_dataset.jsonl``, 70 per emotion) and the
 extended file (``emotion_dataset_extended.jsonl``, 100 per emotion), and that
 the baseline is the first 70 records of each emotion in the extended file.
 
-Only the standard library and pytest are used.
+The length-only probe uses scikit-learn (a runtime dependency of the project);
+everything else needs only the standard library and pytest.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ from itertools import combinations
 from pathlib import Path
 
 import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 BASELINE = DATA_DIR / "emotion_dataset.jsonl"
@@ -42,6 +47,10 @@ MIN_KEYWORD_FREE = 0.30
 
 # Mean token length of any emotion may exceed any other's by at most 15 %.
 MAX_MEAN_LENGTH_RATIO = 1.15
+# A logistic regression on sentence length alone (words and characters) must stay
+# near chance (0.25 with four balanced emotions), so that no probe can succeed on
+# length. The margin above chance covers the fold-to-fold noise of 280-400 samples.
+MAX_LENGTH_PROBE_ACCURACY = 0.30
 # "Most sentences end with punctuation."
 MIN_FINAL_PUNCT = 0.90
 # Sentences are meant to be roughly 6-25 words; allow a little slack.
@@ -235,6 +244,32 @@ def test_mean_token_length_balanced(dataset):
                 f"({m2:.2f}) differ by {ratio - 1:.1%} (> {MAX_MEAN_LENGTH_RATIO - 1:.0%}); "
                 f"all means: { {k: round(v, 2) for k, v in means.items()} }"
             )
+
+
+def length_probe_accuracy(records: list[dict]) -> float:
+    """Mean 5-fold accuracy of a logistic regression on [words, characters] per sentence."""
+    features = [[len(r["text"].split()), len(r["text"])] for r in records]
+    labels = [r["emotion"] for r in records]
+    probe = make_pipeline(StandardScaler(), LogisticRegression())
+    folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=0)
+    return float(cross_val_score(probe, features, labels, cv=folds).mean())
+
+
+def test_length_alone_does_not_predict_emotion(dataset):
+    name, path, _, records = dataset
+    accuracy = length_probe_accuracy(records)
+    assert accuracy <= MAX_LENGTH_PROBE_ACCURACY, (
+        f"{path.name}: a length-only probe (words, characters) reaches {accuracy:.3f} accuracy "
+        f"(> {MAX_LENGTH_PROBE_ACCURACY}); balance the per-emotion length distributions"
+    )
+
+
+def test_length_probe_detects_a_length_cue():
+    """The probe itself can fail: sorting sentences by length into emotions makes it accurate."""
+    records = sorted(load_records(EXTENDED), key=lambda r: (len(r["text"]), r["id"]))
+    quarter = len(records) // len(EMOTIONS)
+    relabelled = [{**r, "emotion": EMOTIONS[i // quarter]} for i, r in enumerate(records)]
+    assert length_probe_accuracy(relabelled) > 0.6
 
 
 def test_sentence_lengths_reasonable(dataset):
