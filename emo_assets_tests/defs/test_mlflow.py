@@ -56,8 +56,9 @@ def test_runs_record_the_work_times_and_datasets(baseline_ready, mlflow_uri):
                          (experiment_id, EXPERIMENT_KIND_TAG)).fetchone()
     assert kind == ("custom_model_development",)
     runs = store.execute(
-        "SELECT r.run_uuid, r.name, r.start_time, r.end_time, r.status FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid"
-        " WHERE t.key = 'dagster.run_id' AND t.value = ?", (result.run_id,)).fetchall()
+        "SELECT r.run_uuid, r.name, r.start_time, r.end_time, r.status FROM runs r"
+        " JOIN tags t ON t.run_uuid = r.run_uuid WHERE t.key = 'dagster.run_id' AND t.value = ?",
+        (result.run_id,)).fetchall()
     assert len(runs) == len(keys) + 1  # every partition and the summary
     by_name = {name: (run_id, start, end, status) for run_id, name, start, end, status in runs}
     metadata = partition_metadata(result, activations_key("baseline"))
