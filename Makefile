@@ -56,8 +56,10 @@ lock:
 	/tmp/emo-assets-lock/bin/pip install --quiet "$(TORCH_SPEC)" && /tmp/emo-assets-lock/bin/pip install --quiet -e ".[dev]"
 	/tmp/emo-assets-lock/bin/pip freeze --exclude-editable | grep -v -E '^(torch|emo.assets)[=@ ]' > constraints.txt
 
+## Empties results/ (keeping its README.md) and the Dagster history.
 clean-results:
-	rm -rf results/* .dagster_home/history .dagster_home/storage .dagster_home/schedules
+	test ! -d results || find results -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +
+	rm -rf .dagster_home/history .dagster_home/storage .dagster_home/schedules
 
 ## The README's MiniLM probe table: the pipeline on the full baseline dataset with minilm, then the table.
 readme-results: setup
