@@ -119,8 +119,8 @@ class MlflowTracker(dg.ConfigurableResource):
     artifacts under `artifact_root` (the results folder), not in MLflow's cwd-relative `./mlruns`.
 
     What the MLflow UI shows:
-    - The experiment's kind tag says "model development": without it MLflow 3 opens an experiment on its
-      GenAI overview (traces, sessions) instead of the runs table.
+    - The experiment's kind tag says "model development" (MLflow's clients and assistant read it; the 3.17 web
+      UI decides between its GenAI overview and the runs table by its own switch, see `make mlflow-ui`).
     - A run is logged after its work, so the caller passes when the work started (and ended): the run's
       start and end are those times, not the few milliseconds of logging.
     - Each dataset file a run read is a dataset input (source: its path; digest: its sha256, cut to the 36
