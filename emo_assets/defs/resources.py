@@ -187,7 +187,7 @@ class MlflowTracker(dg.ConfigurableResource):
             )
         else:
             self._experiment = experiment.experiment_id
-            if experiment.tags.get(EXPERIMENT_KIND_TAG) != MODEL_DEVELOPMENT:  # e.g. created by an older version
+            if experiment.tags.get(EXPERIMENT_KIND_TAG) != MODEL_DEVELOPMENT:  # made without it, e.g. by hand
                 client.set_experiment_tag(self._experiment, EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT)
         return self._experiment
 
