@@ -13,6 +13,12 @@ TORCH_INDEX ?=
 PROFILE ?= offline
 STAMP := $(VENV)/.installed-stamp
 
+# The id of the experiment `emo_assets` in results/mlflow.db (empty when there is none yet): read with sqlite,
+# as importing mlflow takes seconds.
+export MLFLOW_EXPERIMENT_ID := import pathlib, sqlite3; db = pathlib.Path("results/mlflow.db"); \
+  row = db.is_file() and sqlite3.connect(db).execute("SELECT experiment_id FROM experiments WHERE name = 'emo_assets'").fetchone(); \
+  print(row[0] if row else "", end="")
+
 .PHONY: setup demo test test-fast bench ui mlflow-ui check-defs lock clean-results readme-results
 
 $(STAMP): pyproject.toml constraints.txt
@@ -43,8 +49,11 @@ bench: setup
 ui: setup
 	$(BIN)/emo-assets ui
 
-## MLflow UI on the pipeline's tracking store, http://127.0.0.1:5000
+## MLflow UI on the pipeline's tracking store, http://127.0.0.1:5000. MLflow 3.17 opens every experiment on its
+## GenAI overview unless the sidebar switch says "Model training" or the URL has workflowType=machine_learning
+## (the experiment's kind tag is not consulted), so the link printed first opens the runs table.
 mlflow-ui: setup
+	@echo "The pipeline's runs: http://127.0.0.1:5000/#/experiments/$$($(BIN)/python -c "$$MLFLOW_EXPERIMENT_ID")?workflowType=machine_learning"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/results/mlflow.db --host 127.0.0.1 --port 5000
 
 check-defs: setup
@@ -56,8 +65,10 @@ lock:
 	/tmp/emo-assets-lock/bin/pip install --quiet "$(TORCH_SPEC)" && /tmp/emo-assets-lock/bin/pip install --quiet -e ".[dev]"
 	/tmp/emo-assets-lock/bin/pip freeze --exclude-editable | grep -v -E '^(torch|emo.assets)[=@ ]' > constraints.txt
 
+## Empties results/ (keeping its README.md) and the Dagster history.
 clean-results:
-	rm -rf results/* .dagster_home/history .dagster_home/storage .dagster_home/schedules
+	test ! -d results || find results -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +
+	rm -rf .dagster_home/history .dagster_home/storage .dagster_home/schedules
 
 ## The README's MiniLM probe table: the pipeline on the full baseline dataset with minilm, then the table.
 readme-results: setup

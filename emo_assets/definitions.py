@@ -8,6 +8,7 @@ import dagster as dg
 
 from emo_assets.core.config import Settings, load_settings
 from emo_assets.defs import activations, analysis, checks, datasets, models, schedules, summary
+from emo_assets.defs.dagster_beta import USED_BETA_APIS, accepted_beta
 from emo_assets.defs.resources import build_resources
 
 # One entry per stage module (each has build_defs(settings) -> dg.Definitions).
@@ -17,9 +18,10 @@ DEFS_MODULES = (models, datasets, activations, summary, checks, schedules, analy
 def build_defs(settings: Settings | None = None) -> dg.Definitions:
     """All definitions for `settings` (default: `load_settings()`, i.e. the current environment)."""
     settings = settings or load_settings()
+    with accepted_beta(*USED_BETA_APIS):
+        stages = [module.build_defs(settings) for module in DEFS_MODULES]
     return dg.Definitions.merge(
-        *(module.build_defs(settings) for module in DEFS_MODULES),
-        dg.Definitions(resources=build_resources(settings), executor=dg.in_process_executor),
+        *stages, dg.Definitions(resources=build_resources(settings), executor=dg.in_process_executor)
     )
 
 

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from emo_assets.core.config import DTYPES, ConfigError, load_settings
-from emo_assets.core.datasets import DatasetError, read_dataset
+from emo_assets.core.datasets import DatasetError, condensed, read_dataset
 from emo_assets.core.extraction import ExtractionError, ExtractionOptions, extract_to_file
 from emo_assets.core.models import ModelLoadError
 from emo_assets.core.paths import UnsafeNameError, activation_file, safe_name
@@ -72,8 +72,12 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(EXIT_INVALID_INPUT, f"invalid dataset {args.dataset}:\n{exc}")
     except UnsafeNameError as exc:
         return _fail(EXIT_INVALID_INPUT, str(exc))
-    for warning in dataset.warnings:
+    shown, hidden = condensed(dataset.warnings)
+    for warning in shown:
         print(f"warning: {warning}", file=sys.stderr)
+    if hidden:
+        print(f"warning: {hidden} more, listed by `python -m emo_assets.validate {args.dataset} --all-warnings`",
+              file=sys.stderr)
 
     _quiet_transformers()
     try:

@@ -1,6 +1,8 @@
 """`python -m emo_assets.validate FILE [FILE...]`: check emotion datasets before any model is loaded.
 
-Every problem of every file goes to stderr as `FILE:LINE: field: reason [error]` (or `[warning]`). The
+Every error of every file goes to stderr as `FILE:LINE: field: reason [error]`, and so do its first five
+warnings (`... [warning]`), followed by one line with the number left out; `--all-warnings` prints every
+warning (a file with hundreds of duplicate texts would otherwise bury its errors and summary). The
 severity is put at the *end* so that the `FILE:LINE:` prefix stays at the start of the line, where
 terminals, editors and CI problem matchers look for it. A valid file gets a summary on stdout,
 `FILE: N samples (gratitude=70, ...) OK` (`OK with 1 warning` when it has warnings); a file with errors gets
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from emo_assets.core.config import ConfigError, load_settings
-from emo_assets.core.datasets import DEFAULT_EMOTIONS, Dataset, Issue, validate_dataset
+from emo_assets.core.datasets import DEFAULT_EMOTIONS, WARNINGS_SHOWN, Dataset, Issue, condensed, validate_dataset
 from emo_assets.core.paths import UnsafeNameError
 
 
@@ -49,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("files", nargs="+", metavar="FILE", help="dataset files to check")
     parser.add_argument("--strict", action="store_true", help="treat warnings (duplicate texts) as errors")
+    parser.add_argument(
+        "--all-warnings",
+        action="store_true",
+        help=f"print every warning (default: the first {WARNINGS_SHOWN}, then how many more)",
+    )
     parser.add_argument(
         "--emotions", type=_emotion_list, help="comma-separated allowed emotions (default: from the configuration)"
     )
@@ -88,17 +95,27 @@ def _failure(name: str, issues: list[Issue]) -> str:
     return f"{name}: FAILED ({_plural(errors, 'error')}, {_plural(warnings, 'warning')})"
 
 
+def _print_issues(name: str, issues: list[Issue], all_warnings: bool) -> None:
+    shown, hidden = (issues, 0) if all_warnings else condensed(issues)
+    for issue in shown:
+        print(issue.describe(), file=sys.stderr)
+    if hidden:
+        total = sum(issue.severity == "warning" for issue in issues)
+        print(f"{name}: {_plural(hidden, 'more warning')} not shown ({total} in all); --all-warnings prints every "
+              "one, --strict makes them errors", file=sys.stderr)
+
+
 def check_file(
     name: str,
     emotions: Sequence[str],
     strict: bool,
     counter: Callable[[str], int] | None,
     max_tokens: int | None,
+    all_warnings: bool = False,
 ) -> bool:
-    """Validate one file, print its issues and summary; True if it is valid."""
+    """Validate one file, print its issues (`condensed` unless `all_warnings`) and summary; True if it is valid."""
     dataset, issues = validate_dataset(name, emotions, strict=strict, token_counter=counter, max_tokens=max_tokens)
-    for issue in issues:
-        print(issue.describe(), file=sys.stderr)
+    _print_issues(name, issues, all_warnings)
     if dataset is None:
         print(_failure(name, issues), file=sys.stderr)
         return False
@@ -120,7 +137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (OSError, ValueError) as exc:
             parser.error(f"--tokenizer {args.tokenizer}: cannot load the tokenizer: {exc}")
     emotions = args.emotions or _configured_emotions()
-    results = [check_file(name, emotions, args.strict, counter, args.max_tokens) for name in args.files]
+    results = [
+        check_file(name, emotions, args.strict, counter, args.max_tokens, args.all_warnings) for name in args.files
+    ]
     return 0 if all(results) else 2
 
 

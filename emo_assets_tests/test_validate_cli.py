@@ -195,3 +195,45 @@ def test_real_datasets_pass_strict(name, capsys):
     if not path.exists():
         pytest.skip(f"{path} has not been written yet")
     assert main([str(path), "--strict"]) == 0, capsys.readouterr().err
+
+
+def _with_duplicates(tmp_path, copies: int, errors: int = 0) -> tuple[str, list[int], list[int]]:
+    """The good 8-sample file plus `copies` repeated texts and `errors` unknown emotions; (path, warning lines,
+    error lines)."""
+    records = [json.loads(line) for line in (GOOD / "crlf.jsonl").read_text(encoding="utf-8").splitlines()]
+    extra = [{**records[i % len(records)], "id": f"copy-{i}"} for i in range(copies)]
+    extra += [{"text": f"Joyful sentence {i}.", "emotion": "joy"} for i in range(errors)]
+    path = tmp_path / "duplicates.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records + extra), encoding="utf-8")
+    first = len(records) + 1
+    return str(path), list(range(first, first + copies)), list(range(first + copies, first + copies + errors))
+
+
+def test_many_warnings_print_the_first_five_and_a_count(tmp_path, capsys):
+    path, warning_lines, _ = _with_duplicates(tmp_path, copies=12)
+    assert main([path]) == 0
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    assert [line.split(":")[1] for line in lines[:-1]] == [str(n) for n in warning_lines[:5]]
+    assert all(line.endswith("[warning]") for line in lines[:-1])
+    assert lines[-1] == (f"{path}: 7 more warnings not shown (12 in all); --all-warnings prints every one, "
+                         "--strict makes them errors")
+    assert out.endswith("OK with 12 warnings\n")
+
+    assert main([path, "--all-warnings"]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[1] for line in lines] == [str(n) for n in warning_lines]
+
+    assert main([path, "--strict"]) == 2  # as errors, every one is printed
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[1] for line in lines if line.endswith("[error]")] == [str(n) for n in warning_lines]
+
+
+def test_every_error_is_printed_beside_condensed_warnings(tmp_path, capsys):
+    path, warning_lines, error_lines = _with_duplicates(tmp_path, copies=9, errors=8)
+    assert main([path]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[1] for line in lines if line.endswith("[error]")] == [str(n) for n in error_lines]
+    assert [line.split(":")[1] for line in lines if line.endswith("[warning]")] == [str(n) for n in warning_lines[:5]]
+    assert f"{path}: 4 more warnings not shown (9 in all); " in "\n".join(lines)
+    assert lines[-1] == f"{path}: FAILED (8 errors, 9 warnings)"

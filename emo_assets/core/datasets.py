@@ -41,6 +41,7 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 
 DEFAULT_EMOTIONS = ("gratitude", "anger", "apology", "neutral")
 MAX_LINE_BYTES = 1 << 20
+WARNINGS_SHOWN = 5  # warnings printed before a count (`condensed`)
 _SKIP_CHUNK = 1 << 16
 _RESERVED_FIELDS = ("id", "text", "emotion")
 _ARRAY_HINT = (
@@ -95,13 +96,30 @@ class Dataset:
         return [sample for sample in self.samples if sample.emotion == emotion]
 
 
+def condensed(issues: Iterable[Issue], limit: int = WARNINGS_SHOWN) -> tuple[list[Issue], int]:
+    """Every error and the first `limit` warnings, in their order; and how many warnings were left out.
+
+    A file with hundreds of duplicate texts would otherwise print as many warning lines, burying its errors
+    and the summary; every error is always kept.
+    """
+    shown, warnings = [], 0
+    for issue in issues:
+        warnings += issue.severity == "warning"
+        if issue.severity != "warning" or warnings <= limit:
+            shown.append(issue)
+    return shown, max(warnings - limit, 0)
+
+
 class DatasetError(ValueError):
-    """A dataset has errors; `issues` holds all of them (and the warnings), the message one per line."""
+    """A dataset has errors; `issues` holds all of them (and the warnings). The message has one line per error,
+    then the first warnings (`condensed`) and how many more there are."""
 
     def __init__(self, issues: Iterable[Issue]):
         self.issues = list(issues)
         ordered = sorted(self.issues, key=lambda issue: issue.severity != "error")  # stable: errors first
-        super().__init__("\n".join(issue.describe() for issue in ordered))
+        shown, hidden = condensed(ordered)
+        more = [f"... and {hidden} more warnings"] if hidden else []
+        super().__init__("\n".join([*(issue.describe() for issue in shown), *more]))
 
 
 def file_sha256(path: StrPath) -> str:

@@ -8,6 +8,7 @@ tensors are far too large for an IO manager: the file is written at a determinis
 """
 
 import os
+import time
 from datetime import timedelta
 from itertools import groupby
 from pathlib import Path
@@ -22,7 +23,7 @@ from emo_assets.core.paths import activation_dir, activation_file
 from emo_assets.defs.datasets import emotion_dataset_key, emotion_parquet_path
 from emo_assets.defs.models import LANGUAGE_MODEL
 from emo_assets.defs.partitions import Partitions, fingerprint, partitions_for, step_data_version
-from emo_assets.defs.resources import MlflowTracker, ModelCache
+from emo_assets.defs.resources import MlflowTracker, ModelCache, TrackedDataset
 
 CODE_VERSION = "1"
 
@@ -67,6 +68,7 @@ def _extract(context, settings: Settings, variant: str, loaded: LoadedModel, emo
     source_meta = pl.read_parquet_metadata(source)
     options = extraction_options(settings)
     target = activation_path(settings, variant, loaded.slug, emotion)
+    started = time.time()
     try:
         result = extract_to_file(
             loaded, rows["text"].to_list(), rows["id"].to_list(), target, options,
@@ -91,7 +93,8 @@ def _extract(context, settings: Settings, variant: str, loaded: LoadedModel, emo
                  "n_tokens": result.n_tokens, "wall_seconds": result.wall_seconds},
         tags={"dagster.run_id": context.run.run_id, "dagster.partition_key": key,
               "dagster.asset_key": activations_key(variant).to_user_string()},
-        log=context.log,
+        log=context.log, started=started,
+        datasets=[TrackedDataset(variant, Path(source_meta["dataset_path"]), source_meta["dataset_sha256"])],
     )
     context.log.info(
         f"{variant}/{loaded.slug}/{emotion}: {result.n_sentences} samples, {result.n_tokens} tokens, "

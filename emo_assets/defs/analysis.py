@@ -51,7 +51,7 @@ from emo_assets.core.datasets import DatasetError
 from emo_assets.core.registry import corpus_texts
 from emo_assets.core.storage import CHECKSUM_KEY, ActivationFileError
 from emo_assets.defs.partitions import MODEL_DIM, fingerprint, partitions_for, step_data_version
-from emo_assets.defs.resources import MlflowTracker
+from emo_assets.defs.resources import MlflowTracker, TrackedDataset
 
 CODE_VERSION = "1"
 STABILITY_KEY = dg.AssetKey("vector_stability")
@@ -176,8 +176,9 @@ def _per_model_asset(
                 params={"phase": "phase3", "task": name, "dataset": variant, "model": acts.model_id,
                         "model_revision": acts.model_revision, "dataset_sha256": acts.dataset_sha256,
                         **{k: v for k, v in config.items() if k != "lexicon"}},
-                metrics={**result.summary, "wall_seconds": seconds},
-                files=result.paths(),
+                metrics={**result.summary, "wall_seconds": seconds}, files=result.paths(),
+                started=time.time() - seconds,  # the work took `seconds` and has just ended
+                datasets=[TrackedDataset(variant, settings.datasets[variant], acts.dataset_sha256)],
             )  # fmt: skip
             meta = step_metadata(result, main_table, partitioned=True)
             meta.update(model_id=acts.model_id, n_sentences=acts.n_sentences, wall_seconds=round(seconds, 3), mlflow=status)
@@ -206,6 +207,7 @@ def _plots_asset(settings: Settings, variant: str) -> dg.AssetsDefinition:
     )
     def analysis_plots(context: dg.AssetExecutionContext, mlflow: MlflowTracker) -> dg.MaterializeResult:
         for slug in context.partition_keys:
+            started = time.time()
             try:
                 result = model_plots_step(settings.results_dir, variant, slug)
             except FileNotFoundError as exc:
@@ -213,7 +215,8 @@ def _plots_asset(settings: Settings, variant: str) -> dg.AssetsDefinition:
             status = log_mlflow(
                 context, mlflow, f"{variant}/{slug}/analysis_plots",
                 params={"phase": "phase3", "task": "plots", "dataset": variant, "model": slug},
-                metrics=result.summary, files=list(result.files.values()),
+                metrics=result.summary, files=list(result.files.values()), started=started,
+                datasets=[TrackedDataset(variant, settings.datasets[variant])],
             )  # fmt: skip
             meta = step_metadata(result, None, partitioned=True)
             meta["layer_profile"] = _image_markdown(result.files["layer_profile"], f"{slug}: layer profile")
@@ -239,7 +242,7 @@ def _cross_model_asset(settings: Settings, variant: str, config: dict) -> dg.Ass
         "equal width only); heatmap of the debiased CKA.",
     )
     def cross_model_alignment(context: dg.AssetExecutionContext, mlflow: MlflowTracker) -> dg.MaterializeResult:
-        started = time.perf_counter()
+        started, began = time.perf_counter(), time.time()
         try:
             models = {slug: ModelActivations.load(settings.results_dir, variant, slug, settings.emotions)
                       for slug in settings.model_slugs}  # fmt: skip
@@ -255,7 +258,8 @@ def _cross_model_asset(settings: Settings, variant: str, config: dict) -> dg.Ass
             context, mlflow, f"{variant}/cross_model_alignment",
             params={"phase": "phase3", "task": "cross_model_alignment", "dataset": variant,
                     "models": list(settings.model_slugs), "pca_components": config["pca_components"]},
-            metrics=result.summary, files=files,
+            metrics=result.summary, files=files, started=began,
+            datasets=[TrackedDataset(variant, settings.datasets[variant], next(iter(models.values())).dataset_sha256)],
         )  # fmt: skip
         meta = step_metadata(result, "cka", partitioned=False)
         if "cka_heatmap" in result.files:
@@ -281,6 +285,7 @@ def _stability_asset(settings: Settings) -> dg.AssetsDefinition:
         "emotion: do the directions depend on the dataset? results/_cross_variant/vector_stability.parquet.",
     )
     def vector_stability(context: dg.AssetExecutionContext, mlflow: MlflowTracker) -> dg.MaterializeResult:
+        started = time.time()
         try:
             result = vector_stability_step(settings.results_dir, variants, list(settings.model_slugs))
         except (FileNotFoundError, ValueError) as exc:
@@ -289,7 +294,8 @@ def _stability_asset(settings: Settings) -> dg.AssetsDefinition:
             context, mlflow, "vector_stability",
             params={"phase": "phase3", "task": "vector_stability", "datasets": variants,
                     "models": list(settings.model_slugs)},
-            metrics=result.summary, files=result.paths(),
+            metrics=result.summary, files=result.paths(), started=started,
+            datasets=[TrackedDataset(v, settings.datasets[v]) for v in variants],
         )  # fmt: skip
         meta = step_metadata(result, "vector_stability", partitioned=False)
         meta["mlflow"] = status
@@ -316,6 +322,7 @@ def _report_asset(settings: Settings, variant: str) -> dg.AssetsDefinition:
         "rebuilt from the analysis assets' files.",
     )
     def analysis_report(context: dg.AssetExecutionContext, mlflow: MlflowTracker) -> dg.MaterializeResult:
+        started = time.time()
         result = analysis_report_step(
             settings.results_dir, variant, list(settings.model_slugs), settings.datasets[variant], settings.emotions,
             include_stability=with_stability,
@@ -327,7 +334,8 @@ def _report_asset(settings: Settings, variant: str) -> dg.AssetsDefinition:
             context, mlflow, f"{variant}/analysis_report",
             params={"phase": "phase3", "task": "report", "dataset": variant, "models": list(settings.model_slugs)},
             metrics={k: v for k, v in result.summary.items() if k != "best_layers"},
-            files=[report, *(p for k, p in result.files.items() if k.startswith("image: "))],
+            files=[report, *(p for k, p in result.files.items() if k.startswith("image: "))], started=started,
+            datasets=[TrackedDataset(variant, settings.datasets[variant])],
         )  # fmt: skip
         text = report.read_text(encoding="utf-8")
         images = {k[len("image: ") :]: str(p) for k, p in result.files.items() if k.startswith("image: ")}

@@ -15,7 +15,7 @@ import polars as pl
 
 from emo_assets.core.atomic import atomic_path
 from emo_assets.core.config import Settings
-from emo_assets.core.datasets import Dataset, DatasetError, file_sha256, read_dataset
+from emo_assets.core.datasets import Dataset, DatasetError, condensed, file_sha256, read_dataset
 from emo_assets.core.paths import safe_name, variant_dir
 from emo_assets.defs.partitions import partitions_for
 
@@ -104,8 +104,12 @@ def _variant_assets(settings: Settings, variant: str) -> list:
     )
     def emotion_dataset(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         dataset = read_valid_dataset(path, settings)
-        for warning in dataset.warnings:
+        shown, hidden = condensed(dataset.warnings)
+        for warning in shown:
             context.log.warning(str(warning))
+        if hidden:
+            context.log.warning(f"{path}: {hidden} more warnings not logged ({len(dataset.warnings)} in all); "
+                                f"`python -m emo_assets.validate {path} --all-warnings` lists every one")
         for emotion in context.partition_keys:
             frame = samples_frame(dataset, emotion)
             target = emotion_parquet_path(settings, variant, emotion)

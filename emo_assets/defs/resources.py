@@ -7,11 +7,13 @@ exactly as long as one run.
 
 import contextlib
 import gc
+import json
 import math
 import os
 import time
 import weakref
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
@@ -19,9 +21,15 @@ import dagster as dg
 from pydantic import PrivateAttr
 
 from emo_assets.core.config import Settings
+from emo_assets.core.datasets import file_sha256
 from emo_assets.core.models import LoadedModel
 from emo_assets.core.paths import model_slug
 from emo_assets.core.registry import load_configured_model
+
+# MLflow 3's experiment kind (the UI's "experiment type"): this project's runs are model development.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_DEVELOPMENT = "custom_model_development"
+MAX_DIGEST = 36  # MLflow's limit on a dataset digest (mlflow.utils.validation.MAX_DATASET_DIGEST_SIZE)
 
 
 class ModelCache(dg.ConfigurableResource):
@@ -92,6 +100,15 @@ def _environment(values: Mapping[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
+@dataclass(frozen=True)
+class TrackedDataset:
+    """A dataset file that a logged run read: shown in MLflow's Dataset column as `name (digest)`."""
+
+    name: str  # the dataset variant, e.g. "baseline"
+    path: Path
+    sha256: str | None = None  # of the bytes the run read; None: hash the file as it is when the run is logged
+
+
 class MlflowTracker(dg.ConfigurableResource):
     """Logs finished MLflow runs (params, metrics, files as artifacts); never fails a materialization.
 
@@ -100,6 +117,14 @@ class MlflowTracker(dg.ConfigurableResource):
     warning. MLflow's HTTP client retries for minutes by default, so requests here fail fast, and after one
     failure the rest of the run does not try again. An experiment created here on a local store keeps its
     artifacts under `artifact_root` (the results folder), not in MLflow's cwd-relative `./mlruns`.
+
+    What the MLflow UI shows:
+    - The experiment's kind tag says "model development" (MLflow's clients and assistant read it; the 3.17 web
+      UI decides between its GenAI overview and the runs table by its own switch, see `make mlflow-ui`).
+    - A run is logged after its work, so the caller passes when the work started (and ended): the run's
+      start and end are those times, not the few milliseconds of logging.
+    - Each dataset file a run read is a dataset input (source: its path; digest: its sha256, cut to the 36
+      characters MLflow stores, the full value in the input tag `sha256`), which fills the Dataset column.
     """
 
     tracking_uri: str
@@ -108,10 +133,11 @@ class MlflowTracker(dg.ConfigurableResource):
     request_timeout_s: int = 5
 
     _client: object = PrivateAttr(default=None)
+    _experiment: str | None = PrivateAttr(default=None)
     _failure: str | None = PrivateAttr(default=None)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        self._client, self._failure = None, None
+        self._client, self._experiment, self._failure = None, None, None
 
     def log_run(
         self,
@@ -121,12 +147,17 @@ class MlflowTracker(dg.ConfigurableResource):
         metrics: Mapping[str, object],
         tags: Mapping[str, str],
         log,
+        started: float,
+        ended: float | None = None,
+        datasets: Sequence[TrackedDataset] = (),
         files: Sequence[Path] = (),
     ) -> str:
         """Log one run; return `logged (run <id>[, N artifacts])` or `not logged (<reason>)` (and warn through `log`).
 
-        Non-numeric and non-finite metrics are left out; keys are made MLflow-safe.
+        `started` and `ended` (default: now) are the work's wall-clock times (`time.time()`); `datasets` the
+        files it read. Non-numeric and non-finite metrics are left out; keys are made MLflow-safe.
         """
+        ended = time.time() if ended is None else ended
         if self._failure is not None:
             return f"not logged ({self._failure}; not retried in this run)"
         fast = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(self.request_timeout_s),
@@ -135,7 +166,7 @@ class MlflowTracker(dg.ConfigurableResource):
                 "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true")}
         try:
             with _environment(fast):
-                run_id = self._log(name, params, metrics, tags, files)
+                run_id = self._log(name, params, metrics, tags, files, (started, ended), datasets)
         except Exception as exc:  # MLflow raises many types (MlflowException, requests, sqlalchemy errors)
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no message'}"[:300]
             self._failure = reason
@@ -144,22 +175,41 @@ class MlflowTracker(dg.ConfigurableResource):
         return f"logged (run {run_id}, {len(files)} artifacts)" if files else f"logged (run {run_id})"
 
     def _experiment_id(self, client) -> str:
+        """The experiment's id (created on first use), with its kind tag set once per run of this resource."""
+        if self._experiment is not None:
+            return self._experiment
         experiment = client.get_experiment_by_name(self.experiment)
-        if experiment is not None:
-            return experiment.experiment_id
-        local = self.tracking_uri.startswith(("sqlite:", "file:")) or "://" not in self.tracking_uri
-        location = Path(self.artifact_root).resolve().as_uri() if local and self.artifact_root else None
-        return client.create_experiment(self.experiment, artifact_location=location)
+        if experiment is None:
+            local = self.tracking_uri.startswith(("sqlite:", "file:")) or "://" not in self.tracking_uri
+            location = Path(self.artifact_root).resolve().as_uri() if local and self.artifact_root else None
+            self._experiment = client.create_experiment(
+                self.experiment, artifact_location=location, tags={EXPERIMENT_KIND_TAG: MODEL_DEVELOPMENT}
+            )
+        else:
+            self._experiment = experiment.experiment_id
+            if experiment.tags.get(EXPERIMENT_KIND_TAG) != MODEL_DEVELOPMENT:  # made without it, e.g. by hand
+                client.set_experiment_tag(self._experiment, EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT)
+        return self._experiment
 
-    def _log(self, name: str, params: Mapping, metrics: Mapping, tags: Mapping, files: Sequence[Path]) -> str:
+    def _log(
+        self,
+        name: str,
+        params: Mapping,
+        metrics: Mapping,
+        tags: Mapping,
+        files: Sequence[Path],
+        times: tuple[float, float],
+        datasets: Sequence[TrackedDataset],
+    ) -> str:
         from mlflow import MlflowClient
         from mlflow.entities import Metric, Param
 
         if self._client is None:
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         client = self._client
-        run = client.create_run(self._experiment_id(client), run_name=name, tags=dict(tags))
-        now = int(time.time() * 1000)
+        # MLflow stores milliseconds: round outwards so that the run covers the whole work
+        start_ms, end_ms = math.floor(times[0] * 1000), math.ceil(times[1] * 1000)
+        run = client.create_run(self._experiment_id(client), start_time=start_ms, run_name=name, tags=dict(tags))
         numeric = {
             _mlflow_key(k): float(v) for k, v in metrics.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -167,17 +217,30 @@ class MlflowTracker(dg.ConfigurableResource):
         try:
             client.log_batch(
                 run.info.run_id,
-                metrics=[Metric(key, value, now, 0) for key, value in numeric.items()],
+                metrics=[Metric(key, value, end_ms, 0) for key, value in numeric.items()],
                 params=[Param(_mlflow_key(key), str(value)[:500]) for key, value in params.items()],
             )
+            if datasets:
+                client.log_inputs(run.info.run_id, datasets=[_dataset_input(d) for d in datasets])
             for path in files:
                 client.log_artifact(run.info.run_id, str(path), artifact_path=name.replace("/", "_"))
         except Exception:
             with contextlib.suppress(Exception):
-                client.set_terminated(run.info.run_id, status="FAILED")
+                client.set_terminated(run.info.run_id, status="FAILED", end_time=end_ms)
             raise
-        client.set_terminated(run.info.run_id)
+        client.set_terminated(run.info.run_id, end_time=end_ms)
         return run.info.run_id
+
+
+def _dataset_input(dataset: TrackedDataset):
+    """The MLflow dataset input of a local file (what `mlflow.data` builds for a local source, without its
+    source-guessing registry, which warns when two source types match a path)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    sha256 = dataset.sha256 or file_sha256(dataset.path)
+    source = json.dumps({"uri": str(Path(dataset.path).resolve())})
+    entity = Dataset(dataset.name, sha256[:MAX_DIGEST], "local", source)
+    return DatasetInput(entity, tags=[InputTag("sha256", sha256)])
 
 
 def _mlflow_key(key: str) -> str:

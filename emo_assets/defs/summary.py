@@ -6,6 +6,7 @@ a JSON file under `results/<V>/summary/`, and one MLflow run with the seed's par
 """
 
 import json
+import time
 
 import dagster as dg
 
@@ -15,7 +16,7 @@ from emo_assets.core.paths import variant_dir
 from emo_assets.core.storage import ActivationFile
 from emo_assets.defs.activations import activation_path, activations_key, freshness_policy
 from emo_assets.defs.partitions import partitions_for
-from emo_assets.defs.resources import MlflowTracker
+from emo_assets.defs.resources import MlflowTracker, TrackedDataset
 
 CODE_VERSION = "1"
 TABLE_SCHEMA = dg.TableSchema(
@@ -70,6 +71,7 @@ def _variant_summary(settings: Settings, variant: str) -> dg.AssetsDefinition:
         description=f"Phase 2 report of {variant}: every activation file (model, emotion, samples, size) and totals.",
     )
     def phase2_summary(context: dg.AssetExecutionContext, mlflow: MlflowTracker) -> dg.MaterializeResult:
+        started = time.time()
         rows = file_table(settings, variant)
         total_files, total_mb = len(rows), sum(r["size_mb"] for r in rows)
         report = variant_dir(settings.results_dir, variant, "summary") / "phase2_summary.json"
@@ -82,7 +84,7 @@ def _variant_summary(settings: Settings, variant: str) -> dg.AssetsDefinition:
             metrics={**{f"{r['model']}_{r['emotion']}_size_mb": r["size_mb"] for r in rows},
                      f"{variant}_total_files": total_files, f"{variant}_total_size_mb": total_mb},
             tags={"dagster.run_id": context.run.run_id, "dagster.asset_key": summary_key(variant).to_user_string()},
-            log=context.log,
+            log=context.log, started=started, datasets=[TrackedDataset(variant, settings.datasets[variant])],
         )
         context.log.info(f"{variant}: {total_files} activation files, {total_mb:.2f} MB; mlflow {status}")
         records = [

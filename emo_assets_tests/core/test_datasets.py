@@ -17,9 +17,11 @@ import pytest
 from emo_assets.core.datasets import (
     DEFAULT_EMOTIONS,
     MAX_LINE_BYTES,
+    WARNINGS_SHOWN,
     Dataset,
     DatasetError,
     Issue,
+    condensed,
     file_sha256,
     read_dataset,
     validate_dataset,
@@ -100,6 +102,31 @@ def test_dataset_error_lists_errors_before_warnings(tmp_path):
         " [warning]",
     ]
     assert len(caught.value.issues) == 2
+
+
+def test_many_warnings_are_condensed_and_every_error_kept(tmp_path):
+    copies = [{**RECORDS[0], "id": f"copy-{i}"} for i in range(WARNINGS_SHOWN + 4)]
+    unknown = [{"text": f"joy {i}", "emotion": "joy"} for i in range(WARNINGS_SHOWN + 2)]
+    lines = [*RECORDS, *[row for pair in zip(copies, unknown) for row in pair], *copies[len(unknown):]]
+    path = write_lines(tmp_path / "d.jsonl", lines)
+    _, issues = validate_dataset(path)
+    warning_lines = [n for n, line in enumerate(lines, 1) if line.get("id", "").startswith("copy-")]
+    error_lines = [n for n, line in enumerate(lines, 1) if line.get("emotion") == "joy"]
+
+    shown, hidden = condensed(issues)
+    assert [i.line for i in shown if i.severity == "error"] == error_lines
+    assert [i.line for i in shown if i.severity == "warning"] == warning_lines[:WARNINGS_SHOWN]
+    assert [i.line for i in shown] == sorted(i.line for i in shown)  # file order kept
+    assert hidden == len(warning_lines) - WARNINGS_SHOWN == 4
+    assert condensed(issues, limit=len(warning_lines)) == (issues, 0)
+
+    with pytest.raises(DatasetError) as caught:
+        read_dataset(path)
+    message = str(caught.value).splitlines()
+    assert len(caught.value.issues) == len(issues)
+    assert sum(line.endswith("[error]") for line in message) == len(error_lines)
+    assert sum(line.endswith("[warning]") for line in message) == WARNINGS_SHOWN
+    assert message[-1] == "... and 4 more warnings"
 
 
 def test_duplicate_text_is_a_warning_and_an_error_when_strict(tmp_path):

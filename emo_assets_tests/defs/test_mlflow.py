@@ -1,11 +1,19 @@
-"""An unreachable MLflow server costs seconds, not minutes, and never fails a materialization."""
+"""MLflow: an unreachable server costs seconds, not minutes, and never fails a materialization; what a reachable
+store records (experiment kind, each run's real start and end, its dataset inputs) is read back from the store."""
 
+import hashlib
+import json
+import logging
+import math
+import os
+import sqlite3
 import time
+import uuid
 
 from emo_assets.cli import partition_range
-from emo_assets.defs.activations import activations_key
+from emo_assets.defs.activations import activation_path, activations_key
 from emo_assets.defs.partitions import partitions_for
-from emo_assets.defs.resources import MlflowTracker
+from emo_assets.defs.resources import EXPERIMENT_KIND_TAG, MlflowTracker
 from emo_assets.defs.summary import summary_key
 from emo_assets_tests.defs.conftest import partition_metadata
 from emo_assets_tests.pipeline import materialize
@@ -30,3 +38,68 @@ def test_unreachable_mlflow_is_reported_not_fatal(baseline_ready):
     warnings = [e.user_message for e in instance.all_logs(result.run_id)
                 if e.level == 30 and "MLflow" in (e.user_message or "")]
     assert len(warnings) == 1
+
+
+def test_runs_record_the_work_times_and_datasets(baseline_ready, mlflow_uri):
+    """In the store itself: the experiment opens as model development, each activation run spans its extraction
+    (its file was written inside the run's time span), and lists the dataset it read (digest = sha256, path)."""
+    settings, defs, instance = baseline_ready
+    keys = partitions_for(settings).activations.get_partition_keys()
+    result = materialize(defs, [activations_key("baseline"), summary_key("baseline")], instance, partition_range(keys))
+    assert result.success
+
+    dataset = settings.datasets["baseline"]
+    sha256 = hashlib.sha256(dataset.read_bytes()).hexdigest()
+    store = sqlite3.connect(mlflow_uri.removeprefix("sqlite:///"))
+    (experiment_id,) = store.execute("SELECT experiment_id FROM experiments WHERE name = 'emo_assets'").fetchone()
+    kind = store.execute("SELECT value FROM experiment_tags WHERE experiment_id = ? AND key = ?",
+                         (experiment_id, EXPERIMENT_KIND_TAG)).fetchone()
+    assert kind == ("custom_model_development",)
+    runs = store.execute(
+        "SELECT r.run_uuid, r.name, r.start_time, r.end_time, r.status FROM runs r"
+        " JOIN tags t ON t.run_uuid = r.run_uuid WHERE t.key = 'dagster.run_id' AND t.value = ?",
+        (result.run_id,)).fetchall()
+    assert len(runs) == len(keys) + 1  # every partition and the summary
+    by_name = {name: (run_id, start, end, status) for run_id, name, start, end, status in runs}
+    metadata = partition_metadata(result, activations_key("baseline"))
+    for key in keys:
+        slug, emotion = partitions_for(settings).split(key)
+        run_id, start, end, status = by_name[f"baseline/{slug}/{emotion}"]
+        assert status == "FINISHED"
+        written_ms = os.stat(activation_path(settings, "baseline", slug, emotion)).st_mtime_ns / 1e6
+        assert start <= written_ms <= end
+        assert end - start >= metadata[key]["wall_seconds"] * 1000 - 1  # metadata rounds to the millisecond
+        inputs = store.execute(
+            "SELECT d.name, d.digest, d.dataset_source_type, d.dataset_source FROM inputs i JOIN datasets d"
+            " ON d.dataset_uuid = i.source_id WHERE i.destination_id = ? AND i.source_type = 'DATASET'",
+            (run_id,)).fetchall()
+        assert len(inputs) == 1
+        name, digest, source_type, source = inputs[0]
+        assert (name, source_type, json.loads(source)) == ("baseline", "local", {"uri": str(dataset.resolve())})
+        assert digest == sha256[:36]  # MLflow stores at most 36 characters of a digest
+        (input_uuid,) = store.execute("SELECT input_uuid FROM inputs WHERE destination_id = ? AND source_type = ?",
+                                      (run_id, "DATASET")).fetchone()
+        tags = dict(store.execute("SELECT name, value FROM input_tags WHERE input_uuid = ?", (input_uuid,)))
+        assert tags["sha256"] == sha256
+    _, start, end, _ = by_name["baseline/phase2_summary"]
+    summary_file = settings.results_dir / "baseline" / "summary" / "phase2_summary.json"
+    assert start <= os.stat(summary_file).st_mtime_ns / 1e6 <= end
+
+
+def test_an_existing_experiment_gets_the_model_development_kind(mlflow_uri):
+    """An experiment created without the kind (by MLflow itself, or an older version of this project) gets it."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    name = f"pre_existing_{uuid.uuid4().hex}"
+    experiment_id = client.create_experiment(name)
+    assert EXPERIMENT_KIND_TAG not in client.get_experiment(experiment_id).tags
+    tracker = MlflowTracker(tracking_uri=mlflow_uri, experiment=name)
+    started = time.time() - 2.5
+    status = tracker.log_run("work", params={}, metrics={"x": 1}, tags={}, log=logging.getLogger(__name__),
+                             started=started)
+    assert status.startswith("logged (run ")
+    assert client.get_experiment(experiment_id).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    (run,) = client.search_runs([experiment_id])
+    assert run.info.start_time == math.floor(started * 1000)
+    assert run.info.end_time - run.info.start_time >= 2500
