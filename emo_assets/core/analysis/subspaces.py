@@ -1,8 +1,8 @@
 """Per-emotion PCA subspaces, principal angles between subspaces, and their overlap with a random baseline.
 
 For each emotion and layer, the sentence-end activations of that emotion's sentences are centred (its own
-mean subtracted; PCA does this) and the top-k principal directions span the emotion's subspace (the seed's
-origin used 8-10 components). k is clipped to n_samples - 1 (the rank of n centred points) and d.
+mean subtracted; PCA does this) and the top-k principal directions span the emotion's subspace (8-10
+components are usual in published work). k is clipped to n_samples - 1 (the rank of n centred points) and d.
 
 Subspaces are compared by principal angles theta_1..theta_k and by
 
