@@ -16,30 +16,21 @@ import pytest
 from emo_assets.core.analysis.probes import ProbeSettings, probe_layers
 from emo_assets.core.extraction import ExtractionOptions, extract_to_file
 from emo_assets.core.storage import ActivationFile
-from emo_assets_tests.conftest import BASELINE, read_records
+from emo_assets_tests.conftest import BASELINE, cut_dataset, read_records
 
 EMOTIONS = ("gratitude", "anger", "apology", "neutral")
 PER_EMOTION = 40
 TOLERANCE = 0.01  # accuracies may differ by where lbfgs stops, not by more
 
 
-def _records() -> list[dict]:
-    counts: dict[str, int] = {}
-    kept = []
-    for record in read_records(BASELINE):
-        if counts.get(record["emotion"], 0) < PER_EMOTION:
-            counts[record["emotion"]] = counts.get(record["emotion"], 0) + 1
-            kept.append(record)
-    return kept
-
-
 @pytest.fixture(scope="module")
 def minilm_sentence_ends(tmp_path_factory):
     from emo_assets.core.models import load_model
 
-    records = _records()
+    folder = tmp_path_factory.mktemp("minilm")
+    records = read_records(cut_dataset(BASELINE, folder / "baseline.jsonl", PER_EMOTION))
     loaded = load_model("minilm", device="cpu")
-    path = tmp_path_factory.mktemp("minilm") / "activations.safetensors"
+    path = folder / "activations.safetensors"
     extract_to_file(loaded, [r["text"] for r in records], [r["id"] for r in records], path,
                     ExtractionOptions(batch_size=32))  # fmt: skip
     stored = ActivationFile(path)
