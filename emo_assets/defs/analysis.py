@@ -36,7 +36,7 @@ import polars as pl
 
 from emo_assets.core.analysis.comparisons import cross_model_alignment_step, vector_stability_step
 from emo_assets.core.analysis.inputs import AnalysisInputError, ModelActivations, token_strings
-from emo_assets.core.analysis.phase3 import (
+from emo_assets.core.analysis.model_analysis import (
     StepResult,
     emotion_subspaces_step,
     emotion_vectors_step,

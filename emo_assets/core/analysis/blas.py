@@ -1,9 +1,9 @@
 """BLAS threading policy of the analysis: one thread.
 
-The analysis works on small matrices (a few hundred sentences x 768 features). On the project's 2-core
-machines multi-threaded OpenBLAS made these *slower*, not faster: a 70 x 768 PCA took 0.9 s instead of
-0.015 s, and the probe sweep (13 layers x 2 kinds x 280 sentences) 86 s instead of 7 s. The limit is applied
-per call with threadpoolctl and restored afterwards, so nothing global is left changed.
+The analysis works on many small matrices (a few hundred sentences x a few hundred features). For these,
+starting and synchronising BLAS threads costs more than the arithmetic, and on small machines shared with
+other work the threads contend for the same cores, so one thread is the faster setting. The limit is
+applied per call with threadpoolctl and restored afterwards, so nothing global is left changed.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from emo_assets.core.analysis.inputs import (
     model_analysis_dir,
     reference_emotion,
 )
-from emo_assets.core.analysis.phase3 import StepResult
+from emo_assets.core.analysis.model_analysis import StepResult
 from emo_assets.core.analysis.plots import plot_cka_heatmaps
 from emo_assets.core.analysis.subspaces import DEFAULT_K, emotion_subspaces_by_layer
 from emo_assets.core.analysis.vectors import cosine_matrix, emotion_vectors

@@ -1,4 +1,4 @@
-"""Inputs and outputs of the Phase 3 / 3.5 orchestration: one model's activation files, its sentences' texts
+"""Inputs and outputs of the per-model analysis: one model's activation files, its sentences' texts
 and token strings, and where every analysis output lives.
 
 `ModelActivations.load` opens the model's per-emotion activation files once each (the checksum is verified

@@ -1,4 +1,4 @@
-"""Figures of the Phase 3 / 3.5 analysis as PNG files.
+"""Figures of the analysis as PNG files.
 
 Every function draws on its own `matplotlib.figure.Figure` (no pyplot figure registry, so nothing leaks between
 calls or threads), writes the PNG atomically through `emo_assets.core.atomic.atomic_path` (temp file in the

@@ -1,4 +1,4 @@
-"""Markdown report of the Phase 3 / 3.5 analysis, in the style of the seed's phase reports.
+"""Markdown report of the analysis: dataset, models, probe and separation tables, stability and figures.
 
 Pure string building from tables (polars frames or lists of dicts) and image paths; nothing is read or written
 here, and nothing time-dependent is inserted unless the caller passes `generated`, so the same inputs give the

@@ -1,8 +1,8 @@
 """Per-emotion PCA subspaces, principal angles between subspaces, and their overlap with a random baseline.
 
 For each emotion and layer, the sentence-end activations of that emotion's sentences are centred (its own
-mean subtracted; PCA does this) and the top-k principal directions span the emotion's subspace (the seed's
-origin used 8-10 components). k is clipped to n_samples - 1 (the rank of n centred points) and d.
+mean subtracted; PCA does this) and the top-k principal directions span the emotion's subspace (8-10
+components are usual in published work). k is clipped to n_samples - 1 (the rank of n centred points) and d.
 
 Subspaces are compared by principal angles theta_1..theta_k and by
 
@@ -64,7 +64,7 @@ class NoVarianceError(ValueError):
 
 @single_blas_thread
 def pca_subspace(X: np.ndarray, k: int = DEFAULT_K) -> Subspace:
-    """PCA subspace of `X` [n, d] (centred by PCA). Full SVD solver: deterministic, no random state.
+    """PCA subspace of `X` [n, d] (centred here). Full SVD: deterministic, no random state.
 
     k is also clipped to the numerical rank of the centred data: directions beyond it carry no variance and
     would only be arbitrary completions of the basis (this happens for real: Pythia's layer-0 MLP output at a
@@ -75,20 +75,26 @@ def pca_subspace(X: np.ndarray, k: int = DEFAULT_K) -> Subspace:
     eps = np.finfo(source.dtype if np.issubdtype(source.dtype, np.floating) else np.float64).eps
     X = as_float64_2d(source)
     k_eff = effective_k(k, X.shape[0], X.shape[1])
-    if not np.any(X != X[0]):  # checked first: sklearn would divide 0 by 0 for the explained variance
+    if not np.any(X != X[0]):  # checked first: the explained variance ratio would be 0 / 0
         raise NoVarianceError(f"all {X.shape[0]} rows are the same vector: no subspace")
-    from sklearn.decomposition import PCA  # imported on use: loading the Dagster definitions stays fast
+    from scipy.linalg import svd  # imported on use: loading the Dagster definitions stays fast
 
-    pca = PCA(n_components=k_eff, svd_solver="full").fit(X)
+    # scikit-learn's PCA(svd_solver="full") written out (same SVD call and sign rule: each component's largest
+    # entry is positive): its estimator checks and copies cost more than this SVD of a few dozen rows.
+    mean = X.mean(axis=0)
+    _, singular_values, components = svd(X - mean, full_matrices=False)
+    rows = np.arange(len(components))
+    components *= np.sign(components[rows, np.argmax(np.abs(components), axis=1)])[:, None]
+    variance = singular_values**2 / (X.shape[0] - 1)
     # Rounding each value to the input's precision moves X by E with ||E||_2 <= ||E||_F <= eps ||X||_F, and
     # centring at most doubles that: singular values below it are indistinguishable from rounding.
-    rank = int(np.sum(pca.singular_values_ > 2 * eps * np.linalg.norm(X)))
+    rank = int(np.sum(singular_values[:k_eff] > 2 * eps * np.linalg.norm(X)))
     if rank == 0:
         raise NoVarianceError(f"the {X.shape[0]} rows differ only by rounding: no subspace")
     return Subspace(
-        basis=orthonormalise(pca.components_[:rank].T),
-        explained_variance_ratio=np.asarray(pca.explained_variance_ratio_[:rank], dtype=np.float64),
-        mean=np.asarray(pca.mean_, dtype=np.float64),
+        basis=orthonormalise(components[:rank].T),
+        explained_variance_ratio=variance[:rank] / variance.sum(),
+        mean=mean,
         n_samples=X.shape[0],
     )
 

@@ -1,4 +1,4 @@
-"""Phase 3.5: vectors built from token-level activations instead of the sentence-end token.
+"""Vectors built from token-level activations instead of the sentence-end token.
 
 Token-level activations of one layer are stored ragged: `acts` [n_tokens, d] with `offsets` [n_sentences + 1]
 so that sentence i owns rows offsets[i]:offsets[i+1], and `tokens[j]` is the decoded string of row j.
@@ -9,7 +9,7 @@ so that sentence i owns rows offsets[i]:offsets[i+1], and `tokens[j]` is the dec
     (another face of the anisotropy trap). A one-token sentence has nothing else, so it falls back to that
     token (recorded in `ContentMeans.fallback`). The result [n_sentences, d] feeds `vectors.emotion_vectors`.
 (b) `emotion_word_vectors`: the mean activation over tokens that are emotion words ("thank", "sorry", ...)
-    - the seed built these because Pythia-160M's sentence-end vectors all had cosine ~0.99 with each other.
+    - a second reading of each emotion, useful where sentence-end vectors are dominated by a shared direction.
     A token matches emotion e when its normalised string (leading space / "Ġ" / "▁" markers stripped,
     lowercased) starts with one of e's lexicon stems. By default only tokens of sentences labelled e count for
     e, and the first token is excluded even if it is an emotion word ("Thanks ..."): its activation is the
@@ -67,11 +67,13 @@ def sentence_content_means(acts: np.ndarray, offsets: Sequence[int] | np.ndarray
     offsets = validate_offsets(offsets, acts.shape[0])
     lengths = np.diff(offsets)
     fallback = lengths == 1
-    keep = first_token_excluded_mask(offsets)
-    keep[offsets[:-1][fallback]] = True  # one-token sentences: the only token there is
-    sentence = np.repeat(np.arange(len(lengths)), lengths)
-    sums = np.zeros((len(lengths), acts.shape[1]), dtype=np.float64)
-    np.add.at(sums, sentence[keep], acts[keep])
+    # Each sentence's rows first+1 .. end (its only row for one-token sentences) are contiguous: reduceat sums
+    # them in one pass over the layer, where a scatter-add per token is far slower. The even segments of the
+    # interleaved boundaries (start_i, end_i, start_i+1, ...) are the sentences; the odd ones are skipped.
+    bounds = np.empty(2 * len(lengths) - 1, dtype=np.int64)
+    bounds[0::2] = np.where(fallback, offsets[:-1], offsets[:-1] + 1)
+    bounds[1::2] = offsets[1:-1]
+    sums = np.add.reduceat(acts, bounds, axis=0)[0::2]
     counts = np.where(fallback, 1, lengths - 1)
     return ContentMeans(means=sums / counts[:, None], fallback=fallback)
 
@@ -163,9 +165,12 @@ def emotion_word_vectors(
             sentence_counts[e] = len(np.unique(sentence[matches[e]]))
     content = first_token_excluded_mask(offsets)
     token_label = y[sentence]
-    per_emotion = [acts[content & (token_label == e)] for e in range(len(emotions))]
-    present = [block.mean(axis=0) for block in per_emotion if len(block)]
-    grand = np.mean(present, axis=0) if present else np.full(d, np.nan)
+    members = np.stack([content & (token_label == e) for e in range(len(emotions))]).astype(np.float64)
+    sizes = members.sum(axis=1)
+    present = sizes > 0
+    # One [E, n_tokens] x [n_tokens, d] product instead of copying every emotion's token rows out
+    means = (members[present] @ acts) / sizes[present, None]
+    grand = means.mean(axis=0) if present.any() else np.full(d, np.nan)
     return TokenVectors(
         emotions=emotions,
         vectors=vectors,

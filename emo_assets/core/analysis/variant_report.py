@@ -17,13 +17,13 @@ import polars as pl
 from emo_assets.core.analysis.comparisons import stability_path
 from emo_assets.core.analysis.inputs import analysis_root, cross_model_dir, model_analysis_dir, read_parquet_if_exists
 from emo_assets.core.analysis.inputs import report_path
-from emo_assets.core.analysis.phase3 import PRIMARY_KIND, StepResult, best_probe_layer
+from emo_assets.core.analysis.model_analysis import PRIMARY_KIND, StepResult, best_probe_layer
 from emo_assets.core.analysis.report import render_report
 from emo_assets.core.atomic import write_bytes_atomic
 from emo_assets.core.datasets import read_dataset
 
 OVERVIEW = (
-    "Phase 3 / 3.5 analysis of sentence-end (last real token) activations. Emotion vectors are per-emotion means; "
+    "Analysis of sentence-end (last real token) activations. Emotion vectors are per-emotion means; "
     "cosines are taken after subtracting the grand mean (raw cosines are ~1 because of anisotropy). Probes are read "
     "against the bag-of-words baseline and a shuffled-label control (selectivity = accuracy − control). Cross-model "
     "comparisons use linear CKA (plain and debiased), RSA of emotion cosine matrices and subspace overlap against a "

@@ -1,10 +1,10 @@
-"""Phase 3: sentence-end emotion vectors ("mass-mean" directions) for one layer or all layers.
+"""Sentence-end emotion vectors ("mass-mean" directions) for one layer or all layers.
 
 For one layer and one activation kind, `X` holds one row per sentence (the activation at the sentence-end
 token) and `labels` the sentence's emotion. The vectors are:
 
 - `means[e]`            mean activation of emotion e's sentences;
-- `diff_vs_reference`   means[e] - means[reference] (the seed's Phase 3: emotion minus neutral);
+- `diff_vs_reference`   means[e] - means[reference] (emotion minus neutral);
 - `centred`             means[e] - grand_mean, where grand_mean = mean of the per-emotion means (unweighted),
                         so an emotion with more sentences does not pull the origin towards itself;
 - unit-normalised versions and the norms of both differences;
@@ -12,7 +12,7 @@ token) and `labels` the sentence's emotion. The vectors are:
 
 Why centre: GPT-2-like models are highly anisotropic (unrelated sentences have cosine > 0.96, up to 0.998 in
 the last layer, dominated by a few outlier dimensions), so raw cosines between emotion means are all ~0.99
-and say nothing (the seed's Pythia-160M finding). `cosine_raw` is kept only to show that trap in reports.
+and say nothing. `cosine_raw` is kept only to show that trap in reports.
 
 The centred vectors sum to zero, so only their pattern is informative: with E equal norms the mean
 off-diagonal cosine is exactly -1/(E-1) (-1/3 for four emotions). A planted direction p_e is recovered as

@@ -1,4 +1,4 @@
-"""Phase 3 / 3.5 for one model of one dataset variant: plain-Python orchestration of the analysis library.
+"""The analysis of one model of one dataset variant: plain-Python orchestration of the analysis library.
 
 One function per Dagster asset; each takes a `ModelActivations` (files opened once), computes with the math
 modules under one BLAS thread, writes its outputs atomically under `results/<variant>/analysis/<slug>/`
@@ -43,7 +43,13 @@ from emo_assets.core.analysis.token_vectors import (
     normalise_token,
     sentence_content_means,
 )
-from emo_assets.core.analysis.vectors import EmotionVectors, cosine_matrix, emotion_vectors, separation_rows
+from emo_assets.core.analysis.vectors import (
+    EmotionVectors,
+    cosine_matrix,
+    emotion_vectors,
+    emotion_vectors_by_layer,
+    separation_rows,
+)
 
 PRIMARY_KIND = "resid_post"  # the kind whose best layer is the headline
 
@@ -74,12 +80,11 @@ def _out_dir(acts: ModelActivations, results_dir: Path) -> Path:
     return model_analysis_dir(Path(results_dir), acts.variant, acts.slug)
 
 
-def _vectors_by_layer(X_layers: np.ndarray, acts: ModelActivations) -> list[EmotionVectors]:
-    reference = reference_emotion(acts.emotions)
-    return [emotion_vectors(X_layers[layer], acts.labels, acts.emotions, reference) for layer in range(len(X_layers))]
+def _vectors_by_layer(kind: str, acts: ModelActivations) -> list[EmotionVectors]:
+    return emotion_vectors_by_layer(acts.sentence_end(kind), acts.labels, acts.emotions, reference_emotion(acts.emotions))
 
 
-# -- Phase 3: sentence-end emotion vectors ----------------------------------------------------------------
+# -- sentence-end emotion vectors --------------------------------------------------------------------------
 VECTOR_FIELDS = (
     "means", "grand_mean", "diff_vs_reference", "diff_vs_reference_unit", "diff_vs_reference_norm",
     "centred", "centred_unit", "centred_norm", "cosine", "cosine_raw",
@@ -100,7 +105,7 @@ def emotion_vectors_step(acts: ModelActivations, results_dir: Path) -> StepResul
     vector_rows, cosine_rows, sep_rows = [], [], []
     with one_blas_thread():
         for kind in acts.kinds:
-            by_layer = _vectors_by_layer(acts.sentence_end(kind), acts)
+            by_layer = _vectors_by_layer(kind, acts)
             for name in VECTOR_FIELDS:
                 tensors[f"{kind}/{name}"] = np.stack([getattr(v, name) for v in by_layer])
             tensors[f"{kind}/counts"] = by_layer[0].counts.astype(np.int64)
@@ -141,7 +146,7 @@ def emotion_vectors_step(acts: ModelActivations, results_dir: Path) -> StepResul
     return result
 
 
-# -- Phase 3.5: token-level vectors -----------------------------------------------------------------------
+# -- token-level vectors --------------------------------------------------------------------------------
 def token_vectors_step(
     acts: ModelActivations,
     results_dir: Path,
@@ -178,10 +183,10 @@ def token_vectors_step(
     E, nan_vec = len(acts.emotions), np.full(acts.d_model, np.nan)
     with one_blas_thread():
         for kind in acts.kinds:
-            sentence_end = _vectors_by_layer(acts.sentence_end(kind), acts)
+            sentence_end = _vectors_by_layer(kind, acts)
             content_centred, word_vectors, word_centred, word_counts = [], [], [], []
             for layer in range(acts.n_layers):
-                layer_acts = acts.token_layer(kind, layer)
+                layer_acts = np.asarray(acts.token_layer(kind, layer), dtype=np.float64)  # converted once, used twice
                 se = sentence_end[layer]
                 content = sentence_content_means(layer_acts, acts.offsets)
                 cv = emotion_vectors(content.means, acts.labels, acts.emotions, se.reference)
@@ -240,7 +245,7 @@ def token_vectors_step(
     return result
 
 
-# -- Phase 3.5: subspaces ---------------------------------------------------------------------------------
+# -- subspaces -----------------------------------------------------------------------------------------
 def emotion_subspaces_step(
     acts: ModelActivations, results_dir: Path, k: int = DEFAULT_K, *, n_random: int = 200, seed: int = 0
 ) -> StepResult:

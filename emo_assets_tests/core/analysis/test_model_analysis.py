@@ -1,4 +1,4 @@
-"""The Phase 3 / 3.5 orchestration on synthetic activation files with planted structure.
+"""The per-model analysis orchestration on synthetic activation files with planted structure.
 
 The math itself is tested in the other modules here (planted directions, CKA invariance, principal angles,
 random overlap); these tests check the plumbing: the per-emotion files are concatenated in the right order,
@@ -31,7 +31,7 @@ from emo_assets.core.analysis.inputs import (
     report_path,
     token_strings,
 )
-from emo_assets.core.analysis.phase3 import (
+from emo_assets.core.analysis.model_analysis import (
     emotion_subspaces_step,
     emotion_vectors_step,
     linear_probes_step,
@@ -99,7 +99,7 @@ def _write_model(results: Path, variant: str, slug: str, d: int, tokenizer, seed
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, tokenizer):
-    root = tmp_path_factory.mktemp("phase3")
+    root = tmp_path_factory.mktemp("model_analysis")
     results = root / "results"
     datasets = {}
     for variant in ("baseline", "extended"):
