@@ -135,9 +135,7 @@ def _report(context, settings: Settings, variant: str, loaded: LoadedModel, opti
         "wall_seconds": round(result.wall_seconds, 3),
         "n_computed": reuse.computed,
         "n_reused": reuse.reused,
-        "reuse_sources": dg.MetadataValue.json([
-            {"path": s.path, "data_xxh3_128": s.checksum, "sentences": s.sentences} for s in reuse.sources
-        ]),
+        "reuse_sources": dg.MetadataValue.json([source.as_dict() for source in reuse.sources]),
         "model_id": loaded.model_id,
         "model_revision": loaded.revision,
         "dataset_sha256": dataset_sha256,

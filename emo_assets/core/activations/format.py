@@ -50,9 +50,12 @@ class ActivationFileError(ValueError):
 class ReuseSource:
     """An earlier activation file whose rows were copied into this one."""
 
-    path: str
+    path: str  # relative to the folder of the file that holds the copies
     checksum: str  # its data_xxh3_128 when the rows were copied
     sentences: int
+
+    def as_dict(self) -> dict:
+        return {"path": self.path, "data_xxh3_128": self.checksum, "sentences": self.sentences}
 
 
 @dataclass(frozen=True)
@@ -66,8 +69,7 @@ class ReuseRecord:
     def to_json(self) -> str:
         return json.dumps(
             {"computed": self.computed, "reused": self.reused,
-             "sources": [{"path": s.path, "data_xxh3_128": s.checksum, "sentences": s.sentences}
-                         for s in self.sources]},
+             "sources": [source.as_dict() for source in self.sources]},
             sort_keys=True, ensure_ascii=False,
         )
 
