@@ -18,10 +18,10 @@ import torch
 
 from benchmarks.common import sync_device
 from emo_assets.core.activations import BASE_KINDS
+from emo_assets.core.capture import to_device
 from emo_assets.core.extraction import (
     ExtractionOptions,
     _padded,
-    _to_device,
     extract_to_file,
     plan_batches,
     tokenize,
@@ -54,7 +54,7 @@ class Workload:
     def padded(self, batch: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask = _padded(self.input_ids, self.offsets, batch, max(self.lengths[i] for i in batch))
         device = torch.device(self.device)
-        return _to_device(torch.from_numpy(ids), device), _to_device(torch.from_numpy(mask), device)
+        return to_device(torch.from_numpy(ids), device), to_device(torch.from_numpy(mask), device)
 
 
 class Contender:
