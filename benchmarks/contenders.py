@@ -17,10 +17,11 @@ import numpy as np
 import torch
 
 from benchmarks.common import sync_device
+from emo_assets.core.activations import BASE_KINDS
+from emo_assets.core.capture import to_device
 from emo_assets.core.extraction import (
     ExtractionOptions,
     _padded,
-    _to_device,
     extract_to_file,
     plan_batches,
     tokenize,
@@ -28,7 +29,7 @@ from emo_assets.core.extraction import (
 from emo_assets.core.layers import find_hook_points, first_tensor
 from emo_assets.core.models import LoadedModel
 
-KINDS = ("resid_post", "mlp_out")
+KINDS = BASE_KINDS
 
 
 @dataclass
@@ -53,7 +54,7 @@ class Workload:
     def padded(self, batch: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask = _padded(self.input_ids, self.offsets, batch, max(self.lengths[i] for i in batch))
         device = torch.device(self.device)
-        return _to_device(torch.from_numpy(ids), device), _to_device(torch.from_numpy(mask), device)
+        return to_device(torch.from_numpy(ids), device), to_device(torch.from_numpy(mask), device)
 
 
 class Contender:
@@ -221,7 +222,7 @@ class SeedLoop(Contender):
 def _max_abs_diff(work: Workload, reference: Path, batch: list[int], captured) -> float:
     """Largest |captured - stored| over the first four sentences of `batch`, every layer and kind;
     `captured(kind, layer)` is the contender's padded [batch, width, d_model] tensor."""
-    from emo_assets.core.storage import ActivationFile
+    from emo_assets.core.activations import ActivationFile
 
     stored = ActivationFile(reference, verify=False)
     diff = 0.0
@@ -333,7 +334,7 @@ def _quiet():
 
 def relative_errors(candidate: Path, reference: Path) -> dict[str, float]:
     """Per (kind, layer): max|a-b| / max|b| (normwise max relative error) and ||a-b||_2 / ||b||_2; the maxima."""
-    from emo_assets.core.storage import ActivationFile
+    from emo_assets.core.activations import ActivationFile
 
     a, b = ActivationFile(candidate), ActivationFile(reference)
     worst_max, worst_l2 = 0.0, 0.0

@@ -58,9 +58,7 @@ def extraction_sum(folder: Path, profile: str, variants: list[str] | None = None
 
     env = _graph_env(folder, profile, models)
     settings = load_settings(env)
-    ext = settings.extraction  # the options the graph's activations asset uses
-    options = ExtractionOptions(batch_size=ext.batch_size, prepend_bos=ext.prepend_bos, attention=ext.attention,
-                                storage_dtype=ext.storage_dtype)
+    options = ExtractionOptions.from_settings(settings.extraction)  # the options the graph's activations asset uses
     loads, extracts, partitions = 0.0, 0.0, 0
     for model_id in settings.models:
         started = time.perf_counter()

@@ -46,6 +46,7 @@ from benchmarks.common import (
     repeat_records,
     write_results,
 )
+from emo_assets.core.dtypes import DTYPES
 
 SKIPPABLE = ("seed", "tl", "nnsight", "bf16", "sweep", "rss", "graph")
 
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="smoke run: the first 96 sentences, 1-rep sweep, baseline variant only for the graph")
     parser.add_argument("--device", default="cpu", help="cpu | cuda (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size of rows 1-4 and 6 (default: %(default)s)")
-    parser.add_argument("--storage-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+    parser.add_argument("--storage-dtype", default="float32", choices=DTYPES,
                         help="dtype stored by the extraction rows (default: %(default)s)")
     parser.add_argument("--reps", type=int, default=3, help="repetitions of each timed row (median; default: %(default)s)")
     parser.add_argument("--repeat", type=int, default=1, help="use the dataset this many times over (default: 1)")

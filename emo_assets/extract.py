@@ -15,13 +15,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from emo_assets.core.config import DTYPES, ConfigError, load_settings
+from emo_assets.core.activations import ActivationWriteError, DatasetSource
+from emo_assets.core.config import ConfigError, load_settings
 from emo_assets.core.datasets import DatasetError, condensed, read_dataset
-from emo_assets.core.extraction import ExtractionError, ExtractionOptions, extract_to_file
+from emo_assets.core.dtypes import DTYPES
+from emo_assets.core.extraction import ExtractionError, ExtractionJob, ExtractionOptions, extract_files
 from emo_assets.core.models import ModelLoadError
 from emo_assets.core.paths import UnsafeNameError, activation_file, safe_name
 from emo_assets.core.registry import load_configured_model
-from emo_assets.core.storage import ActivationWriteError
 
 EXIT_INVALID_INPUT = 2
 EXIT_FAILURE = 1
@@ -42,6 +43,10 @@ def build_parser(defaults) -> argparse.ArgumentParser:
                         help="prepend the tokenizer's BOS (CLS for encoders) token (default: %(default)s)")
     parser.add_argument("--truncate", action="store_true", help="truncate sentences longer than the model context instead of failing")
     parser.add_argument("--strict", action="store_true", help="treat dataset warnings (duplicate texts) as errors")
+    parser.add_argument("--reuse", action=argparse.BooleanOptionalAction, default=defaults.reuse,
+                        help="copy rows of sentences already extracted with identical inputs from the files in --output "
+                        "instead of forwarding them; --no-reuse forwards every sentence (byte-identical reruns) "
+                        "(default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -91,25 +96,29 @@ def main(argv: list[str] | None = None) -> int:
         except DatasetError as exc:
             return _fail(EXIT_INVALID_INPUT, f"invalid dataset {args.dataset} for {args.model}:\n{exc}")
 
-    options = ExtractionOptions(
-        batch_size=args.batch_size, prepend_bos=args.prepend_bos, attention=args.attention,
-        storage_dtype=args.storage_dtype, progress=not args.no_progress, truncate=args.truncate,
+    options = ExtractionOptions.from_settings(
+        settings.extraction, batch_size=args.batch_size, prepend_bos=args.prepend_bos, attention=args.attention,
+        storage_dtype=args.storage_dtype, progress=not args.no_progress, truncate=args.truncate, reuse=args.reuse,
     )
     print(f"{loaded.model_id} ({loaded.architecture}, {loaded.n_layers} layers, d={loaded.d_model}, "
           f"revision {loaded.revision[:12]}, {loaded.device}/{loaded.compute_dtype}) loaded in {loaded.load_seconds:.1f}s")
-    for emotion, path in outputs.items():
-        samples = dataset.by_emotion(emotion)
-        try:
-            result = extract_to_file(
-                loaded, [s.text for s in samples], [s.id for s in samples], path, options,
-                metadata={"emotion": emotion, "dataset_path": str(args.dataset), "dataset_sha256": dataset.sha256},
-            )
-        except ExtractionError as exc:
-            return _fail(EXIT_INVALID_INPUT, f"{args.dataset}: {exc}")
-        except ActivationWriteError as exc:
-            return _fail(EXIT_FAILURE, str(exc))
-        print(f"{path}: {result.n_sentences} samples, {result.n_tokens} tokens, {result.file_bytes / 2**20:.2f} MB, "
-              f"{result.wall_seconds:.2f}s ({result.samples_per_s:.1f} samples/s)")
+    jobs = [
+        ExtractionJob([s.text for s in samples], [s.id for s in samples], path,
+                      DatasetSource(emotion=emotion, path=str(args.dataset), sha256=dataset.sha256),
+                      reuse_from=[path, *(activation_file(args.output, e) for e in emotions if e != emotion)])
+        for emotion, path in outputs.items()
+        for samples in [dataset.by_emotion(emotion)]
+    ]
+    try:
+        results = extract_files(loaded, jobs, options)
+    except ExtractionError as exc:
+        return _fail(EXIT_INVALID_INPUT, f"{args.dataset}: {exc}")
+    except ActivationWriteError as exc:
+        return _fail(EXIT_FAILURE, str(exc))
+    for result in results:
+        reused = f", {result.reuse.reused} reused" if result.reuse.reused else ""
+        print(f"{result.path}: {result.n_sentences} samples{reused}, {result.n_tokens} tokens, "
+              f"{result.file_bytes / 2**20:.2f} MB, {result.wall_seconds:.2f}s ({result.samples_per_s:.1f} samples/s)")
     return 0
 
 

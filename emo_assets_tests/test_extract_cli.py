@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from emo_assets.core.storage import ActivationFile
+from emo_assets.core.activations import ActivationFile
 from emo_assets.extract import main
 from emo_assets_tests.conftest import REPO_ROOT, read_records, write_records
 
@@ -48,6 +48,29 @@ def test_single_emotion_and_options(cli_env, tmp_path):
     stored = ActivationFile(tmp_path / "activations_apology.safetensors")
     assert stored.kinds == ["resid_post", "mlp_out", "attn_out"]
     assert (stored.metadata["prepend_bos"], stored.dtype) == ("true", "float16")
+
+
+def test_rerun_reuses_rows_and_no_reuse_reproduces_the_files(cli_env, tmp_path, capsys):
+    """The extended dataset after the baseline into the same folder: only sentences not in the baseline files are
+    forwarded; `--no-reuse` writes exactly the bytes of a from-scratch run."""
+    out, scratch = tmp_path / "out", tmp_path / "scratch"
+    base = ["--model", "tiny-gpt2", "--no-progress"]
+    assert main([*base, "--dataset", str(cli_env["baseline"]), "--output", str(out)]) == 0
+    capsys.readouterr()
+    assert main([*base, "--dataset", str(cli_env["extended"]), "--output", str(out)]) == 0
+    assert "reused" in capsys.readouterr().out
+    baseline, extended = read_records(cli_env["baseline"]), read_records(cli_env["extended"])
+    for emotion in EMOTIONS:
+        reuse = ActivationFile(out / f"activations_{emotion}.safetensors").header.reuse
+        shared = {r["text"] for r in baseline if r["emotion"] == emotion}
+        n_extended = sum(r["emotion"] == emotion for r in extended)
+        in_baseline = sum(r["emotion"] == emotion and r["text"] in shared for r in extended)
+        assert (reuse.reused, reuse.computed) == (in_baseline, n_extended - in_baseline) and in_baseline > 0
+    assert main([*base, "--dataset", str(cli_env["extended"]), "--output", str(scratch)]) == 0
+    assert main([*base, "--dataset", str(cli_env["extended"]), "--output", str(out), "--no-reuse"]) == 0
+    for emotion in EMOTIONS:
+        name = f"activations_{emotion}.safetensors"
+        assert (out / name).read_bytes() == (scratch / name).read_bytes()
 
 
 def _assert_rejected(args, tmp_path, capsys, *fragments, code=2):
@@ -102,7 +125,8 @@ def test_sigkill_mid_write_leaves_no_file_and_keeps_the_previous_one(tmp_path):
     final = out / "activations_neutral.safetensors"
     good = final.read_bytes()
 
-    process = subprocess.Popen(command + ["--batch-size", "1"], env=env, stdout=subprocess.DEVNULL,
+    # --no-reuse: the second run really rewrites the file (with reuse it would keep the up-to-date one)
+    process = subprocess.Popen(command + ["--batch-size", "1", "--no-reuse"], env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not any(p.name.startswith(".activations_neutral") for p in out.iterdir()):
@@ -117,6 +141,6 @@ def test_sigkill_mid_write_leaves_no_file_and_keeps_the_previous_one(tmp_path):
     ActivationFile(final)  # still valid
     assert any(p.name.startswith(".activations_neutral") for p in out.iterdir())  # the killed run's temp
 
-    subprocess.run(command, env=env, check=True, capture_output=True, timeout=300)
+    subprocess.run(command + ["--no-reuse"], env=env, check=True, capture_output=True, timeout=300)
     assert [p.name for p in out.iterdir()] == ["activations_neutral.safetensors"]  # stale temp cleaned
     assert final.read_bytes() == good  # deterministic rerun

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from emo_assets.core.dtypes import DTYPES
 from emo_assets.core.paths import model_slug, safe_name
 
 PACKAGED_CONFIG = Path(__file__).resolve().parents[1] / "config.toml"
@@ -34,9 +35,9 @@ ENV_OVERRIDES = {
     "EMO_ASSETS_MLFLOW_URI": "MLflow tracking URI (MLFLOW_TRACKING_URI is honoured too)",
     "EMO_ASSETS_MAX_AGE_HOURS": "freshness limit of activation files",
     "EMO_ASSETS_TRUST_REMOTE_CODE": "1 to let transformers run model code from the hub (off by default)",
+    "EMO_ASSETS_REUSE": "0 to forward every sentence instead of reusing rows of identical earlier extractions",
 }
 
-DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda", "auto")
 
 
@@ -53,6 +54,7 @@ class ExtractionSettings:
     prepend_bos: bool = False
     attention: bool = False
     trust_remote_code: bool = False
+    reuse: bool = True  # copy rows already extracted with identical inputs (see core.activations.reuse)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -83,6 +85,10 @@ class Settings:
     def model_slugs(self) -> dict[str, str]:
         """slug -> model id for the active profile (slugs are the Dagster partition keys)."""
         return {model_slug(m): m for m in self.models}
+
+
+def _truthy(value: str) -> bool:
+    return value.lower() in ("1", "true", "yes")
 
 
 def _split(value: str) -> list[str]:
@@ -138,7 +144,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         "device": ("EMO_ASSETS_DEVICE", str),
         "compute_dtype": ("EMO_ASSETS_COMPUTE_DTYPE", str),
         "storage_dtype": ("EMO_ASSETS_STORAGE_DTYPE", str),
-        "trust_remote_code": ("EMO_ASSETS_TRUST_REMOTE_CODE", lambda v: v.lower() in ("1", "true", "yes")),
+        "trust_remote_code": ("EMO_ASSETS_TRUST_REMOTE_CODE", _truthy),
+        "reuse": ("EMO_ASSETS_REUSE", _truthy),
     }
     for key, (var, parse) in overrides.items():
         if var in env:

@@ -3,6 +3,9 @@
 The asset is partitioned by model x emotion and uses a single-run backfill policy: a run covering many
 partitions receives them all in `context.partition_keys` (in Dagster's emotion-major order), groups them by
 model, and loads each model once through the run's `ModelCache`, releasing it before the next one. The
+emotions of one model are extracted in one forward stream (batches over the union of their sentences), and
+sentences whose rows already exist in the model's other files (the other variant, the previous version of the
+file) are copied instead of forwarded, unless `[extraction] reuse = false` (see `core.activations.reuse`). The
 tensors are far too large for an IO manager: the file is written at a deterministic path
 (`activation_path`, which downstream assets use too) and the asset returns metadata only.
 """
@@ -16,8 +19,15 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
+from emo_assets.core.activations import DatasetSource
 from emo_assets.core.config import Settings
-from emo_assets.core.extraction import ExtractionError, ExtractionOptions, extract_to_file
+from emo_assets.core.extraction import (
+    ExtractionError,
+    ExtractionJob,
+    ExtractionOptions,
+    ExtractionResult,
+    extract_files,
+)
 from emo_assets.core.models import LoadedModel
 from emo_assets.core.paths import activation_dir, activation_file
 from emo_assets.defs.datasets import emotion_dataset_key, emotion_parquet_path
@@ -46,10 +56,12 @@ def freshness_policy(settings: Settings) -> dg.FreshnessPolicy:
     return dg.FreshnessPolicy.time_window(fail_window=window)
 
 
-def extraction_options(settings: Settings) -> ExtractionOptions:
-    ext = settings.extraction
-    return ExtractionOptions(
-        batch_size=ext.batch_size, prepend_bos=ext.prepend_bos, attention=ext.attention, storage_dtype=ext.storage_dtype
+def input_fingerprint(options: ExtractionOptions, loaded: LoadedModel, emotion: str, dataset_sha256: str) -> str:
+    """Data version of one partition: everything that decides its file's contents (every option that is not a
+    runtime choice, see `ExtractionOptions.output_fields`), the model revision and compute dtype, the dataset."""
+    return fingerprint(
+        {**options.output_fields(), "dataset_sha256": dataset_sha256, "emotion": emotion,
+         "model_revision": loaded.revision, "compute_dtype": loaded.compute_dtype, "code_version": CODE_VERSION}
     )
 
 
@@ -59,46 +71,57 @@ def group_by_model(keys, parts: Partitions, model_order) -> list[tuple[str, list
     return [(slug, [emotion for _, emotion in group]) for slug, group in groupby(pairs, key=lambda pair: pair[0])]
 
 
-def _extract(context, settings: Settings, variant: str, loaded: LoadedModel, emotion: str, mlflow: MlflowTracker):
-    """Extract one partition; return (its metadata, its input fingerprint)."""
+def reuse_candidates(settings: Settings, variant: str, slug: str, emotion: str) -> list[Path]:
+    """The model's files that may already hold rows of this partition (see `ExtractionJob.reuse_from`): its own
+    previous file first, then the same emotion in the other variants, then the other emotions."""
+    variants = [variant, *(v for v in settings.datasets if v != variant)]
+    emotions = [emotion, *(e for e in settings.emotions if e != emotion)]
+    return [activation_path(settings, v, slug, e) for e in emotions for v in variants]
+
+
+def _job(settings: Settings, variant: str, slug: str, emotion: str) -> ExtractionJob:
     source = emotion_parquet_path(settings, variant, emotion)
     if not source.is_file():
         raise dg.Failure(description=f"{source} is missing: materialize {variant}/emotion_dataset[{emotion}] first")
     rows = pl.read_parquet(source, columns=["id", "text"])
     source_meta = pl.read_parquet_metadata(source)
-    options = extraction_options(settings)
-    target = activation_path(settings, variant, loaded.slug, emotion)
-    started = time.time()
-    try:
-        result = extract_to_file(
-            loaded, rows["text"].to_list(), rows["id"].to_list(), target, options,
-            metadata={"emotion": emotion, "dataset_variant": variant, "dataset_path": source_meta["dataset_path"],
-                      "dataset_sha256": source_meta["dataset_sha256"]},
-        )
-    except ExtractionError as exc:
-        raise dg.Failure(description=f"{variant}/{loaded.slug}/{emotion}: {exc}") from exc
-    size = os.stat(result.path).st_size
-    inputs = fingerprint(
-        {"dataset_sha256": source_meta["dataset_sha256"], "emotion": emotion, "model_revision": loaded.revision,
-         "code_version": CODE_VERSION, "compute_dtype": loaded.compute_dtype, "prepend_bos": options.prepend_bos,
-         "kinds": options.kinds, "storage_dtype": options.storage_dtype, "truncate": options.truncate}
+    return ExtractionJob(
+        rows["text"].to_list(), rows["id"].to_list(), activation_path(settings, variant, slug, emotion),
+        DatasetSource(emotion=emotion, variant=variant, path=source_meta["dataset_path"],
+                      sha256=source_meta["dataset_sha256"]),
+        reuse_candidates(settings, variant, slug, emotion),
     )
+
+
+def _report(context, settings: Settings, variant: str, loaded: LoadedModel, options: ExtractionOptions,
+            job: ExtractionJob, result: ExtractionResult, mlflow: MlflowTracker, started: float) -> tuple[dict, str]:
+    """Log one written partition (MLflow, Dagster log); return (its metadata, its input fingerprint).
+
+    `started` is when the model's forward stream began: the emotions of one stream are computed together."""
+    emotion, dataset_sha256 = job.source.emotion, job.source.sha256
+    size = os.stat(result.path).st_size
+    inputs = input_fingerprint(options, loaded, emotion, dataset_sha256)
     key = partitions_for(settings).key(loaded.slug, emotion)
+    reuse = result.reuse
+    sources = [source.path for source in reuse.sources]
     status = mlflow.log_run(
         f"{variant}/{loaded.slug}/{emotion}",
         params={"phase": "phase2", "task": "activation_extraction", "dataset": variant, "model": loaded.model_id,
                 "emotion": emotion, "dtype": result.storage_dtype, "batch_size": options.batch_size,
-                "model_revision": loaded.revision, "dataset_sha256": source_meta["dataset_sha256"]},
+                "model_revision": loaded.revision, "dataset_sha256": dataset_sha256, "reuse": options.reuse,
+                "reuse_sources": ", ".join(sources) or "none"},
         metrics={"file_size_mb": size / 2**20, "n_samples": result.n_sentences, "samples_per_s": result.samples_per_s,
-                 "n_tokens": result.n_tokens, "wall_seconds": result.wall_seconds},
+                 "n_tokens": result.n_tokens, "wall_seconds": result.wall_seconds,
+                 "n_computed": reuse.computed, "n_reused": reuse.reused},
         tags={"dagster.run_id": context.run.run_id, "dagster.partition_key": key,
               "dagster.asset_key": activations_key(variant).to_user_string()},
         log=context.log, started=started,
-        datasets=[TrackedDataset(variant, Path(source_meta["dataset_path"]), source_meta["dataset_sha256"])],
+        datasets=[TrackedDataset(variant, Path(job.source.path), dataset_sha256)],
     )
     context.log.info(
-        f"{variant}/{loaded.slug}/{emotion}: {result.n_sentences} samples, {result.n_tokens} tokens, "
-        f"{size / 2**20:.2f} MB, {result.wall_seconds:.2f}s ({result.samples_per_s:.1f} samples/s); mlflow {status}"
+        f"{variant}/{loaded.slug}/{emotion}: {result.n_sentences} samples ({reuse.computed} computed, "
+        f"{reuse.reused} reused), {result.n_tokens} tokens, {size / 2**20:.2f} MB, {result.wall_seconds:.2f}s "
+        f"({result.samples_per_s:.1f} samples/s); mlflow {status}"
     )
     metadata = {
         "dagster/uri": result.path.as_uri(),
@@ -114,9 +137,12 @@ def _extract(context, settings: Settings, variant: str, loaded: LoadedModel, emo
         "n_nonfinite": result.n_nonfinite,
         "samples_per_s": round(result.samples_per_s, 2),
         "wall_seconds": round(result.wall_seconds, 3),
+        "n_computed": reuse.computed,
+        "n_reused": reuse.reused,
+        "reuse_sources": dg.MetadataValue.json([source.as_dict() for source in reuse.sources]),
         "model_id": loaded.model_id,
         "model_revision": loaded.revision,
-        "dataset_sha256": source_meta["dataset_sha256"],
+        "dataset_sha256": dataset_sha256,
         "input_fingerprint": inputs,
         "mlflow": status,
     }
@@ -125,13 +151,22 @@ def _extract(context, settings: Settings, variant: str, loaded: LoadedModel, emo
 
 def _extract_model(context, settings: Settings, variant: str, slug: str, emotions, model_cache: ModelCache,
                    mlflow: MlflowTracker) -> dict[str, str]:
-    """Extract every emotion of one model (loaded once); return {partition key: input fingerprint}."""
+    """Extract every emotion of one model in one forward stream (the model loaded once); return {partition key:
+    input fingerprint}."""
     parts = partitions_for(settings)
     loaded = model_cache.get(settings.model_slugs[slug], settings)
+    options = ExtractionOptions.from_settings(settings.extraction)
+    jobs = [_job(settings, variant, slug, emotion) for emotion in emotions]
+    started = time.time()
+    try:
+        results = extract_files(loaded, jobs, options)
+    except ExtractionError as exc:
+        raise dg.Failure(description=f"{variant}/{slug} ({', '.join(emotions)}): {exc}") from exc
     versions = {}
-    for emotion in emotions:
-        metadata, versions[parts.key(slug, emotion)] = _extract(context, settings, variant, loaded, emotion, mlflow)
-        context.add_asset_metadata(metadata, partition_key=parts.key(slug, emotion))
+    for job, result in zip(jobs, results):
+        key = parts.key(slug, job.source.emotion)
+        metadata, versions[key] = _report(context, settings, variant, loaded, options, job, result, mlflow, started)
+        context.add_asset_metadata(metadata, partition_key=key)
     return versions
 
 

@@ -49,7 +49,7 @@ from emo_assets.core.analysis.variant_report import analysis_report_step
 from emo_assets.core.config import Settings
 from emo_assets.core.datasets import DatasetError
 from emo_assets.core.registry import corpus_texts
-from emo_assets.core.storage import CHECKSUM_KEY, ActivationFileError
+from emo_assets.core.activations import ActivationFileError
 from emo_assets.defs.partitions import MODEL_DIM, fingerprint, partitions_for, step_data_version
 from emo_assets.defs.resources import MlflowTracker, TrackedDataset
 
@@ -124,7 +124,7 @@ def step_metadata(result: StepResult, main_table: str | None, *, partitioned: bo
 
 def _inputs_version(acts: ModelActivations, config: dict, extra: Mapping[str, object] | None = None) -> str:
     """Data version of one model's analysis: the activation files' checksums, the settings, the code version."""
-    checksums = {e: f.metadata.get(CHECKSUM_KEY) for e, f in acts.files.items()}
+    checksums = {e: f.header.checksum for e, f in acts.files.items()}
     return fingerprint({"checksums": checksums, "config": config, "code": CODE_VERSION, **(extra or {})})
 
 

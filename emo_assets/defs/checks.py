@@ -18,9 +18,9 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
+from emo_assets.core.activations import ActivationFile, ActivationFileError
 from emo_assets.core.config import Settings
 from emo_assets.core.datasets import validate_dataset
-from emo_assets.core.storage import ActivationFile, ActivationFileError
 from emo_assets.defs.activations import activation_path, activations_key
 from emo_assets.defs.datasets import SCHEMA, emotion_dataset_key, emotion_parquet_path
 from emo_assets.defs.models import model_facts
@@ -124,9 +124,9 @@ def _activation_problems(context, settings: Settings, variant: str, keys: list[s
                 f"language_model[{slug}] has {facts['n_layers']} x {facts['d_model']}"
             )
         offsets = np.asarray(file.offsets)
-        if offsets[0] != 0 or np.any(np.diff(offsets) <= 0) or offsets[-1] != int(file.metadata["n_tokens"]):
+        if offsets[0] != 0 or np.any(np.diff(offsets) <= 0) or offsets[-1] != file.header.n_tokens:
             problems["offsets_valid"][key] = (
-                f"offsets {offsets[:3]}...{offsets[-1]} do not run from 0 to n_tokens {file.metadata['n_tokens']}"
+                f"offsets {offsets[:3]}...{offsets[-1]} do not run from 0 to n_tokens {file.header.n_tokens}"
             )
     return problems
 
@@ -145,7 +145,7 @@ def staleness(context, settings: Settings, variant: str, key: str, now: float) -
     if age_hours > settings.max_age_hours:
         return f"{age_hours:.1f} h old, the limit is {settings.max_age_hours} h"
     try:
-        revision = ActivationFile(path, verify=False).metadata.get("model_revision")
+        revision = ActivationFile(path, verify=False).header.model_revision
     except ActivationFileError as exc:
         return f"unreadable: {exc}"
     facts = model_facts(context.instance, slug)

@@ -10,10 +10,10 @@ import time
 
 import dagster as dg
 
+from emo_assets.core.activations import ActivationFile
 from emo_assets.core.atomic import write_bytes_atomic
 from emo_assets.core.config import Settings
 from emo_assets.core.paths import variant_dir
-from emo_assets.core.storage import ActivationFile
 from emo_assets.defs.activations import activation_path, activations_key, freshness_policy
 from emo_assets.defs.partitions import partitions_for
 from emo_assets.defs.resources import MlflowTracker, TrackedDataset

@@ -18,7 +18,7 @@ import torch
 
 from emo_assets.core.extraction import ExtractionOptions, extract_to_file, length_sorted_batches
 from emo_assets.core.layers import find_hook_points, first_tensor
-from emo_assets.core.storage import ActivationFile
+from emo_assets.core.activations import ActivationFile, DatasetSource
 from emo_assets_tests.conftest import OFFLINE_MODELS
 
 FINAL_NORMS = ("ln_f", "final_layer_norm")
@@ -73,7 +73,7 @@ def extracted(offline_models, tmp_path_factory):
     return {
         name: extract_to_file(
             loaded, TEXTS, IDS, folder / f"{name}.safetensors", ExtractionOptions(batch_size=4, attention=True),
-            metadata={"emotion": "mixed", "dataset_path": "inline", "dataset_sha256": "0" * 64},
+            source=DatasetSource(emotion="mixed", path="inline", sha256="0" * 64),
         )
         for name, loaded in offline_models.items()
     }

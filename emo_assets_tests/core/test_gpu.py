@@ -9,7 +9,7 @@ import torch
 
 from emo_assets.core.extraction import ExtractionOptions, extract_to_file
 from emo_assets.core.models import load_model
-from emo_assets.core.storage import ActivationFile
+from emo_assets.core.activations import ActivationFile
 
 pytestmark = [
     pytest.mark.gpu,

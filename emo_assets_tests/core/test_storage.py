@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -11,16 +10,17 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from emo_assets.core.atomic import atomic_path, remove_stale_temps, temp_path_for
-from emo_assets.core.storage import (
-    CHECKSUM_KEY,
+from emo_assets.core.activations import (
     ActivationFile,
     ActivationFileError,
+    ActivationHeader,
     ActivationWriter,
     write_activation_file,
 )
 
 OFFSETS = np.array([0, 3, 4, 9, 11])
 IDS = np.arange(11) + 100
+HEADER = ActivationHeader(n_layers=3, d_model=8, kinds=("resid_post", "mlp_out"))
 
 
 @pytest.fixture
@@ -33,7 +33,7 @@ def arrays():
 def written(tmp_path, arrays):
     return write_activation_file(
         tmp_path / "activations_anger.safetensors", arrays, offsets=OFFSETS, input_ids=IDS,
-        storage_dtype="float32", metadata={"emotion": "anger", "sentence_ids": json.dumps(list("abcd"))},
+        header=ActivationHeader(n_layers=3, d_model=8, kinds=tuple(arrays), emotion="anger", sentence_ids=tuple("abcd")),
     )
 
 
@@ -48,7 +48,7 @@ def test_round_trip(written, arrays):
         np.testing.assert_array_equal(stored.sentence_end(kind, 2), array[2, OFFSETS[1:] - 1])
         np.testing.assert_array_equal(stored.sentence(kind, 1, 2), array[1, 4:9])
     assert stored.sentence_ids == list("abcd")
-    assert stored.metadata["emotion"] == "anger"
+    assert stored.header.emotion == "anger" and stored.metadata["emotion"] == "anger"
 
 
 def test_plain_safetensors_readers_open_it(written, arrays):
@@ -62,8 +62,7 @@ def test_plain_safetensors_readers_open_it(written, arrays):
 def test_batches_out_of_order_land_in_dataset_order(tmp_path, arrays):
     path = tmp_path / "a.safetensors"
     lengths = np.diff(OFFSETS)
-    with ActivationWriter(path, n_layers=3, d_model=8, kinds=list(arrays), offsets=OFFSETS, input_ids=IDS,
-                          storage_dtype="float32", metadata={}) as writer:
+    with ActivationWriter(path, HEADER, offsets=OFFSETS, input_ids=IDS) as writer:
         for batch in ([2, 0], [3, 1]):
             rows = np.concatenate([np.arange(OFFSETS[i], OFFSETS[i + 1]) for i in batch])
             writer.write_batch({k: a[:, rows] for k, a in arrays.items()}, batch, lengths[batch])
@@ -75,8 +74,7 @@ def test_batches_out_of_order_land_in_dataset_order(tmp_path, arrays):
 def test_incomplete_file_is_refused_and_nothing_published(tmp_path, arrays):
     path = tmp_path / "a.safetensors"
     with pytest.raises(ValueError, match="incomplete"):
-        with ActivationWriter(path, n_layers=3, d_model=8, kinds=list(arrays), offsets=OFFSETS, input_ids=IDS,
-                              storage_dtype="float32", metadata={}) as writer:
+        with ActivationWriter(path, HEADER, offsets=OFFSETS, input_ids=IDS) as writer:
             writer.write_batch({k: a[:, :3] for k, a in arrays.items()}, [0], [3])
             writer.commit()
     assert os.listdir(tmp_path) == []
@@ -110,7 +108,8 @@ def test_bit_flip_in_header_raises(written):
 
 
 def test_checksum_is_recorded(written):
-    assert len(ActivationFile(written).metadata[CHECKSUM_KEY]) == 32
+    header = ActivationFile(written).header
+    assert len(header.checksum) == 32 and header.checksum != "0" * 32
 
 
 def test_atomic_path_keeps_previous_file_on_error(tmp_path):

@@ -24,7 +24,7 @@ from emo_assets.core import extraction
 from emo_assets.core.extraction import ExtractionOptions, extract_to_file
 from emo_assets.core.layers import find_hook_points
 from emo_assets.core.models import load_model
-from emo_assets.core.storage import ActivationFile, ActivationWriter
+from emo_assets.core.activations import ActivationFile, ActivationHeader, ActivationWriter, ActivationWriteError
 
 BATCH = 8
 REPEAT = 8
@@ -162,15 +162,15 @@ def test_device_path_on_cpu_writes_the_same_bytes(tiny, small_texts, tmp_path, m
 def test_dataset_order_batches_write_one_run_per_layer(tiny, small_texts, tmp_path, monkeypatch, on_host):
     """Dataset-order batches (the accelerator default) give the same activations as length-sorted ones, and each
     (kind, layer) of a batch is one contiguous write."""
-    import emo_assets.core.storage as storage
+    from emo_assets.core.activations import fileio
 
     texts, ids = small_texts, [f"s{i}" for i in range(len(small_texts))]
     sorted_file = extract_to_file(tiny, texts, ids, tmp_path / "sorted.safetensors", ExtractionOptions(batch_size=6))
     if not on_host:
         monkeypatch.setattr(extraction, "HOST_DEVICES", ())
     runs = []
-    real = storage._write_unit
-    monkeypatch.setattr(storage, "_write_unit", lambda fd, unit: (runs.append(len(unit)), real(fd, unit)))
+    real = fileio.write_unit
+    monkeypatch.setattr(fileio, "write_unit", lambda fd, unit: (runs.append(len(unit)), real(fd, unit)))
     ordered = extract_to_file(tiny, texts, ids, tmp_path / "ordered.safetensors",
                               ExtractionOptions(batch_size=6, length_sorted=False))
     assert len(runs) == math.ceil(len(texts) / 6) * 2 * tiny.n_layers and set(runs) == {1}
@@ -181,10 +181,10 @@ def test_dataset_order_batches_write_one_run_per_layer(tiny, small_texts, tmp_pa
 
 
 def test_writer_thread_error_is_raised_and_nothing_is_published(tiny, small_texts, tmp_path, monkeypatch):
-    import emo_assets.core.storage as storage
+    from emo_assets.core.activations import fileio
 
     calls = {"n": 0}
-    real = storage._pwrite_all
+    real = fileio.pwrite_all
 
     def failing(fd, data, position):
         calls["n"] += 1
@@ -192,9 +192,9 @@ def test_writer_thread_error_is_raised_and_nothing_is_published(tiny, small_text
             raise OSError(28, "No space left on device")
         real(fd, data, position)
 
-    monkeypatch.setattr(storage, "_pwrite_all", failing)
+    monkeypatch.setattr(fileio, "pwrite_all", failing)
     texts, ids = small_texts, [f"s{i}" for i in range(len(small_texts))]
-    with pytest.raises(storage.ActivationWriteError, match="No space left"):
+    with pytest.raises(ActivationWriteError, match="No space left"):
         extract_to_file(tiny, texts, ids, tmp_path / "out" / "a.safetensors", ExtractionOptions(batch_size=4))
     assert list((tmp_path / "out").iterdir()) == []
 
@@ -226,7 +226,7 @@ def test_coalesced_writes_survive_short_pwritev(tmp_path, monkeypatch, short):
     """Neighbouring sentences go out as one pwritev; a short pwritev is finished buffer by buffer."""
     import os
 
-    import emo_assets.core.storage as storage
+    from emo_assets.core.activations import fileio
 
     rng = np.random.default_rng(3)
     offsets = np.array([0, 3, 4, 9, 11, 12])
@@ -241,10 +241,10 @@ def test_coalesced_writes_survive_short_pwritev(tmp_path, monkeypatch, short):
             return os.pwrite(fd, bytes(memoryview(buffers[0]).cast("B")[:5]), position)
         return real(fd, buffers, position)
 
-    monkeypatch.setattr(storage.os, "pwritev", pwritev)
+    monkeypatch.setattr(fileio.os, "pwritev", pwritev)
     path = tmp_path / "a.safetensors"
-    with ActivationWriter(path, n_layers=2, d_model=8, kinds=list(full), offsets=offsets, input_ids=np.arange(12),
-                          storage_dtype="float32", metadata={}) as writer:
+    header = ActivationHeader(n_layers=2, d_model=8, kinds=tuple(full))
+    with ActivationWriter(path, header, offsets=offsets, input_ids=np.arange(12)) as writer:
         for batch in ([3, 1, 2], [0, 4]):  # padded layout: [n_layers, batch, width, d]
             width = max(lengths[batch])
             padded = {}
@@ -265,16 +265,16 @@ def test_windowed_map_hash_equals_read_back(tmp_path, monkeypatch):
     import mmap
     import os
 
-    import emo_assets.core.storage as storage
+    from emo_assets.core.activations import fileio
 
     data = np.random.default_rng(5).bytes(5 * mmap.ALLOCATIONGRANULARITY + 123)
     path = tmp_path / "blob"
     path.write_bytes(data)
-    monkeypatch.setattr(storage, "_MAP_WINDOW", 2 * mmap.ALLOCATIONGRANULARITY)
+    monkeypatch.setattr(fileio, "MAP_WINDOW", 2 * mmap.ALLOCATIONGRANULARITY)
     fd = os.open(path, os.O_RDONLY)
     try:
         for start in (0, 17, mmap.ALLOCATIONGRANULARITY + 5):
             size = len(data) - start - 3
-            assert storage._hash_own_file(fd, start, size) == storage._hash_data(fd, start, size)
+            assert fileio.hash_own_file(fd, start, size) == fileio.hash_data(fd, start, size)
     finally:
         os.close(fd)

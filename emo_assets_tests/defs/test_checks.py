@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from emo_assets.cli import partition_range
-from emo_assets.core.storage import ActivationFile, write_activation_file
+from emo_assets.core.activations import ActivationFile, write_activation_file
 from emo_assets.definitions import build_defs
 from emo_assets.defs import activations as activations_module
 from emo_assets.defs.activations import activations_key
@@ -31,24 +31,24 @@ def _store_a_nan(path) -> None:
     file = ActivationFile(path)
     arrays = {kind: np.array(file.raw(kind)) for kind in file.kinds}
     arrays["resid_post"][1, 2, 3] = np.nan
-    offsets, input_ids, metadata = np.array(file.offsets), np.array(file.input_ids), dict(file.metadata)
+    offsets, input_ids, header = np.array(file.offsets), np.array(file.input_ids), file.header
     del file
-    write_activation_file(path, arrays, offsets=offsets, input_ids=input_ids, storage_dtype="float32",
-                          metadata=metadata)
+    write_activation_file(path, arrays, offsets=offsets, input_ids=input_ids, header=header)
 
 
 @pytest.mark.slow  # fault injection
 def test_corrupt_files_fail_the_checks_and_block_the_summary(baseline_ready, monkeypatch):
     settings, defs, instance = baseline_ready
-    extract = activations_module.extract_to_file
+    extract = activations_module.extract_files
     damage = {("tiny-gpt2", "anger"): _flip_a_bit, ("tiny-pythia", "apology"): _store_a_nan}
 
-    def damaging_extract(loaded, texts, ids, path, options, metadata):
-        result = extract(loaded, texts, ids, path, options, metadata=metadata)
-        damage.get((loaded.slug, metadata["emotion"]), lambda p: None)(result.path)
-        return result
+    def damaging_extract(loaded, jobs, options):
+        results = extract(loaded, jobs, options)
+        for job, result in zip(jobs, results):
+            damage.get((loaded.slug, job.source.emotion), lambda p: None)(result.path)
+        return results
 
-    monkeypatch.setattr(activations_module, "extract_to_file", damaging_extract)
+    monkeypatch.setattr(activations_module, "extract_files", damaging_extract)
     keys = partitions_for(settings).activations.get_partition_keys()
     result = materialize(defs, [activations_key("baseline"), summary_key("baseline")], instance, partition_range(keys))
 

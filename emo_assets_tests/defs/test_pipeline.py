@@ -15,7 +15,7 @@ import pytest
 from mlflow import MlflowClient
 
 from emo_assets import cli
-from emo_assets.core.storage import ActivationFile
+from emo_assets.core.activations import ActivationFile
 from emo_assets.defs.activations import activation_path, activations_key
 from emo_assets.defs.datasets import emotion_parquet_path
 from emo_assets.defs.partitions import partitions_for
@@ -75,6 +75,8 @@ def test_metadata_matches_the_files(pipeline, small_datasets):
     settings, instance, _, _ = pipeline
     parts = partitions_for(settings)
     assert len(parts.activations.get_partition_keys()) == 16
+    texts = {(v, e): {r["text"] for r in read_records(small_datasets[v]) if r["emotion"] == e}
+             for v in VARIANTS for e in settings.emotions}
     for variant in VARIANTS:
         counts = {e: sum(r["emotion"] == e for r in read_records(small_datasets[variant])) for e in settings.emotions}
         for emotion in settings.emotions:
@@ -95,6 +97,10 @@ def test_metadata_matches_the_files(pipeline, small_datasets):
             model = _metadata(_latest(instance, dg.AssetKey("language_model"), slug))
             assert meta["model_revision"] == model["revision"] == file.metadata["model_revision"]
             assert meta["dataset_sha256"] == file.metadata["dataset_sha256"]
+            # extended runs after baseline: its sentences that baseline holds are copied, not forwarded
+            shared = len(texts["extended", emotion] & texts["baseline", emotion]) if variant == "extended" else 0
+            assert (meta["n_reused"], meta["n_computed"]) == (shared, counts[emotion] - shared)
+            assert (file.header.reuse.reused if file.header.reuse else 0) == shared
             assert meta["mlflow"].startswith("logged (run ")
             assert meta["model_loads_in_run"] == {s: 1 for s in settings.model_slugs}  # one load per model per run
         summary = _metadata(_latest(instance, dg.AssetKey([variant, "phase2_summary"])))
@@ -136,6 +142,9 @@ def test_mlflow_has_a_run_per_partition_and_the_summaries(pipeline, mlflow_uri):
         assert run.data.params["dtype"] == "float32" and run.data.params["batch_size"] == "32"
         assert run.data.metrics["file_size_mb"] == pytest.approx(meta["file_size_mb"])
         assert run.data.metrics["n_samples"] == meta["n_samples"]
+        assert (run.data.metrics["n_reused"], run.data.metrics["n_computed"]) == (meta["n_reused"], meta["n_computed"])
+        sources = [source["path"] for source in meta["reuse_sources"]]
+        assert run.data.params["reuse_sources"] == (", ".join(sources) or "none")
         assert "samples_per_s" in run.data.metrics
         assert run.data.tags["dagster.partition_key"] == "anger|tiny-gpt2"
         assert meta["mlflow"] == f"logged (run {run.info.run_id})"

@@ -13,12 +13,12 @@ import subprocess
 import pytest
 
 from emo_assets.core.atomic import temp_path_for, write_bytes_atomic
-from emo_assets.core.storage import ActivationFile, ActivationWriter
+from emo_assets.core.activations import ActivationFile, ActivationWriter
 from emo_assets.extract import main as extract_main
 from emo_assets_tests.reliability.helpers import (
     CLI_WRAPPER, PYTHON, dataset_env, extract_command, sha256, temp_files,
 )
-from emo_assets_tests.reliability.test_write_faults import N_LAYERS, D_MODEL, arrays, layout, write_good
+from emo_assets_tests.reliability.test_write_faults import arrays, header, layout, write_good
 
 
 def test_interleaved_writers_in_one_process_do_not_mix(tmp_path):
@@ -31,8 +31,7 @@ def test_interleaved_writers_in_one_process_do_not_mix(tmp_path):
         write_good(tmp_path / f"ref{seed}.safetensors", seed=seed, lengths=lengths)
         reference[seed] = (tmp_path / f"ref{seed}.safetensors").read_bytes()
     writers = {
-        seed: ActivationWriter(final, n_layers=N_LAYERS, d_model=D_MODEL, kinds=["resid_post", "mlp_out"],
-                               offsets=offsets, input_ids=ids, storage_dtype="float32", metadata={"run": str(seed)})
+        seed: ActivationWriter(final, header(seed), offsets=offsets, input_ids=ids)
         for seed in (1, 2)
     }
     data = {seed: arrays(seed, lengths) for seed in (1, 2)}
@@ -64,7 +63,7 @@ def test_live_temp_of_this_process_survives_a_publish(tmp_path):
 BARRIER = """
 import glob, os, time
 from pathlib import Path
-from emo_assets.core.storage import ActivationWriter
+from emo_assets.core.activations import ActivationWriter
 _commit = ActivationWriter.commit
 def _commit_when_both_write(self):
     # this writer's temp file is complete; say so, then wait until the other writer's is too

@@ -159,15 +159,16 @@ def test_truncated_activation_file_stops_the_pipeline_before_analysis(tmp_path, 
     by hand on that file fails naming it instead of computing on garbage."""
     settings = dagster_settings(tmp_path, small_datasets, EMO_ASSETS_MODELS="tiny-gpt2")
     defs = build_defs(settings)
-    extract = activations_module.extract_to_file
+    extract = activations_module.extract_files
 
-    def truncating_extract(loaded, texts, ids, path, options, metadata):
-        result = extract(loaded, texts, ids, path, options, metadata=metadata)
-        if metadata["emotion"] == "anger":
-            _truncate(result.path)
-        return result
+    def truncating_extract(loaded, jobs, options):
+        results = extract(loaded, jobs, options)
+        for job, result in zip(jobs, results):
+            if job.source.emotion == "anger":
+                _truncate(result.path)
+        return results
 
-    monkeypatch.setattr(activations_module, "extract_to_file", truncating_extract)
+    monkeypatch.setattr(activations_module, "extract_files", truncating_extract)
     lines = []
     with dg.DagsterInstance.ephemeral() as instance:
         assert run_steps(defs, full_plan(settings, ["baseline"]), instance, echo=lines.append) is False

@@ -42,7 +42,7 @@ def hang(where):
     while True:
         time.sleep(60)
 if what == "activations":
-    from emo_assets.core.storage import ActivationWriter
+    from emo_assets.core.activations import ActivationWriter
     write_batch = ActivationWriter.write_batch
     def first_batch_then_hang(self, *args, **kwargs):
         write_batch(self, *args, **kwargs)

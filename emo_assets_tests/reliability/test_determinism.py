@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from emo_assets.core.storage import ActivationFile
+from emo_assets.core.activations import ActivationFile
 
 pytestmark = pytest.mark.slow
 

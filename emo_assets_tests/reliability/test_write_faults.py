@@ -17,10 +17,16 @@ import os
 import numpy as np
 import pytest
 
-from emo_assets.core import storage
+from emo_assets.core.activations import fileio
 from emo_assets.core.atomic import atomic_path, temp_path_for, write_bytes_atomic
 from emo_assets.core.extraction import ExtractionOptions, extract_to_file
-from emo_assets.core.storage import ActivationFile, ActivationWriteError, ActivationWriter, write_activation_file
+from emo_assets.core.activations import (
+    ActivationFile,
+    ActivationHeader,
+    ActivationWriteError,
+    ActivationWriter,
+    write_activation_file,
+)
 from emo_assets.extract import main as extract_main
 from emo_assets_tests.reliability.helpers import dataset_env, run_cli_with, run_python, temp_files
 
@@ -41,8 +47,12 @@ def arrays(seed: int, lengths=LENGTHS) -> dict[str, np.ndarray]:
 
 def write_good(final, seed=0, lengths=LENGTHS):
     offsets, ids = layout(lengths)
-    return write_activation_file(final, arrays(seed, lengths), offsets=offsets, input_ids=ids,
-                                 storage_dtype="float32", metadata={"run": str(seed)})
+    return write_activation_file(final, arrays(seed, lengths), offsets=offsets, input_ids=ids, header=header(seed))
+
+
+def header(seed: int) -> ActivationHeader:
+    """A header for the test arrays; the seed goes into a provenance field, so each run's file differs."""
+    return ActivationHeader(n_layers=N_LAYERS, d_model=D_MODEL, kinds=("resid_post", "mlp_out"), model_id=f"run-{seed}")
 
 
 def assert_untouched(final, previous: bytes) -> None:
@@ -58,7 +68,7 @@ def assert_untouched(final, previous: bytes) -> None:
 CHILD = """
 import json, resource, signal, sys
 import numpy as np
-from emo_assets.core.storage import ActivationWriter, ActivationWriteError
+from emo_assets.core.activations import ActivationHeader, ActivationWriter, ActivationWriteError
 final, limit_at, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 def limit_now():
@@ -70,9 +80,8 @@ if limit_at == "start":
     limit_now()
 batches = 0
 try:
-    with ActivationWriter(final, n_layers=4, d_model=64, kinds=["resid_post", "mlp_out"], offsets=offsets,
-                          input_ids=np.arange(offsets[-1]) % 1000, storage_dtype="float32",
-                          metadata={"run": "child"}) as writer:
+    header = ActivationHeader(n_layers=4, d_model=64, kinds=("resid_post", "mlp_out"), model_id="child")
+    with ActivationWriter(final, header, offsets=offsets, input_ids=np.arange(offsets[-1]) % 1000) as writer:
         for index in range(len(lengths)):
             batch = {k: rng.standard_normal((4, 50, 64)).astype(np.float32) for k in writer.kinds}
             writer.write_batch(batch, [index], [50])
@@ -117,12 +126,12 @@ FAULTS = {
 
 
 def _inject(monkeypatch, names, code: int, fail_from: float) -> dict:
-    """Make the functions `names` (as the storage module sees them) raise OSError(code) from the
+    """Make the functions `names` (as the writer's I/O module sees them) raise OSError(code) from the
     `fail_from`-th call on, counted over all of them; returns the counter."""
     calls = {"n": 0}
     for name in names:
         module_name, attribute = name.split(".")
-        module = getattr(storage, module_name, None)
+        module = getattr(fileio, module_name, None)
         real = getattr(module, attribute, None)
         if real is None:
             continue
@@ -246,7 +255,7 @@ def test_atomic_path_under_rlimit_fsize_keeps_the_previous_file(tmp_path):
 # Drop RLIMIT_FSIZE to half the size of the (fully pre-allocated) temp file once the first batch is written.
 MID_FILE_LIMIT = """
 import glob, os, resource, signal
-from emo_assets.core.storage import ActivationWriter
+from emo_assets.core.activations import ActivationWriter
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 _real = ActivationWriter.write_batch
 def _write_batch(self, *args, **kwargs):

@@ -31,15 +31,16 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 import polars as pl
 
+from emo_assets.core.activations import BASE_KINDS, ActivationFile
 from emo_assets.core.atomic import atomic_path
 from emo_assets.core.datasets import read_dataset
 from emo_assets.core.paths import activation_dir, activation_file, safe_name, variant_dir
-from emo_assets.core.storage import ActivationFile
+from emo_assets.core.tokenization import bos_token_id
 
 ANALYSIS_STAGE = "analysis"
 CROSS_MODEL = "_cross_model"
 CROSS_VARIANT = "_cross_variant"
-KINDS = ("resid_post", "mlp_out")  # the kinds analysed (attn_out, when stored, is left out)
+KINDS = BASE_KINDS  # the kinds analysed (attn_out, when stored, is left out)
 REPORT_NAME = "report.md"
 
 
@@ -166,11 +167,11 @@ class ModelActivations:
         first = files[emotions[0]]
         facts = {}
         for emotion, f in files.items():
-            recorded = f.metadata.get("emotion")
+            recorded = f.header.emotion
             if recorded is not None and recorded != emotion:
                 raise AnalysisInputError(f"{f.path}: holds emotion {recorded!r}, expected {emotion!r}")
-            facts[emotion] = (f.metadata.get("model_id"), f.metadata.get("model_revision"), f.n_layers, f.d_model,
-                              f.metadata.get("dataset_sha256"))  # fmt: skip
+            h = f.header
+            facts[emotion] = (h.model_id, h.model_revision, h.n_layers, h.d_model, h.dataset_sha256)
         if len(set(facts.values())) != 1:
             raise AnalysisInputError(
                 f"{variant}/{slug}: the emotion files come from different models, shapes or datasets "
@@ -190,8 +191,8 @@ class ModelActivations:
         acts = cls(
             variant=variant,
             slug=slug,
-            model_id=str(first.metadata.get("model_id", slug)),
-            model_revision=str(first.metadata.get("model_revision", "")),
+            model_id=first.header.model_id or slug,
+            model_revision=first.header.model_revision or "",
             emotions=emotions,
             files=dict(files),
             labels=labels,
@@ -200,8 +201,8 @@ class ModelActivations:
             n_layers=first.n_layers,
             d_model=first.d_model,
             kinds=tuple(common),
-            dataset_sha256=str(first.metadata.get("dataset_sha256", "")),
-            prepend_bos=json.loads(first.metadata.get("prepend_bos", "false")),
+            dataset_sha256=first.header.dataset_sha256 or "",
+            prepend_bos=bool(first.header.prepend_bos),
         )
         if dataset_path is not None:
             acts.attach_texts(dataset_path)
@@ -306,7 +307,10 @@ def token_strings(
     if acts.texts is not None:
         encoded = tokenizer(list(acts.texts), add_special_tokens=False)["input_ids"]
         if acts.prepend_bos:
-            bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
+            try:
+                bos = bos_token_id(tokenizer)
+            except ValueError as exc:
+                return TokenStrings(None, str(exc))
             encoded = [[bos, *e] for e in encoded]
         stored = [ids[a:b].tolist() for a, b in zip(acts.offsets[:-1], acts.offsets[1:])]
         mismatched = sum(1 for e, s in zip(encoded, stored) if e[: len(s)] != s)

@@ -41,7 +41,7 @@ from emo_assets.core.analysis.model_analysis import (
 from emo_assets.core.analysis.variant_report import analysis_report_step
 from emo_assets.core.offline_models import train_tokenizer
 from emo_assets.core.paths import activation_dir, activation_file
-from emo_assets.core.storage import write_activation_file
+from emo_assets.core.activations import ActivationHeader, write_activation_file
 
 EMOTIONS = ("gratitude", "anger", "apology", "neutral")
 WORDS = {"gratitude": "thanks", "anger": "furious", "apology": "sorry", "neutral": "table"}
@@ -90,9 +90,10 @@ def _write_model(results: Path, variant: str, slug: str, d: int, tokenizer, seed
             arrays[kind] = acts.astype(np.float32)
         write_activation_file(
             activation_file(activation_dir(results, variant, slug), emotion), arrays, offsets=offsets,
-            input_ids=np.concatenate(ids), storage_dtype="float32",
-            metadata={"emotion": emotion, "model_id": slug, "model_revision": "r1", "dataset_sha256": "x",
-                      "sentence_ids": json.dumps([r["id"] for r in records]), "prepend_bos": "false"},
+            input_ids=np.concatenate(ids),
+            header=ActivationHeader(n_layers=N_LAYERS, d_model=d, kinds=tuple(arrays), emotion=emotion, model_id=slug,
+                                    model_revision="r1", dataset_sha256="x", prepend_bos=False,
+                                    sentence_ids=tuple(r["id"] for r in records)),
         )  # fmt: skip
     np.save(results / f"{variant}-{slug}-directions.npy", directions)
 

@@ -15,7 +15,7 @@ import pytest
 
 from emo_assets.core.analysis.probes import ProbeSettings, probe_layers
 from emo_assets.core.extraction import ExtractionOptions, extract_to_file
-from emo_assets.core.storage import ActivationFile
+from emo_assets.core.activations import ActivationFile
 from emo_assets_tests.conftest import BASELINE, cut_dataset, read_records
 
 EMOTIONS = ("gratitude", "anger", "apology", "neutral")

@@ -1,0 +1,146 @@
+"""Reading activation files: safetensors' own reader for the header and the tensors, plus the checksum.
+
+`safetensors.safe_open` parses and validates the header and memory-maps the file; tensors are read through
+`get_slice(kind)[layer, rows]`, so only the requested part is copied out. What is written here by hand is what
+safetensors does not know: the header's meaning (`ActivationHeader`), the xxh3-128 checksum of the data section,
+and bfloat16, which numpy cannot represent (those tensors are read through torch's view of the same file and
+handed out as their raw 16-bit patterns or widened to float32).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
+
+from emo_assets.core.activations import fileio
+from emo_assets.core.activations.format import ACTIVATION_KINDS, ActivationFileError, ActivationHeader
+from emo_assets.core.dtypes import to_float32
+
+
+class ActivationFile:
+    """Reader of one activation file.
+
+    Opening checks the header (format, version, tensors present, file size); `verify=True` (the default) also
+    hashes the data section against the stored checksum, so a truncated or bit-flipped file raises
+    `ActivationFileError` instead of feeding silent garbage into the analysis. Arrays come back as float32.
+    `header` is the typed header; `metadata` the raw `__metadata__` strings.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, verify: bool = True) -> None:
+        self.path = Path(path)
+        try:
+            self._size = self.path.stat().st_size
+            with open(self.path, "rb") as handle:
+                prefix = handle.read(8)
+        except OSError as exc:
+            raise ActivationFileError(f"{self.path}: cannot open activation file: {exc}") from exc
+        if len(prefix) < 8:
+            raise ActivationFileError(f"{self.path}: truncated: {len(prefix)} bytes, not a safetensors file")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if 8 + header_len > self._size:
+            raise ActivationFileError(f"{self.path}: truncated or corrupt header (length {header_len})")
+        self._data_start = 8 + header_len
+        try:
+            self._handle = safe_open(self.path, framework="numpy")
+            self.metadata: dict[str, str] = dict(self._handle.metadata() or {})
+            names = set(self._handle.keys())
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for any malformed file
+            raise ActivationFileError(f"{self.path}: truncated or corrupt: {exc}") from exc
+        self.header = ActivationHeader.from_metadata(self.metadata, self.path)
+        expected = {"input_ids", "offsets", *self.header.kinds}
+        if names != expected:
+            raise ActivationFileError(f"{self.path}: tensors {sorted(names)} do not match the header's {sorted(expected)}")
+        self._torch_handle = None
+        self.kinds = [k for k in ACTIVATION_KINDS if k in names]
+        self.offsets = self._handle.get_tensor("offsets")
+        self.input_ids = self._handle.get_tensor("input_ids")
+        self.n_sentences = len(self.offsets) - 1
+        self.n_tokens = int(self.offsets[-1]) if len(self.offsets) else 0
+        if (
+            len(self.offsets) < 2 or self.offsets[0] != 0 or np.any(np.diff(self.offsets) <= 0)
+            or len(self.input_ids) != self.n_tokens
+            or (self.n_sentences, self.n_tokens) != (self.header.n_sentences, self.header.n_tokens)
+        ):
+            raise ActivationFileError(f"{self.path}: offsets are not strictly increasing from 0 to n_tokens")
+        if verify:
+            self.verify()
+
+    @property
+    def n_layers(self) -> int:
+        return self.header.n_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.header.d_model
+
+    @property
+    def dtype(self) -> str:
+        """The storage dtype's name."""
+        return self.header.storage_dtype
+
+    @property
+    def sentence_ids(self) -> list[str]:
+        return list(self.header.sentence_ids or ())
+
+    def verify(self) -> None:
+        """Hash the data section and compare with the stored checksum; raise `ActivationFileError` on mismatch."""
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            actual = fileio.hash_data(fd, self._data_start, self._size - self._data_start)
+        finally:
+            os.close(fd)
+        if actual != self.header.checksum:
+            raise ActivationFileError(
+                f"{self.path}: checksum mismatch (stored {self.header.checksum}, computed {actual}): the file is "
+                "corrupt; delete it and extract again"
+            )
+
+    # -- access ----------------------------------------------------------------------------------------
+    def _check(self, kind: str, layer: int) -> None:
+        if kind not in self.kinds:
+            raise KeyError(f"{self.path}: no {kind!r} activations (file has {self.kinds})")
+        if not -self.n_layers <= layer < self.n_layers:
+            raise IndexError(f"{self.path}: layer {layer} out of range for {self.n_layers} layers")
+
+    def _read(self, kind: str, index) -> np.ndarray:
+        """`tensor[index]` in its stored values (bfloat16 as uint16 bits), read through safetensors."""
+        if self.dtype != "bfloat16":
+            return self._handle.get_slice(kind)[index]
+        if self._torch_handle is None:
+            self._torch_handle = safe_open(self.path, framework="pt")
+        import torch
+
+        return self._torch_handle.get_slice(kind)[index].view(torch.int16).numpy().view(np.uint16)
+
+    def raw(self, kind: str) -> np.ndarray:
+        """The whole tensor [n_layers, n_tokens, d_model] in its stored dtype (bfloat16 as uint16)."""
+        self._check(kind, 0)
+        return self._read(kind, slice(None))
+
+    def raw_rows(self, kind: str, layer: int, start: int, stop: int) -> np.ndarray:
+        """Token rows start:stop of one layer in the stored dtype (bfloat16 as uint16) [stop - start, d_model]."""
+        self._check(kind, layer)
+        return self._read(kind, (layer, slice(start, stop)))
+
+    def layer(self, kind: str, layer: int) -> np.ndarray:
+        """All token rows of one layer, float32 [n_tokens, d_model]."""
+        self._check(kind, layer)
+        return to_float32(self._read(kind, layer), self.dtype)
+
+    def sentence_end(self, kind: str, layer: int) -> np.ndarray:
+        """The last real token of every sentence, dataset order: float32 [n_sentences, d_model]."""
+        self._check(kind, layer)
+        return to_float32(self._read(kind, layer)[self.offsets[1:] - 1], self.dtype)
+
+    def sentence(self, kind: str, layer: int, index: int) -> np.ndarray:
+        """One sentence's token rows, float32 [n_tokens_i, d_model]."""
+        self._check(kind, layer)
+        start, end = int(self.offsets[index]), int(self.offsets[index + 1])
+        return to_float32(self._read(kind, (layer, slice(start, end))), self.dtype)
+
+    def sentence_slices(self) -> list[slice]:
+        return [slice(int(a), int(b)) for a, b in zip(self.offsets[:-1], self.offsets[1:])]
