@@ -17,11 +17,8 @@ from pathlib import Path
 
 from emo_assets.core.config import DTYPES, ConfigError, load_settings
 from emo_assets.core.datasets import DatasetError, read_dataset
-from emo_assets.core.extraction import ExtractionError, ExtractionOptions, extract_to_file
-from emo_assets.core.models import ModelLoadError
+from emo_assets.core.models import ModelLoadError, load_configured_model
 from emo_assets.core.paths import UnsafeNameError, activation_file, safe_name
-from emo_assets.core.registry import load_configured_model
-from emo_assets.core.storage import ActivationWriteError
 
 EXIT_INVALID_INPUT = 2
 EXIT_FAILURE = 1
@@ -74,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(EXIT_INVALID_INPUT, str(exc))
     for warning in dataset.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+
+    # torch and transformers are imported here, after the input is known to be valid: a bad dataset or
+    # argument is reported without paying for them
+    from emo_assets.core.extraction import ExtractionError, ExtractionOptions, extract_to_file
+    from emo_assets.core.storage import ActivationWriteError
 
     _quiet_transformers()
     try:

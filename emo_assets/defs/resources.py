@@ -21,7 +21,7 @@ from pydantic import PrivateAttr
 from emo_assets.core.config import Settings
 from emo_assets.core.models import LoadedModel
 from emo_assets.core.paths import model_slug
-from emo_assets.core.registry import load_configured_model
+from emo_assets.core.models import load_configured_model
 
 
 class ModelCache(dg.ConfigurableResource):
