@@ -1,8 +1,7 @@
-"""Seed-compatible extraction CLI: `python -m emo_assets.extract --model gpt2 --output DIR [--emotion E]`.
+"""Extraction CLI: `python -m emo_assets.extract --model gpt2 --output DIR [--emotion E]`.
 
-Same arguments and defaults as the seed's `extract_activations.py` (`--dataset` defaults to
-`data/emotion_dataset.jsonl`, no `--emotion` means every emotion, one file each), writing
-`<output>/activations_<emotion>.safetensors`. The whole dataset is validated, and every sentence checked
+`--dataset` defaults to `data/emotion_dataset.jsonl`; no `--emotion` means every emotion, one file each, written
+as `<output>/activations_<emotion>.safetensors`. The whole dataset is validated, and every sentence checked
 against the model's context, before anything is written.
 
 Exit codes: 0 success; 2 invalid input (dataset, emotion, names; nothing written); 1 model loading or
