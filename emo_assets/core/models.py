@@ -205,6 +205,11 @@ class _HoldLoadReports(logging.Filter):
             return False
         return True
 
+    def release(self) -> None:
+        """Show the held reports as transformers would have (call after the filter is removed)."""
+        for record in self.records:
+            logging.getLogger(record.name).handle(record)
+
 
 @contextlib.contextmanager
 def _head_reports_held() -> Iterator[_HoldLoadReports]:
@@ -216,6 +221,10 @@ def _head_reports_held() -> Iterator[_HoldLoadReports]:
     source.addFilter(held)
     try:
         yield held
+    except BaseException:
+        source.removeFilter(held)
+        held.release()  # a failed load keeps its report
+        raise
     finally:
         source.removeFilter(held)
 
@@ -233,8 +242,7 @@ def _report_dropped_head(model_id: str, model, loading_info: dict, held: _HoldLo
 
     head_only = bool(unexpected) and not any(problems) and all(outside_base_model(k) for k in unexpected)
     if not head_only:
-        for record in held.records:
-            logging.getLogger(record.name).handle(record)
+        held.release()
         return []
     log.info("%s: checkpoint weights %s (the LM head) are not loaded: activations come from the base model %s",
              model_id, ", ".join(unexpected), type(model).__name__)

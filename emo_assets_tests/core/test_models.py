@@ -155,7 +155,7 @@ def transformers_warnings_shown():
 
 def _lm_head_checkpoint(folder: Path, texts: list[str], extra_key: str | None = None) -> Path:
     """A tiny Pythia saved with its (untied) LM head `embed_out`, as hub checkpoints are; optionally one more
-    tensor that belongs to no module of the model."""
+    3-element tensor under `extra_key` (added, or replacing a weight of another shape)."""
     tokenizer = train_tokenizer(texts)
     model_dir = save_random_model(folder, TINY_RECIPES["tiny-pythia"](len(tokenizer)), tokenizer, lm_head=True)
     if extra_key:
@@ -194,3 +194,13 @@ def test_other_load_problems_keep_the_transformers_report(tmp_path, small_texts,
     assert len(reports) == 1 and "layers.0.stray" in reports[0] and "embed_out.weight" in reports[0]
     assert not _messages(caplog, "emo_assets.core.models")
     assert "unused_head_keys" not in loaded.info
+
+
+def test_a_failed_load_keeps_the_transformers_report(tmp_path, small_texts, caplog, transformers_warnings_shown):
+    model_dir = _lm_head_checkpoint(tmp_path / "pythia-bad", small_texts,
+                                    extra_key="gpt_neox.final_layer_norm.weight")  # wrong shape: load fails
+    with caplog.at_level(logging.INFO), pytest.raises(ModelLoadError, match="pythia-bad"):
+        load_model(str(model_dir), device="cpu")
+    reports = [m for m in _messages(caplog, "transformers.modeling_utils") if "LOAD REPORT" in m]
+    assert len(reports) == 1 and "final_layer_norm.weight" in reports[0] and "MISMATCH" in reports[0]
+    assert not _messages(caplog, "emo_assets.core.models")
