@@ -54,7 +54,7 @@ def extraction_sum(folder: Path, profile: str, variants: list[str] | None = None
     """Load every model of the profile once and extract every partition; wall seconds of each part."""
     from emo_assets.core.config import load_settings
     from emo_assets.core.extraction import ExtractionOptions, extract_to_file
-    from emo_assets.core.registry import load_configured_model
+    from emo_assets.core.models import load_configured_model
 
     env = _graph_env(folder, profile, models)
     settings = load_settings(env)

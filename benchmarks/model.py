@@ -8,16 +8,12 @@ The tokenizer's vocabulary is small (2048), so every id is < 50257 and the embed
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Sequence
 
-from emo_assets.core.atomic import fsync_dir, temp_path_for
-from emo_assets.core.offline_models import model_cache_dir, train_tokenizer
+from emo_assets.core.offline_models import model_cache_dir, save_random_model, train_tokenizer
 
 RECIPE = "bench-gpt2-small-v1"
 
@@ -29,25 +25,6 @@ def bench_model_dir(texts: Sequence[str]) -> Path:
     target = model_cache_dir() / f"{RECIPE}-{key}"
     if (target / "config.json").is_file():
         return target
-    import torch
-    from transformers import GPT2Config, GPT2Model
+    from transformers import GPT2Config
 
-    tokenizer = train_tokenizer(corpus)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = GPT2Model(GPT2Config())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temp = temp_path_for(target)
-    try:
-        model.save_pretrained(temp)
-        tokenizer.save_pretrained(temp)
-        try:
-            os.rename(temp, target)
-        except OSError:
-            if not (target / "config.json").is_file():
-                raise
-        fsync_dir(target.parent)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(temp)
-    return target
+    return save_random_model(target, GPT2Config(), train_tokenizer(corpus))

@@ -12,7 +12,9 @@ that repetition's extraction and the median is reported, because the machine is 
    5a the offline profile, 5b the benchmark model as a one-model profile (baseline variant);
 6. peak RSS of an extraction of the dataset at 1x and 8x, each in a fresh process;
 7. bf16 compute vs fp32: speed and the largest relative error of the stored activations;
-8. batch-size sweep (16/32/64 by default): floor and extraction, interleaved.
+8. batch-size sweep (16/32/64 by default): floor and extraction, interleaved;
+9-11. the paper models' full-size stand-ins, cold processes (`benchmarks.paper`): the paper profile against its
+   forward floor, the extract CLI against a TransformerLens script, and a cold process's fixed costs.
 
 Prints a table and writes `results/bench/bench-<UTC time>.json` and `results/bench/latest.json` (atomically).
 """
@@ -48,7 +50,7 @@ from benchmarks.common import (
 )
 from emo_assets.core.dtypes import DTYPES
 
-SKIPPABLE = ("seed", "tl", "nnsight", "bf16", "sweep", "rss", "graph")
+SKIPPABLE = ("seed", "tl", "nnsight", "bf16", "sweep", "rss", "graph", "paper", "cli-tl", "fixed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget", type=float, default=540,
                         help="seconds; the batch-size sweep is skipped when the run is "
                              "behind this budget (default: %(default)s)")
+    parser.add_argument("--paper-per-emotion", type=int,
+                        help="rows 9-10: only the first N sentences per emotion of each dataset (default: all)")
+    parser.add_argument("--paper-models", default="gpt2,EleutherAI/pythia-160m,EleutherAI/gpt-neo-125M",
+                        help="rows 10-11: stand-ins to run (default: %(default)s)")
+    parser.add_argument("--paper-tiny", action="store_true",
+                        help="rows 9-11 on 2-layer stand-ins of the same architectures (checks the harness, not speed)")
     parser.add_argument("--skip", default="", help=f"comma-separated rows to skip: {', '.join(SKIPPABLE)}")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="result folder (default: %(default)s)")
     return parser
@@ -278,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             _echo("Phase 2 of the graph on the benchmark model (subprocess) and its extraction sum")
             rows.append(graph_row(work_dir, "5b", "benchmark model as the profile, Phase 2", variants=["baseline"],
                                   models=str(model_ref)))
+        rows += paper_rows(args, skip, work_dir)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     meta["loadavg_end"] = loadavg()
@@ -303,6 +312,27 @@ def main(argv: list[str] | None = None) -> int:
               "absolute numbers are unreliable; the ratios are paired per repetition")
     print(f"wrote {stamped} and {latest}")
     return 0
+
+
+def paper_rows(args, skip: set[str], work_dir: Path) -> list[Row]:
+    """Rows 9-11 (`benchmarks.paper`); the stand-ins are built into the model cache on first use."""
+    if args.device != "cpu" or {"paper", "cli-tl", "fixed"} <= skip:
+        return []
+    from benchmarks.paper import cli_vs_tl_row, fixed_cost_row, paper_datasets, paper_profile_row
+
+    models = tuple(m for m in args.paper_models.split(",") if m)
+    rows = []
+    if "paper" not in skip:
+        _echo("paper profile (stand-ins): forward floor, then emo-assets materialize --profile paper (subprocess)")
+        rows.append(paper_profile_row(work_dir, args.paper_per_emotion, tiny=args.paper_tiny))
+    if "cli-tl" not in skip:
+        _echo("extract CLI vs TransformerLens script (subprocesses)")
+        dataset = paper_datasets(work_dir / "cli-tl-data", args.paper_per_emotion)["extended"]
+        rows.append(cli_vs_tl_row(work_dir, dataset, models, tiny=args.paper_tiny))
+    if "fixed" not in skip:
+        _echo("fixed costs of a cold extraction process (subprocess)")
+        rows.append(fixed_cost_row(work_dir, models, tiny=args.paper_tiny))
+    return rows
 
 
 def bf16_row(args, model_ref: str, work, texts: list[str]) -> Row:

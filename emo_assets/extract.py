@@ -1,8 +1,7 @@
-"""Seed-compatible extraction CLI: `python -m emo_assets.extract --model gpt2 --output DIR [--emotion E]`.
+"""Extraction CLI: `python -m emo_assets.extract --model gpt2 --output DIR [--emotion E]`.
 
-Same arguments and defaults as the seed's `extract_activations.py` (`--dataset` defaults to
-`data/emotion_dataset.jsonl`, no `--emotion` means every emotion, one file each), writing
-`<output>/activations_<emotion>.safetensors`. The whole dataset is validated, and every sentence checked
+`--dataset` defaults to `data/emotion_dataset.jsonl`; no `--emotion` means every emotion, one file each, written
+as `<output>/activations_<emotion>.safetensors`. The whole dataset is validated, and every sentence checked
 against the model's context, before anything is written.
 
 Exit codes: 0 success; 2 invalid input (dataset, emotion, names; nothing written); 1 model loading or
@@ -15,14 +14,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from emo_assets.core.activations import ActivationWriteError, DatasetSource
 from emo_assets.core.config import ConfigError, load_settings
 from emo_assets.core.datasets import DatasetError, condensed, read_dataset
 from emo_assets.core.dtypes import DTYPES
-from emo_assets.core.extraction import ExtractionError, ExtractionJob, ExtractionOptions, extract_files
-from emo_assets.core.models import ModelLoadError
+from emo_assets.core.models import ModelLoadError, load_configured_model
 from emo_assets.core.paths import UnsafeNameError, activation_file, safe_name
-from emo_assets.core.registry import load_configured_model
 
 EXIT_INVALID_INPUT = 2
 EXIT_FAILURE = 1
@@ -83,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     if hidden:
         print(f"warning: {hidden} more, listed by `python -m emo_assets.validate {args.dataset} --all-warnings`",
               file=sys.stderr)
+
+    # torch and transformers are imported here, after the input is known to be valid: a bad dataset or
+    # argument is reported without paying for them
+    from emo_assets.core.activations import ActivationWriteError, DatasetSource
+    from emo_assets.core.extraction import ExtractionError, ExtractionJob, ExtractionOptions, extract_files
 
     _quiet_transformers()
     try:

@@ -10,15 +10,18 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from benchmarks.graph import step_seconds
-from emo_assets_tests.conftest import REPO_ROOT
+from benchmarks.paper import DATASETS, paper_datasets
+from emo_assets_tests.conftest import REPO_ROOT, read_records
 
 
 def test_harness_writes_the_table_and_json(tmp_path, offline_models):
     out = tmp_path / "bench"
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--quick", "--limit", "24", "--model", "tiny-gpt2", "--reps", "1",
-         "--skip", "graph,rss,sweep,bf16", "--out", str(out)],
+         "--skip", "graph,rss,sweep,bf16,paper,cli-tl,fixed", "--out", str(out)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -59,3 +62,46 @@ done
 """
     assert step_seconds(output) == {"observe dataset files": 0.6, "language_model[tiny-gpt2]": 12.25,
                                     "baseline/activations + phase2_summary": 3.0}
+
+
+@pytest.mark.slow
+def test_paper_rows_on_tiny_stand_ins(tmp_path):
+    """Rows 9-11 end to end on 2-layer stand-ins of the paper architectures, loaded by their hub ids."""
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--limit", "8", "--model", "tiny-gpt2", "--reps", "1",
+         "--skip", "seed,tl,nnsight,graph,rss,sweep,bf16", "--paper-tiny", "--paper-per-emotion", "6",
+         "--paper-models", "gpt2", "--out", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {row["key"]: row for row in json.loads((out / "latest.json").read_text())["rows"]}
+    assert list(rows) == ["1", "2", "9", "10", "11"]
+    cut = paper_datasets(tmp_path / "cut", 6)
+    n_cut = {variant: len(read_records(path)) for variant, path in cut.items()}
+    assert n_cut == {variant: 6 * len({r["emotion"] for r in read_records(path)}) for variant, path in DATASETS.items()}
+
+    paper = rows["9"]
+    assert paper["status"] == "ok", paper["status"]
+    floor = paper["extra"]["floor"]
+    assert set(floor["per_model_s"]) == {"gpt2", "EleutherAI/pythia-160m", "EleutherAI/gpt-neo-125M"}
+    assert floor["sentences_per_model"] == sum(n_cut.values())
+    assert paper["samples"] == 3 * floor["sentences_per_model"]
+    assert abs(paper["ratio"] - paper["seconds"][0] / floor["sum_s"]) <= 1e-3 * paper["ratio"]
+    assert {"language_model[gpt2]", "language_model[EleutherAI-pythia-160m]"} <= set(paper["extra"]["runs_s"])
+
+    cli_tl = rows["10"]
+    if cli_tl["status"] == "ok":
+        assert cli_tl["samples"] == n_cut["extended"] and len(cli_tl["extra"]["tl_seconds"]) == 1
+        assert cli_tl["extra"]["peak_rss_mib"]["cli"] > 0 and cli_tl["extra"]["peak_rss_mib"]["tl"] > 0
+        assert abs(cli_tl["ratio"] - cli_tl["extra"]["tl_seconds"][0] / cli_tl["seconds"][0]) <= 1e-3 * cli_tl["ratio"]
+    else:
+        assert cli_tl["status"].startswith("unavailable: transformer-lens not installed"), cli_tl["status"]
+
+    fixed = rows["11"]
+    assert fixed["status"] == "ok", fixed["status"]
+    phases = fixed["extra"]["phases"]
+    assert {"import torch", "import transformers model code", "load gpt2", "total"} <= set(phases)
+    parts = sum(p["wall_s"] for name, p in phases.items() if name != "total")
+    assert abs(parts - phases["total"]["wall_s"]) <= 0.01 + 1e-3 * parts
+    assert fixed["extra"]["imports_inside_transformers_s"]["torch"] > 0

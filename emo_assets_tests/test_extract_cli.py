@@ -144,3 +144,24 @@ def test_sigkill_mid_write_leaves_no_file_and_keeps_the_previous_one(tmp_path):
     subprocess.run(command + ["--no-reuse"], env=env, check=True, capture_output=True, timeout=300)
     assert [p.name for p in out.iterdir()] == ["activations_neutral.safetensors"]  # stale temp cleaned
     assert final.read_bytes() == good  # deterministic rerun
+
+
+def _imported_modules(args: list[str], env: dict) -> tuple[int, set[str]]:
+    """Exit code and every module a fresh CLI process imported (from `python -X importtime`)."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "emo_assets.extract", *args],
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+    names = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    return proc.returncode, names
+
+
+def test_the_process_imports_only_what_extraction_needs(cli_env, tmp_path):
+    env = {"EMO_ASSETS_DATASETS": os.environ["EMO_ASSETS_DATASETS"]}
+    bad = write_records(tmp_path / "bad.jsonl", [{"id": "x", "emotion": "anger"}])
+    code, names = _imported_modules(["--model", "tiny-gpt2", "--dataset", str(bad), "--output", str(tmp_path / "o")],
+                                    env)
+    assert code == 2 and "emo_assets.core.datasets" in names
+    assert not {"torch", "transformers", "numpy"} & names  # invalid input is reported before the heavy imports
+    code, names = _imported_modules(["--model", "tiny-gpt2", "--dataset", str(cli_env["baseline"]), "--output",
+                                     str(tmp_path / "out"), "--emotion", "anger", "--no-progress"], env)
+    assert code == 0 and {"torch", "transformers", "emo_assets.core.extraction"} <= names
+    assert not {"sklearn", "matplotlib", "polars", "mlflow", "dagster", "emo_assets.core.analysis"} & names

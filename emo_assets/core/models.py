@@ -4,21 +4,35 @@ A model is named by a Hugging Face hub id (`gpt2`, `EleutherAI/pythia-160m`), a 
 offline model name (`minilm`, `tiny-gpt2`, ...). Hub ids go through the Hugging Face cache
 (`snapshot_download`): downloaded when the network allows, read from the cache when `HF_HUB_OFFLINE=1`, and
 the snapshot folder's commit hash is the revision. Only safetensors weights are fetched and loaded (no pickle).
-Base models only (`AutoModel`, no LM head: ~1.65x faster, and the head is not analysed), eval mode,
-`trust_remote_code` off unless asked.
+Base models only (`AutoModel`: the activations analysed are the base model's, and the LM head's projection
+onto the vocabulary is the costliest layer of a small model), eval mode, `trust_remote_code` off unless asked.
+Hub checkpoints usually ship the LM head; loading their base model leaves the head's weights unused, which
+transformers reports as a table of UNEXPECTED keys. That expected case is one log line here instead; any other
+load problem keeps transformers' report.
+
+The CLI and the Dagster resource both load through `load_configured_model`, so a model extracted from the command
+line and from the asset graph is the same model with the same revision. The tiny offline models train their
+tokenizer on the texts of *all* configured dataset files (`corpus_texts`), so `baseline` and `extended`
+activations come from one and the same tiny model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
+import logging
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
+from emo_assets.core.config import Settings
 from emo_assets.core.offline_models import OFFLINE_MODELS, TINY_RECIPES, minilm_path, tiny_model_dir
 from emo_assets.core.paths import model_slug
+
+log = logging.getLogger(__name__)
 
 # Files a base model needs; no *.bin / *.pt (pickle), no LM-only extras.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*", "vocab*", "merges*"]
@@ -141,11 +155,13 @@ def load_model(
     dtype = getattr(torch, compute_dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModel.from_pretrained(
-            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
-        )
+        with _head_reports_held() as held:
+            model, loading_info = AutoModel.from_pretrained(
+                path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, output_loading_info=True
+            )
     except Exception as exc:
         raise ModelLoadError(f"model {model_id!r} ({path}) could not be loaded: {type(exc).__name__}: {exc}") from exc
+    dropped = _report_dropped_head(model_id, model, loading_info, held)
     model.eval().requires_grad_(False).to(device)
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False  # no KV cache: one forward pass per batch, nothing to reuse
@@ -172,6 +188,93 @@ def load_model(
         compute_dtype=compute_dtype,
         load_seconds=time.perf_counter() - started,
         disk_bytes=_disk_bytes(path),
+        info={"unused_head_keys": dropped} if dropped else {},
+    )
+
+
+class _HoldLoadReports(logging.Filter):
+    """Holds back transformers' LOAD REPORT records; everything else on the logger passes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            self.records.append(record)
+            return False
+        return True
+
+    def release(self) -> None:
+        """Show the held reports as transformers would have (call after the filter is removed)."""
+        for record in self.records:
+            logging.getLogger(record.name).handle(record)
+
+
+@contextlib.contextmanager
+def _head_reports_held() -> Iterator[_HoldLoadReports]:
+    """Hold the load report of this one `from_pretrained` call; `_report_dropped_head` decides what is shown."""
+    from transformers import modeling_utils
+
+    source = modeling_utils.logger  # the logger `from_pretrained` reports on
+    held = _HoldLoadReports()
+    source.addFilter(held)
+    try:
+        yield held
+    except BaseException:
+        source.removeFilter(held)
+        held.release()  # a failed load keeps its report
+        raise
+    finally:
+        source.removeFilter(held)
+
+
+def _report_dropped_head(model_id: str, model, loading_info: dict, held: _HoldLoadReports) -> list[str]:
+    """When the only load problem is the checkpoint's LM head (unexpected keys outside the base model), log one
+    line and return those keys; otherwise show transformers' held report unchanged and return []."""
+    unexpected = sorted(loading_info.get("unexpected_keys") or ())
+    problems = [loading_info.get(key) for key in ("missing_keys", "mismatched_keys", "error_msgs")]
+    children = {name for name, _ in model.named_children()}
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."  # the LM-head class's name for the base model
+
+    def outside_base_model(key: str) -> bool:
+        return not key.startswith(prefix) and key.split(".")[0] not in children
+
+    head_only = bool(unexpected) and not any(problems) and all(outside_base_model(k) for k in unexpected)
+    if not head_only:
+        held.release()
+        return []
+    log.info("%s: checkpoint weights %s (the LM head) are not loaded: activations come from the base model %s",
+             model_id, ", ".join(unexpected), type(model).__name__)
+    return unexpected
+
+
+def corpus_texts(paths: Iterable[Path]) -> list[str]:
+    """The `text` fields of every existing dataset file (unparseable lines are skipped: the validator reports them)."""
+    texts = []
+    for path in paths:
+        if not Path(path).is_file():
+            continue
+        for line in Path(path).read_bytes().decode("utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("text"), str):
+                texts.append(record["text"])
+    return texts
+
+
+def load_configured_model(model_id: str, settings: Settings, *, device: str | None = None,
+                          compute_dtype: str | None = None) -> LoadedModel:
+    """`load_model` with the settings' device, dtype and trust_remote_code (arguments override)."""
+    extraction = settings.extraction
+    return load_model(
+        model_id,
+        device=device or extraction.device,
+        compute_dtype=compute_dtype or extraction.compute_dtype,
+        trust_remote_code=extraction.trust_remote_code,
+        training_texts=lambda: corpus_texts(settings.datasets.values()),
     )
 
 

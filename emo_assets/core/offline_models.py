@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Callable, Iterable
@@ -103,23 +104,29 @@ def tiny_model_dir(name: str, texts: list[str]) -> Path:
 
 
 def _build_tiny(name: str, corpus: list[str], target: Path) -> None:
-    """Seeded build into a temp folder, renamed into place (a concurrent or killed build never leaves half a model)."""
-    import torch
-    from transformers import AutoModel
-
     tokenizer = train_tokenizer(corpus)
     config = TINY_RECIPES[name](len(tokenizer))
+    save_random_model(target, config, tokenizer, recipe={"name": name, "recipe_version": RECIPE_VERSION,
+                                                         "n_training_texts": len(corpus)})
+
+
+def save_random_model(target: Path, config, tokenizer, *, lm_head: bool = False, recipe: dict | None = None) -> Path:
+    """A seeded random-weight model of `config` (base model, or with its LM head as hub checkpoints ship) and
+    `tokenizer`, saved as a model directory. Built in a temp folder and renamed into place, so a concurrent or
+    killed build never leaves half a model."""
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = AutoModel.from_config(config)
+        model = (AutoModelForCausalLM if lm_head else AutoModel).from_config(config)
     target.parent.mkdir(parents=True, exist_ok=True)
     temp = temp_path_for(target)
     try:
         model.save_pretrained(temp)
         tokenizer.save_pretrained(temp)
-        (temp / "emo_assets_recipe.json").write_text(
-            json.dumps({"name": name, "recipe_version": RECIPE_VERSION, "n_training_texts": len(corpus)}, indent=1)
-        )
+        if recipe is not None:
+            (temp / "emo_assets_recipe.json").write_text(json.dumps(recipe, indent=1))
         try:
             os.rename(temp, target)
         except OSError:
@@ -129,3 +136,24 @@ def _build_tiny(name: str, corpus: list[str], target: Path) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(temp)
+    return target
+
+
+def add_to_hub_cache(hub_cache: Path, hub_id: str, model_dir: Path, commit: str) -> Path:
+    """Lay out `model_dir` in `hub_cache` (what `HF_HUB_CACHE` names) as the hub client caches `hub_id` at
+    `commit` (`models--org--name/snapshots/<commit>/` and `refs/main`), so `from_pretrained(hub_id)` resolves it
+    under `HF_HUB_OFFLINE=1`: the hub-id code path without a network. Files are hard-linked where possible."""
+    if not re.fullmatch(r"[0-9a-f]{40}", commit):
+        raise ValueError(f"commit must be 40 lowercase hex digits, got {commit!r}")
+    repo = Path(hub_cache) / f"models--{hub_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for file in Path(model_dir).iterdir():
+        if file.is_file() and not (snapshot / file.name).exists():
+            try:
+                os.link(file, snapshot / file.name)
+            except OSError:
+                shutil.copyfile(file, snapshot / file.name)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot

@@ -48,8 +48,8 @@ from emo_assets.core.analysis.report import PROBE_COLUMNS, markdown_table
 from emo_assets.core.analysis.variant_report import analysis_report_step
 from emo_assets.core.config import Settings
 from emo_assets.core.datasets import DatasetError
-from emo_assets.core.registry import corpus_texts
 from emo_assets.core.activations import ActivationFileError
+from emo_assets.core.models import corpus_texts
 from emo_assets.defs.partitions import MODEL_DIM, fingerprint, partitions_for, step_data_version
 from emo_assets.defs.resources import MlflowTracker, TrackedDataset
 

@@ -24,7 +24,7 @@ from emo_assets.core.config import Settings
 from emo_assets.core.datasets import file_sha256
 from emo_assets.core.models import LoadedModel
 from emo_assets.core.paths import model_slug
-from emo_assets.core.registry import load_configured_model
+from emo_assets.core.models import load_configured_model
 
 # MLflow 3's experiment kind (the UI's "experiment type"): this project's runs are model development.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"

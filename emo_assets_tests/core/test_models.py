@@ -8,6 +8,7 @@ its environment at import time).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -18,7 +19,13 @@ import torch
 
 from emo_assets.core.layers import find_hook_points
 from emo_assets.core.models import ModelLoadError, load_model, weights_sha256
-from emo_assets.core.offline_models import tiny_model_dir
+from emo_assets.core.offline_models import (
+    TINY_RECIPES,
+    add_to_hub_cache,
+    save_random_model,
+    tiny_model_dir,
+    train_tokenizer,
+)
 
 PAPER_IDS = {"gpt2": "tiny-gpt2", "EleutherAI/pythia-160m": "tiny-pythia", "EleutherAI/gpt-neo-125M": "tiny-gpt-neo"}
 
@@ -27,15 +34,8 @@ def fake_hub_cache(home: Path, texts: list[str]) -> dict[str, str]:
     """Lay out tiny models as the hub client would cache them; returns hub id -> commit."""
     commits = {}
     for index, (hub_id, tiny) in enumerate(PAPER_IDS.items()):
-        commit = f"{index + 1:x}" * 40
-        repo = home / "hub" / f"models--{hub_id.replace('/', '--')}"
-        snapshot = repo / "snapshots" / commit
-        snapshot.mkdir(parents=True)
-        for file in tiny_model_dir(tiny, texts).iterdir():
-            (snapshot / file.name).write_bytes(file.read_bytes())
-        (repo / "refs").mkdir()
-        (repo / "refs" / "main").write_text(commit)
-        commits[hub_id] = commit
+        commits[hub_id] = f"{index + 1:x}" * 40
+        add_to_hub_cache(home / "hub", hub_id, tiny_model_dir(tiny, texts), commits[hub_id])
     return commits
 
 
@@ -140,3 +140,67 @@ def test_tiny_models_are_deterministic(small_texts, tmp_path, monkeypatch):
     first = weights_sha256(tiny_model_dir("tiny-gpt2", small_texts))
     monkeypatch.setenv("EMO_ASSETS_MODEL_CACHE", str(tmp_path))
     assert weights_sha256(tiny_model_dir("tiny-gpt2", small_texts)) == first
+
+
+@pytest.fixture
+def transformers_warnings_shown():
+    """transformers at its default verbosity (an in-process CLI run earlier in the session may have lowered it)."""
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()
+    yield
+    hf_logging.set_verbosity(previous)
+
+
+def _lm_head_checkpoint(folder: Path, texts: list[str], extra_key: str | None = None) -> Path:
+    """A tiny Pythia saved with its (untied) LM head `embed_out`, as hub checkpoints are; optionally one more
+    3-element tensor under `extra_key` (added, or replacing a weight of another shape)."""
+    tokenizer = train_tokenizer(texts)
+    model_dir = save_random_model(folder, TINY_RECIPES["tiny-pythia"](len(tokenizer)), tokenizer, lm_head=True)
+    if extra_key:
+        from safetensors.torch import load_file, save_file
+
+        weights = model_dir / "model.safetensors"
+        tensors = load_file(weights)
+        save_file({**tensors, extra_key: torch.zeros(3)}, weights, metadata={"format": "pt"})
+    return model_dir
+
+
+def _messages(caplog, logger: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == logger]
+
+
+def test_lm_head_checkpoint_loads_quietly_with_one_line(tmp_path, small_texts, caplog, transformers_warnings_shown):
+    model_dir = _lm_head_checkpoint(tmp_path / "pythia-lm", small_texts)
+    from safetensors import safe_open
+
+    with safe_open(model_dir / "model.safetensors", "pt") as handle:
+        assert "embed_out.weight" in handle.keys()  # the checkpoint really carries the head
+    with caplog.at_level(logging.INFO):
+        loaded = load_model(str(model_dir), device="cpu")
+    assert not [m for m in _messages(caplog, "transformers.modeling_utils") if "LOAD REPORT" in m]
+    lines = _messages(caplog, "emo_assets.core.models")
+    assert len(lines) == 1 and "embed_out.weight" in lines[0] and "base model GPTNeoXModel" in lines[0]
+    assert loaded.info["unused_head_keys"] == ["embed_out.weight"]
+    assert loaded.architecture == "GPTNeoXModel"
+
+
+def test_other_load_problems_keep_the_transformers_report(tmp_path, small_texts, caplog, transformers_warnings_shown):
+    model_dir = _lm_head_checkpoint(tmp_path / "pythia-odd", small_texts, extra_key="gpt_neox.layers.0.stray")
+    with caplog.at_level(logging.INFO):
+        loaded = load_model(str(model_dir), device="cpu")
+    reports = [m for m in _messages(caplog, "transformers.modeling_utils") if "LOAD REPORT" in m]
+    assert len(reports) == 1 and "layers.0.stray" in reports[0] and "embed_out.weight" in reports[0]
+    assert not _messages(caplog, "emo_assets.core.models")
+    assert "unused_head_keys" not in loaded.info
+
+
+def test_a_failed_load_keeps_the_transformers_report(tmp_path, small_texts, caplog, transformers_warnings_shown):
+    model_dir = _lm_head_checkpoint(tmp_path / "pythia-bad", small_texts,
+                                    extra_key="gpt_neox.final_layer_norm.weight")  # wrong shape: load fails
+    with caplog.at_level(logging.INFO), pytest.raises(ModelLoadError, match="pythia-bad"):
+        load_model(str(model_dir), device="cpu")
+    reports = [m for m in _messages(caplog, "transformers.modeling_utils") if "LOAD REPORT" in m]
+    assert len(reports) == 1 and "final_layer_norm.weight" in reports[0] and "MISMATCH" in reports[0]
+    assert not _messages(caplog, "emo_assets.core.models")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from emo_assets import cli
-from emo_assets.core import registry
+from emo_assets.core import models
 from emo_assets.core.config import load_settings
 from emo_assets_tests.conftest import REPO_ROOT
 
@@ -151,8 +151,8 @@ def test_the_configured_loader_passes_the_setting_on(tmp_path, monkeypatch, valu
     """The one loading path of the CLI and the Dagster resource hands the setting to `load_model`."""
     env = {} if value is None else {"EMO_ASSETS_TRUST_REMOTE_CODE": value}
     seen = {}
-    monkeypatch.setattr(registry, "load_model", lambda model_id, **kwargs: seen.update(kwargs))
-    registry.load_configured_model("some/model", _settings(tmp_path, **env))
+    monkeypatch.setattr(models, "load_model", lambda model_id, **kwargs: seen.update(kwargs))
+    models.load_configured_model("some/model", _settings(tmp_path, **env))
     assert seen["trust_remote_code"] is (value == "1")
 
 

@@ -19,8 +19,8 @@ import pytest
 
 from emo_assets.cli import plan, run_steps
 from emo_assets.core.models import load_model
-from emo_assets.core.registry import corpus_texts
 from emo_assets.core.activations import ActivationFile
+from emo_assets.core.models import corpus_texts
 from emo_assets.definitions import build_defs
 from emo_assets.defs.activations import activation_path
 from emo_assets.defs.datasets import emotion_parquet_path
