@@ -21,15 +21,13 @@ numbers and its files as artifacts; MLflow trouble never fails an asset (metadat
 happened). The per-model assets use a single-run backfill policy: a run over several models gets them all in
 `context.partition_keys` and reports metadata per partition.
 
-`plan_steps(settings, variants)` lists the in-process runs that materialize all of this after the Phase 2
-steps of `emo_assets.cli.plan`.
 """
 
 import base64
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping
 
 import dagster as dg
 import polars as pl
@@ -50,6 +48,7 @@ from emo_assets.core.config import Settings
 from emo_assets.core.datasets import DatasetError
 from emo_assets.core.registry import corpus_texts
 from emo_assets.core.storage import CHECKSUM_KEY, ActivationFileError
+from emo_assets.defs.activations import activations_key
 from emo_assets.defs.partitions import MODEL_DIM, fingerprint, partitions_for, step_data_version
 from emo_assets.defs.resources import MlflowTracker
 
@@ -59,13 +58,14 @@ PER_MODEL = ("emotion_vectors", "token_vectors", "emotion_subspaces", "linear_pr
 PER_VARIANT = ("cross_model_alignment", "analysis_report")
 
 
+def analysis_keys(variant: str) -> tuple[list[dg.AssetKey], list[dg.AssetKey]]:
+    """(per-model keys, per-variant keys) of the analysis assets of `variant`."""
+    return [analysis_key(variant, n) for n in PER_MODEL], [analysis_key(variant, n) for n in PER_VARIANT]
+
+
 def analysis_key(variant: str, name: str) -> dg.AssetKey:
     """`<variant>/<name>` for the names in `PER_MODEL` and `PER_VARIANT`."""
     return dg.AssetKey([variant, name])
-
-
-def _activations_key(variant: str) -> dg.AssetKey:
-    return dg.AssetKey([variant, "activations"])
 
 
 def analysis_settings(settings: Settings) -> dict:
@@ -148,7 +148,7 @@ def _per_model_asset(
 
     @dg.asset(
         key=analysis_key(variant, name),
-        deps=[dg.AssetDep(_activations_key(variant), partition_mapping=mapping)],
+        deps=[dg.AssetDep(activations_key(variant), partition_mapping=mapping)],
         partitions_def=parts.models,
         backfill_policy=dg.BackfillPolicy.single_run(),
         group_name=f"{variant}_analysis",
@@ -230,7 +230,7 @@ def _plots_asset(settings: Settings, variant: str) -> dg.AssetsDefinition:
 def _cross_model_asset(settings: Settings, variant: str, config: dict) -> dg.AssetsDefinition:
     @dg.asset(
         key=analysis_key(variant, "cross_model_alignment"),
-        deps=[dg.AssetDep(_activations_key(variant), partition_mapping=dg.AllPartitionMapping())],
+        deps=[dg.AssetDep(activations_key(variant), partition_mapping=dg.AllPartitionMapping())],
         group_name=f"{variant}_analysis",
         kinds={"numpy", "parquet", "mlflow"},
         code_version=CODE_VERSION,
@@ -399,22 +399,3 @@ def build_defs(settings: Settings) -> dg.Definitions:
     if len(settings.datasets) >= 2:
         assets.append(_stability_asset(settings))
     return dg.Definitions(assets=assets)
-
-
-def plan_steps(settings: Settings, variants: Sequence[str]) -> list:
-    """In-process runs that materialize the analysis of `variants` after Phase 2 (`emo_assets.cli.plan`):
-    per variant one run over every model partition for the per-model assets, then one run for the
-    unpartitioned assets (cross-model alignment, vector stability when every variant is built, reports)."""
-    from emo_assets.cli import Step, partition_range
-
-    slugs = list(partitions_for(settings).models.get_partition_keys())
-    steps = [
-        Step(f"{v}/phase3 per model", [analysis_key(v, name) for name in PER_MODEL], partition_range(slugs))
-        for v in variants
-    ]
-    unpartitioned = [analysis_key(v, "cross_model_alignment") for v in variants]
-    if len(settings.datasets) >= 2 and set(settings.datasets) <= set(variants):
-        unpartitioned.append(STABILITY_KEY)
-    unpartitioned += [analysis_key(v, "analysis_report") for v in variants]
-    steps.append(Step("phase3 cross-model, stability, reports", unpartitioned))
-    return steps
