@@ -14,6 +14,7 @@ from emo_assets.core.config import Settings
 from emo_assets.core.paths import variant_dir
 from emo_assets.core.storage import ActivationFile
 from emo_assets.defs.activations import activation_path, activations_key, freshness_policy
+from emo_assets.defs.automation import ANALYSIS_CONDITION
 from emo_assets.defs.partitions import partitions_for
 from emo_assets.defs.resources import MlflowTracker
 
@@ -67,6 +68,7 @@ def _variant_summary(settings: Settings, variant: str) -> dg.AssetsDefinition:
         kinds={"mlflow", "json"},
         code_version=CODE_VERSION,
         freshness_policy=freshness_policy(settings),
+        automation_condition=ANALYSIS_CONDITION,
         description=f"Activation files of {variant}: every activation file (model, emotion, samples, size) and totals.",
     )
     def activations_summary(context: dg.AssetExecutionContext, mlflow: MlflowTracker) -> dg.MaterializeResult:

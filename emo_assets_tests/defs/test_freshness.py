@@ -5,7 +5,7 @@ import time
 
 import dagster as dg
 
-from emo_assets.cli import partition_range
+from emo_assets.defs.jobs import partition_range
 from emo_assets.definitions import build_defs
 from emo_assets.defs.activations import activations_key
 from emo_assets.defs.partitions import partitions_for
