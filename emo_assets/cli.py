@@ -137,15 +137,15 @@ def materialize(args) -> int:
     every full collection, including those of the interpreter's shutdown, would scan them all. A caller that
     goes on (`main([...])` from Python, e.g. tests) keeps the normal collector.
     """
-    if args.phase2_only:
+    if args.deprecated_alias:
         print("warning: --phase2-only is deprecated and will be removed; use --extraction-only", file=sys.stderr)
     if args.profile:
         os.environ["EMO_ASSETS_PROFILE"] = args.profile
     from dagster import DagsterInstance
 
     from emo_assets.core.config import load_settings
-    from emo_assets.defs.jobs import stage_order
     from emo_assets.definitions import build_defs
+    from emo_assets.defs.jobs import stage_order
 
     settings = load_settings()
     unknown = sorted(set(args.variant or []) - set(settings.datasets))
@@ -162,7 +162,7 @@ def materialize(args) -> int:
     print(f"profile {settings.profile}: models {list(settings.model_slugs)}, variants {variants}, "
           f"results {settings.results_dir}, {args.deployment} deployment, DAGSTER_HOME {home}")
     instance = DagsterInstance.get()
-    names = stage_order(settings, variants, extraction_only=args.extraction_only or args.phase2_only)
+    names = stage_order(settings, variants, extraction_only=args.extraction_only or args.deprecated_alias)
     defs = build_defs(settings)
     if cluster:
         ok = submit_and_wait(defs, names, instance, args.webserver)
@@ -200,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--variant", action="append", help="dataset variant to build (repeatable); default: all")
     run.add_argument("--extraction-only", action="store_true",
                      help="stop after the extraction (datasets, models, activations, summaries): no analysis assets")
-    run.add_argument("--phase2-only", action="store_true", help="deprecated alias of --extraction-only")
+    run.add_argument("--phase2-only", dest="deprecated_alias", action="store_true",
+                     help="deprecated alias of --extraction-only")
     run.add_argument("--deployment", choices=DEPLOYMENTS, default=os.environ.get("EMO_ASSETS_DEPLOYMENT", "local"),
                      help="local: run the jobs in this process; cluster: submit them to the running deployment "
                      "(default: $EMO_ASSETS_DEPLOYMENT or local)")

@@ -6,12 +6,12 @@ import dagster as dg
 import numpy as np
 import pytest
 
-from emo_assets.defs.jobs import partition_range
 from emo_assets.core.storage import ActivationFile, write_activation_file
 from emo_assets.definitions import build_defs
 from emo_assets.defs import activations as activations_module
 from emo_assets.defs.activations import activations_key
 from emo_assets.defs.datasets import emotion_dataset_key
+from emo_assets.defs.jobs import partition_range
 from emo_assets.defs.partitions import partitions_for
 from emo_assets.defs.summary import summary_key
 from emo_assets_tests.conftest import read_records, write_records

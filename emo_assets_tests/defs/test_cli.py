@@ -126,3 +126,13 @@ def test_only_the_program_freezes_its_heap(env, monkeypatch):
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+
+
+def test_cluster_deployment_needs_the_deployment_instance(env, monkeypatch, capsys):
+    """The runs are followed on the deployment's instance: without DAGSTER_HOME nothing is submitted."""
+    monkeypatch.delenv("DAGSTER_HOME")
+    monkeypatch.setenv("EMO_ASSETS_DEPLOYMENT", "cluster")
+    assert cli.main(["materialize"]) == 2
+    assert "--deployment cluster reads the runs from the deployment's instance: set DAGSTER_HOME" in (
+        capsys.readouterr().err)
+    assert not (env / "dagster_home").exists()

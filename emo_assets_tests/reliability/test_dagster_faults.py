@@ -22,14 +22,21 @@ from emo_assets.definitions import build_defs
 from emo_assets.defs import activations as activations_module
 from emo_assets.defs.activations import activation_path, activations_key
 from emo_assets.defs.datasets import emotion_dataset_key
-from emo_assets.defs.jobs import LOAD_MODELS, analysis_job, datasets_job, partition_range, partition_range_tags, stage_order
+from emo_assets.defs.jobs import (
+    LOAD_MODELS,
+    analysis_job,
+    datasets_job,
+    partition_range,
+    partition_range_tags,
+    stage_order,
+)
 from emo_assets.defs.models import LANGUAGE_MODEL
 from emo_assets.defs.partitions import partitions_for
 from emo_assets.defs.resources import MlflowTracker
 from emo_assets.defs.summary import summary_key
 from emo_assets_tests.conftest import REPO_ROOT
-from emo_assets_tests.reliability.helpers import dagster_settings, step_failures, temp_files, tree
 from emo_assets_tests.pipeline import materialize, run_jobs
+from emo_assets_tests.reliability.helpers import dagster_settings, step_failures, temp_files, tree
 
 BAD = REPO_ROOT / "emo_assets_tests" / "data" / "bad"
 BAD_KINDS = ["invalid_json.jsonl", "top_level_array.jsonl", "unknown_emotion.jsonl", "duplicate_id.jsonl",

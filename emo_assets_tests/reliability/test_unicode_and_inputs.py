@@ -17,13 +17,13 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from emo_assets.defs.jobs import stage_order
 from emo_assets.core.models import load_model
 from emo_assets.core.registry import corpus_texts
 from emo_assets.core.storage import ActivationFile
 from emo_assets.definitions import build_defs
 from emo_assets.defs.activations import activation_path
 from emo_assets.defs.datasets import emotion_parquet_path
+from emo_assets.defs.jobs import stage_order
 from emo_assets.extract import main as extract_main
 from emo_assets_tests.conftest import REPO_ROOT, read_records
 from emo_assets_tests.pipeline import run_jobs
