@@ -81,7 +81,8 @@ def run_report(instance, name: str, run_id: str, span: str) -> tuple[bool, list[
         failures = instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
         lines += [f"    {e.step_key}: {e.dagster_event.step_failure_data.error.message.strip()}" for e in failures]
         if not failures:
-            lines += [f"    {e.dagster_event.message}" for e in instance.all_logs(run_id, of_type=dg.DagsterEventType.RUN_FAILURE)]
+            run_failures = instance.all_logs(run_id, of_type=dg.DagsterEventType.RUN_FAILURE)
+            lines += [f"    {e.dagster_event.message}" for e in run_failures]
     return ok, lines
 
 
@@ -110,8 +111,8 @@ def submit_and_wait(defs, names: list[str], instance, webserver: str, echo=print
     from emo_assets.defs.jobs import job_runs
 
     url = urlsplit(webserver)
-    client = DagsterGraphQLClient(url.hostname, port_number=url.port, use_https=url.scheme == "https",
-                                  path_prefix=url.path.rstrip("/"))  # fmt: skip
+    https, prefix = url.scheme == "https", url.path.rstrip("/")
+    client = DagsterGraphQLClient(url.hostname, port_number=url.port, use_https=https, path_prefix=prefix)
     finished = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
     for name in names:
         for span, tags in job_runs(defs.resolve_job_def(name)):
@@ -153,8 +154,8 @@ def materialize(args) -> int:
     variants = args.variant or list(settings.datasets)
     cluster = args.deployment == "cluster"
     if cluster and not os.environ.get("DAGSTER_HOME"):
-        print("error: --deployment cluster reads the runs from the deployment's instance: set DAGSTER_HOME",
-              file=sys.stderr)  # fmt: skip
+        message = "error: --deployment cluster reads the runs from the deployment's instance: set DAGSTER_HOME"
+        print(message, file=sys.stderr)
         return 2
     home = os.environ["DAGSTER_HOME"] if cluster else prepare_dagster_home(settings.root)
     print(f"profile {settings.profile}: models {list(settings.model_slugs)}, variants {variants}, "
