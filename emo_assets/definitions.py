@@ -7,12 +7,12 @@ every step (seconds each) and could not share a loaded model between partitions.
 import dagster as dg
 
 from emo_assets.core.config import Settings, load_settings
-from emo_assets.defs import activations, analysis, checks, datasets, models, schedules, summary
+from emo_assets.defs import activations, analysis, automation, checks, datasets, jobs, models, schedules, summary
 from emo_assets.defs.dagster_beta import USED_BETA_APIS, accepted_beta
 from emo_assets.defs.resources import build_resources
 
 # One entry per stage module (each has build_defs(settings) -> dg.Definitions).
-DEFS_MODULES = (models, datasets, activations, summary, checks, schedules, analysis)
+DEFS_MODULES = (models, datasets, activations, summary, checks, schedules, analysis, jobs, automation)
 
 
 def build_defs(settings: Settings | None = None) -> dg.Definitions:

@@ -106,7 +106,7 @@ def _report(context, settings: Settings, variant: str, loaded: LoadedModel, opti
     sources = [source.path for source in reuse.sources]
     status = mlflow.log_run(
         f"{variant}/{loaded.slug}/{emotion}",
-        params={"phase": "phase2", "task": "activation_extraction", "dataset": variant, "model": loaded.model_id,
+        params={"stage": "extraction", "task": "activation_extraction", "dataset": variant, "model": loaded.model_id,
                 "emotion": emotion, "dtype": result.storage_dtype, "batch_size": options.batch_size,
                 "model_revision": loaded.revision, "dataset_sha256": dataset_sha256, "reuse": options.reuse,
                 "reuse_sources": ", ".join(sources) or "none"},

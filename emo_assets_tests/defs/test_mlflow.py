@@ -10,8 +10,8 @@ import sqlite3
 import time
 import uuid
 
-from emo_assets.cli import partition_range
 from emo_assets.defs.activations import activation_path, activations_key
+from emo_assets.defs.jobs import partition_range
 from emo_assets.defs.partitions import partitions_for
 from emo_assets.defs.resources import EXPERIMENT_KIND_TAG, MlflowTracker
 from emo_assets.defs.summary import summary_key
@@ -81,8 +81,8 @@ def test_runs_record_the_work_times_and_datasets(baseline_ready, mlflow_uri):
                                       (run_id, "DATASET")).fetchone()
         tags = dict(store.execute("SELECT name, value FROM input_tags WHERE input_uuid = ?", (input_uuid,)))
         assert tags["sha256"] == sha256
-    _, start, end, _ = by_name["baseline/phase2_summary"]
-    summary_file = settings.results_dir / "baseline" / "summary" / "phase2_summary.json"
+    _, start, end, _ = by_name["baseline/activations_summary"]
+    summary_file = settings.results_dir / "baseline" / "summary" / "activations_summary.json"
     assert start <= os.stat(summary_file).st_mtime_ns / 1e6 <= end
 
 

@@ -6,7 +6,7 @@ import warnings
 
 import dagster as dg
 
-from emo_assets.cli import partition_range
+from emo_assets.defs.jobs import partition_range
 from emo_assets.core.datasets import WARNINGS_SHOWN
 from emo_assets.defs.dagster_beta import USED_BETA_APIS, accepted_beta
 from emo_assets.defs.datasets import dataset_file_key, emotion_dataset_key
