@@ -13,7 +13,7 @@ TORCH_INDEX ?=
 PROFILE ?= offline
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test test-fast bench ui mlflow-ui check-defs lock clean-results readme-results
+.PHONY: setup demo test test-fast bench ui mlflow-ui check-defs lock clean-results readme-results cluster-up cluster-down
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,13 @@ ui: setup
 ## MLflow UI on the pipeline's tracking store, http://127.0.0.1:5000
 mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/results/mlflow.db --host 127.0.0.1 --port 5000
+
+## The cluster deployment on this machine (PostgreSQL, Redis, 2 celery workers, daemon, webserver; README "Scaling out")
+cluster-up: setup
+	deploy/cluster/up.sh
+
+cluster-down:
+	deploy/cluster/down.sh
 
 check-defs: setup
 	$(BIN)/dagster definitions validate -m emo_assets.definitions

@@ -1,13 +1,13 @@
 """The Dagster code location: `defs`, built from the settings (config.toml + EMO_ASSETS_* environment).
 
-All runs use the in-process executor: a process per step would re-import torch and the model classes for
-every step (seconds each) and could not share a loaded model between partitions.
+The executor comes from the deployment (`EMO_ASSETS_DEPLOYMENT`, see `emo_assets/defs/deployment.py`): in-process
+on the local one, celery workers or Kubernetes pods on the others; the assets are the same everywhere.
 """
 
 import dagster as dg
 
 from emo_assets.core.config import Settings, load_settings
-from emo_assets.defs import activations, analysis, checks, datasets, models, schedules, summary
+from emo_assets.defs import activations, analysis, checks, datasets, deployment, models, schedules, summary
 from emo_assets.defs.resources import build_resources
 
 # One entry per stage module (each has build_defs(settings) -> dg.Definitions).
@@ -19,7 +19,7 @@ def build_defs(settings: Settings | None = None) -> dg.Definitions:
     settings = settings or load_settings()
     return dg.Definitions.merge(
         *(module.build_defs(settings) for module in DEFS_MODULES),
-        dg.Definitions(resources=build_resources(settings), executor=dg.in_process_executor),
+        dg.Definitions(resources=build_resources(settings), executor=deployment.executor()),
     )
 
 

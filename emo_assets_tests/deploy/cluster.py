@@ -1,0 +1,150 @@
+"""The cluster deployment under test: started by `deploy/cluster/up.sh` (what `make cluster-up` runs), driven
+through the webserver's GraphQL API as the UI drives it, read back from PostgreSQL itself and from the files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from emo_assets_tests.conftest import REPO_ROOT
+
+UP, DOWN = REPO_ROOT / "deploy" / "cluster" / "up.sh", REPO_ROOT / "deploy" / "cluster" / "down.sh"
+LOCATION = {"repositoryLocationName": "emo_assets", "repositoryName": "__repository__"}
+BACKFILL_DONE = {"COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED"}
+RUN_DONE = {"SUCCESS", "FAILURE", "CANCELED"}
+
+
+def read_pairs(path: Path) -> dict[str, str]:
+    """KEY=VALUE pairs of up.sh's `env` and `state` files (several per line in `state`)."""
+    return dict(item.split("=", 1) for item in path.read_text().split())
+
+
+@dataclass
+class Cluster:
+    folder: Path  # EMO_ASSETS_CLUSTER_DIR
+    env: dict  # the environment the services were started with, plus the client variables of `env`
+
+    @property
+    def state(self) -> dict[str, str]:
+        return read_pairs(self.folder / "state")
+
+    @property
+    def url(self) -> str:
+        return self.env["EMO_ASSETS_WEBSERVER"]
+
+    def worker_pids(self) -> dict[str, int]:
+        """worker name -> pid of its `dagster-celery worker start` process (the leader of its process group)."""
+        return {key[len("PROC_"):]: int(pid) for key, pid in self.state.items() if key.startswith("PROC_worker")}
+
+    def psql(self, sql: str) -> list[list[str]]:
+        """Rows of `sql` run by PostgreSQL's own client on the instance database (tab-separated fields)."""
+        out = subprocess.run(
+            ["psql", "-h", "127.0.0.1", "-p", self.env["EMO_ASSETS_PG_PORT"], "-U", "postgres", "-d", "dagster",
+             "-tA", "-F", "\t", "-c", sql],
+            check=True, capture_output=True, text=True, timeout=60,
+        ).stdout
+        return [line.split("\t") for line in out.splitlines() if line]
+
+    @contextlib.contextmanager
+    def instance(self):
+        """The instance, for reading run records and event logs through Dagster's own API."""
+        import dagster as dg
+
+        saved = {key: os.environ.get(key) for key in self.env if key.startswith("EMO_ASSETS_PG_")}
+        os.environ.update({key: self.env[key] for key in saved})
+        try:
+            instance = dg.DagsterInstance.from_config(self.env["DAGSTER_HOME"])
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+        with instance:
+            yield instance
+
+    def graphql(self, query: str, **variables) -> dict:
+        body = json.dumps({"query": query, "variables": variables}).encode()
+        request = urllib.request.Request(f"{self.url}/graphql", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            payload = json.load(response)
+        assert not payload.get("errors"), payload["errors"]
+        return payload["data"]
+
+    def launch_backfill(self, asset_paths: list[list[str]], **params) -> str:
+        """Launch an asset backfill as the UI's "Materialize" dialog does; return its id."""
+        data = self.graphql(
+            """mutation($params: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $params) {
+                 __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message stack } } }""",
+            params={"assetSelection": [{"path": path} for path in asset_paths], "fromFailure": False, "tags": [],
+                    **params},
+        )["launchPartitionBackfill"]
+        assert data["__typename"] == "LaunchBackfillSuccess", data
+        return data["backfillId"]
+
+    def wait_backfill(self, backfill_id: str, timeout_s: float) -> str:
+        """The backfill's final status (after its runs ended)."""
+        query = """query($id: String!) { partitionBackfillOrError(backfillId: $id) {
+                     ... on PartitionBackfill { status } ... on PythonError { message } } }"""
+        return self._wait(lambda: self.graphql(query, id=backfill_id)["partitionBackfillOrError"]["status"],
+                          BACKFILL_DONE, timeout_s, f"backfill {backfill_id}")
+
+    def launch_run(self, asset_paths: list[list[str]], tags: dict[str, str]) -> str:
+        """Launch one run of the implicit asset job (as the UI's Materialize button does for one partition)."""
+        data = self.graphql(
+            """mutation($params: ExecutionParams!) { launchRun(executionParams: $params) {
+                 __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message stack }
+                 ... on InvalidSubsetError { message } ... on RunConfigValidationInvalid { errors { message } } } }""",
+            params={"selector": {**LOCATION, "jobName": "__ASSET_JOB",
+                                 "assetSelection": [{"path": path} for path in asset_paths]},
+                    "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in tags.items()]}},
+        )["launchRun"]
+        assert data["__typename"] == "LaunchRunSuccess", data
+        return data["run"]["runId"]
+
+    def reexecute_from_failure(self, run_id: str) -> str:
+        data = self.graphql(
+            """mutation($params: ReexecutionParams!) { launchRunReexecution(reexecutionParams: $params) {
+                 __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message stack } } }""",
+            params={"parentRunId": run_id, "strategy": "FROM_FAILURE"},
+        )["launchRunReexecution"]
+        assert data["__typename"] == "LaunchRunSuccess", data
+        return data["run"]["runId"]
+
+    def wait_run(self, run_id: str, timeout_s: float) -> str:
+        query = """query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }"""
+        return self._wait(lambda: self.graphql(query, id=run_id)["runOrError"]["status"], RUN_DONE, timeout_s,
+                          f"run {run_id}")
+
+    def _wait(self, poll, done: set[str], timeout_s: float, what: str) -> str:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status = poll()
+            if status in done:
+                return status
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what} still {status} after {timeout_s}s; logs in {self.folder / 'logs'}")
+            time.sleep(1)
+
+
+def start_cluster(folder: Path, env: dict[str, str]) -> Cluster:
+    """Run up.sh (it stops what it started when it fails); raise with the log tails on failure."""
+    env = {**env, "EMO_ASSETS_CLUSTER_DIR": str(folder)}
+    result = subprocess.run(["bash", str(UP)], env=env, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2000:]}"
+                         for p in sorted((folder / "logs").glob("*.log")))
+        raise RuntimeError(f"up.sh failed ({result.returncode}): {result.stdout}{result.stderr}\n{logs}")
+    return Cluster(folder, {**env, **read_pairs(folder / "env")})
+
+
+def stop_cluster(folder: Path) -> None:
+    subprocess.run(["bash", str(DOWN)], env={**os.environ, "EMO_ASSETS_CLUSTER_DIR": str(folder)},
+                   check=True, capture_output=True, timeout=180)
