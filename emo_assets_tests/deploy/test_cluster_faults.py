@@ -85,10 +85,11 @@ def test_postgres_restart_during_a_backfill_then_relaunch_completes(cluster, bas
         while not instance.get_runs(filters=dg.RunsFilter(tags={"dagster/backfill": backfill})):
             assert time.monotonic() < deadline, "the backfill launched no run"
             time.sleep(0.5)
-    pg_ctl = [f"{state['PG_BIN']}/pg_ctl", "-D", state["PG_DATA"], "-m", "fast", "-w", "restart",
-              "-o", f"-k {os.path.dirname(state['PG_DATA'])} -p {state['PG_PORT']} -c listen_addresses=127.0.0.1"]
+    pg_dir = os.path.dirname(state["PG_DATA"])  # the server's output goes to its log: no pipe held open
+    pg_ctl = [f"{state['PG_BIN']}/pg_ctl", "-D", state["PG_DATA"], "-l", f"{pg_dir}/postgres.log", "-m", "fast",
+              "-w", "restart", "-o", f"-k {pg_dir} -p {state['PG_PORT']} -c listen_addresses=127.0.0.1"]
     subprocess.run(["runuser", "-u", "postgres", "--", *pg_ctl] if os.getuid() == 0 else pg_ctl,
-                   check=True, capture_output=True, timeout=120)
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
 
     status = cluster.wait_backfill(backfill, timeout_s=600)
     if status != "COMPLETED_SUCCESS":  # failed cleanly: a relaunch of what failed completes
