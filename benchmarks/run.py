@@ -8,7 +8,7 @@ that repetition's extraction and the median is reported, because the machine is 
 2. `extract_to_file` of every layer's resid_post + mlp_out incl. writing, checksum and fsync;
 3. the seed's one-sentence-at-a-time loop with `output_hidden_states`;
 4. TransformerLens `run_with_cache` and nnsight trace/save (optional `bench` extra; else the row says why);
-5. Phase 2 of the graph (`emo-assets materialize --phase2-only`, fresh stores) vs its extraction + model loads:
+5. The extraction jobs of the graph (`emo-assets materialize --extraction-only`, fresh stores) vs its extraction + model loads:
    5a the offline profile, 5b the benchmark model as a one-model profile (baseline variant);
 6. peak RSS of an extraction of the dataset at 1x and 8x, each in a fresh process;
 7. bf16 compute vs fp32: speed and the largest relative error of the stored activations;
@@ -272,10 +272,10 @@ def main(argv: list[str] | None = None) -> int:
             from benchmarks.graph import graph_row
 
             variants = ["baseline"] if args.quick else None
-            _echo("Phase 2 of the offline graph (subprocess) and its extraction sum")
-            rows.append(graph_row(work_dir, "5a", "offline profile, Phase 2", variants=variants))
-            _echo("Phase 2 of the graph on the benchmark model (subprocess) and its extraction sum")
-            rows.append(graph_row(work_dir, "5b", "benchmark model as the profile, Phase 2", variants=["baseline"],
+            _echo("extraction jobs of the offline graph (subprocess) and its extraction sum")
+            rows.append(graph_row(work_dir, "5a", "offline profile, extraction jobs", variants=variants))
+            _echo("extraction jobs of the graph on the benchmark model (subprocess) and its extraction sum")
+            rows.append(graph_row(work_dir, "5b", "benchmark model as the profile, extraction jobs", variants=["baseline"],
                                   models=str(model_ref)))
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)

@@ -1,16 +1,16 @@
-"""`emo-assets`: materialize the whole asset graph of a profile in one process, or start the Dagster UI.
+"""`emo-assets`: materialize the asset graph of a profile by running its stage jobs, or start the Dagster UI.
 
-    emo-assets materialize [--profile offline|paper] [--variant V ...]
+    emo-assets materialize [--profile offline|paper] [--variant V ...] [--extraction-only] [--deployment local|cluster]
     emo-assets ui [--host 127.0.0.1] [--port 3000]
 
-`materialize` runs everything in this process, on the persistent local instance (`DAGSTER_HOME`, default
-`<root>/.dagster_home`, created from the committed `dagster.yaml` template), so `emo-assets ui` afterwards
-shows the history. Dagster runs take one partitions definition each, so the graph is materialized as a
-short sequence of in-process runs: observe the dataset files; `language_model`, one run per model; then per
-variant one run for `emotion_dataset` (all emotions) and one for `activations` (all model x emotion keys,
-each model loaded once) plus `phase2_summary`, with their checks; then the runs of later stages
-(`full_plan`). The first failed run stops the sequence and the command exits 1. Runs left unfinished by
-an earlier, killed `emo-assets` process are marked failed first, so their `torch` pool slot is free again.
+`materialize` runs the stage jobs of `emo_assets.defs.jobs` in dependency order (`stage_order`), each over all
+of its partitions. On the `local` deployment (the default) every job runs in this process on the persistent
+local instance (`DAGSTER_HOME`, default `<root>/.dagster_home`, created from the committed `dagster.yaml`
+template), so `emo-assets ui` afterwards shows the history. On `cluster` (`--deployment cluster` or
+`EMO_ASSETS_DEPLOYMENT=cluster`) every job is submitted to the running deployment through Dagster's GraphQL API
+(`--webserver`, `EMO_ASSETS_WEBSERVER`) and followed through the run records of its instance (`DAGSTER_HOME`).
+Each job prints one line from its run record (name, partitions, outcome, seconds, run id) and its failed
+checks; the first failed job stops the sequence and the command exits 1.
 """
 
 import argparse
@@ -19,25 +19,18 @@ import os
 import shutil
 import sys
 import time
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from emo_assets.core.atomic import process_identity
+from emo_assets.core.processes import process_identity, process_running
 
 PROJECT = Path(__file__).resolve().parents[1]  # the source tree (editable install): workspace.yaml, template
 TEMPLATE = PROJECT / ".dagster_home" / "dagster.yaml"
-RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
 PROCESS_TAG = "emo_assets/cli_process"  # `pid:start time` of the process that ran a run in-process
-
-
-@dataclass(frozen=True)
-class Step:
-    """One in-process run: a title for the progress output, the assets to run, the run's tags."""
-
-    title: str
-    selection: list
-    tags: dict = field(default_factory=dict)
+DEPLOYMENTS = ("local", "cluster")
+DEFAULT_WEBSERVER = "http://127.0.0.1:3000"
+POLL_SECONDS = 1.0
+QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}  # the job lines say the rest
 
 
 def prepare_dagster_home(root: Path) -> Path:
@@ -60,8 +53,6 @@ def release_abandoned_runs(instance, echo=print) -> None:
     """
     import dagster as dg
 
-    from emo_assets.core.atomic import process_running
-
     unfinished = [dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
     for run in instance.get_runs(dg.RunsFilter(statuses=unfinished)):
         owner = run.tags.get(PROCESS_TAG)
@@ -73,95 +64,88 @@ def release_abandoned_runs(instance, echo=print) -> None:
         echo(f"run {run.run_id} of the dead process {pid}: marked failed, its pool slots freed")
 
 
-def partition_range(keys) -> dict[str, str]:
-    keys = list(keys)
-    return {RANGE_START: str(keys[0]), RANGE_END: str(keys[-1])}
-
-
-def plan(settings, variants) -> list[Step]:
-    """The runs that materialize Phase 2 (datasets, models, activations, summaries) for `variants`, in order."""
-    from emo_assets.defs.activations import activations_key
-    from emo_assets.defs.datasets import dataset_file_key, emotion_dataset_key
-    from emo_assets.defs.models import LANGUAGE_MODEL
-    from emo_assets.defs.partitions import partitions_for
-    from emo_assets.defs.summary import summary_key
-
-    parts = partitions_for(settings)
-    steps = [Step("observe dataset files", [dataset_file_key(v) for v in variants])]
-    steps += [Step(f"language_model[{slug}]", [LANGUAGE_MODEL], {"dagster/partition": slug})
-              for slug in settings.model_slugs]
-    for variant in variants:
-        steps.append(Step(f"{variant}/emotion_dataset", [emotion_dataset_key(variant)],
-                          partition_range(parts.emotions.get_partition_keys())))
-        steps.append(Step(f"{variant}/activations + phase2_summary", [activations_key(variant), summary_key(variant)],
-                          partition_range(parts.activations.get_partition_keys())))
-    return steps
-
-
-def full_plan(settings, variants) -> list[Step]:
-    """`plan`, then the runs of every later stage: a module of `DEFS_MODULES` may define
-    `plan_steps(settings, variants) -> list[Step]` to take part in `emo-assets materialize`."""
-    from emo_assets.definitions import DEFS_MODULES
-
-    stages = [module.plan_steps for module in DEFS_MODULES if hasattr(module, "plan_steps")]
-    return plan(settings, variants) + [step for stage in stages for step in stage(settings, variants)]
-
-
-def _outcome(result) -> str:
-    """`16 x baseline/activations, 1 x baseline/phase2_summary; checks: 6 passed, 0 failed`, then failed checks."""
-    written = Counter(e.asset_key.to_user_string() for e in result.all_events
-                      if e.event_type_value in ("ASSET_MATERIALIZATION", "ASSET_OBSERVATION"))
-    checks = [e.event_specific_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
-    failed = [c for c in checks if not c.passed]
-    line = ", ".join(f"{n} x {key}" for key, n in written.items()) or "nothing written"
-    line += f"; checks: {len(checks) - len(failed)} passed, {len(failed)} failed"
-    reasons = [f"FAILED {c.asset_key.to_user_string()}:{c.check_name}: {c.description}" for c in failed]
-    return "\n    ".join([line, *reasons])
-
-
-def run_steps(defs, steps: list[Step], instance, echo=print) -> bool:
-    """Run `steps` in order, in this process, and stop at the first failed run.
-
-    Dagster's console log (INFO) prints a line per partition as it is done; after each run one line sums up
-    what was written and which checks failed.
-    """
+def run_report(instance, name: str, run_id: str, partitions: int) -> tuple[bool, list[str]]:
+    """(succeeded, lines) of a finished run from its record and event log: one line for the job, then a line
+    per failed check and, for a failed run, the message of each failed step (or of the run failure)."""
     import dagster as dg
 
-    assets = [*defs.assets, *defs.asset_checks]
-    log_config = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
-    for number, step in enumerate(steps, 1):
-        echo(f"[{number}/{len(steps)}] {step.title}")
-        started = time.perf_counter()
-        result = dg.materialize(assets, selection=step.selection, instance=instance, resources=defs.resources,
-                                tags={**step.tags, PROCESS_TAG: process_identity()}, run_config=log_config,
-                                raise_on_error=False)
-        echo(f"    {_outcome(result)}")
-        outcome = "ok" if result.success else "FAILED"
-        echo(f"    {outcome} in {time.perf_counter() - started:.1f}s (run {result.run_id})")
-        if not result.success:
-            for event in result.all_events:
-                if event.is_step_failure:
-                    echo(f"    {event.step_key}: {event.step_failure_data.error.message.strip()}")
+    record = instance.get_run_record_by_id(run_id)
+    ok = record.dagster_run.status == dg.DagsterRunStatus.SUCCESS
+    seconds = (record.end_time or time.time()) - (record.start_time or record.create_timestamp.timestamp())
+    span = f"{partitions} partitions" if partitions else "unpartitioned"
+    lines = [f"{name} [{span}] {'ok' if ok else 'FAILED'} in {seconds:.1f}s (run {run_id})"]
+    for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION):
+        check = entry.dagster_event.event_specific_data
+        if not check.passed:
+            lines.append(f"    FAILED {check.asset_key.to_user_string()}:{check.check_name}: {check.description}")
+    if not ok:
+        failures = instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
+        lines += [f"    {e.step_key}: {e.dagster_event.step_failure_data.error.message.strip()}" for e in failures]
+        if not failures:
+            lines += [f"    {e.dagster_event.message}" for e in instance.all_logs(run_id, of_type=dg.DagsterEventType.RUN_FAILURE)]
+    return ok, lines
+
+
+def run_in_process(defs, names: list[str], instance, echo=print) -> bool:
+    """Run the jobs `names` in order in this process; stop at the first failed one."""
+    from emo_assets.defs.jobs import partition_range_tags
+
+    for name in names:
+        job = defs.resolve_job_def(name)
+        tags = {**partition_range_tags(job), PROCESS_TAG: process_identity()}
+        result = job.execute_in_process(instance=instance, tags=tags, run_config=QUIET_LOGS, raise_on_error=False)
+        ok, lines = run_report(instance, name, result.run_id, _partition_count(job))
+        echo("\n".join(lines))
+        if not ok:
             return False
     return True
 
 
+def submit_and_wait(defs, names: list[str], instance, webserver: str, echo=print) -> bool:
+    """Submit the jobs `names` in order to the deployment behind `webserver` and wait for each run."""
+    import dagster as dg
+    from dagster_graphql import DagsterGraphQLClient
+
+    from emo_assets.defs.jobs import partition_range_tags
+
+    url = urlsplit(webserver)
+    client = DagsterGraphQLClient(url.hostname, port_number=url.port, use_https=url.scheme == "https",
+                                  path_prefix=url.path.rstrip("/"))  # fmt: skip
+    finished = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
+    for name in names:
+        job = defs.resolve_job_def(name)
+        run_id = client.submit_job_execution(name, tags=partition_range_tags(job))
+        while instance.get_run_record_by_id(run_id).dagster_run.status not in finished:
+            time.sleep(POLL_SECONDS)
+        ok, lines = run_report(instance, name, run_id, _partition_count(job))
+        echo("\n".join(lines))
+        if not ok:
+            return False
+    return True
+
+
+def _partition_count(job) -> int:
+    return len(job.partitions_def.get_partition_keys()) if job.partitions_def is not None else 0
+
+
 def materialize(args) -> int:
-    """Run every step of the plan in this process.
+    """Run the stage jobs of the selected variants in dependency order.
 
     When this call owns the process (the `emo-assets` program, which exits right after), `gc.freeze()` takes
-    what is alive after the imports and the definitions (about 800k objects: torch, transformers, Dagster,
-    MLflow), and again what is alive at the end, out of the garbage collector's scans: they live until the
-    process exits anyway. Each full collection otherwise scanned them all (0.7 s), and the collections of the
-    interpreter's shutdown took 4-5 s after the last run (measured on the 2-core CPU). A caller that goes on
-    (`main([...])` from Python, e.g. tests) keeps the normal collector.
+    what is alive after the imports and the definitions (torch, transformers, Dagster, MLflow), and again what
+    is alive at the end, out of the garbage collector's scans: they live until the process exits anyway, and
+    every full collection, including those of the interpreter's shutdown, would scan them all. A caller that
+    goes on (`main([...])` from Python, e.g. tests) keeps the normal collector.
     """
+    if args.deprecated_alias:
+        print("warning: --phase2-only is deprecated and will be removed; use --extraction-only", file=sys.stderr)
     if args.profile:
         os.environ["EMO_ASSETS_PROFILE"] = args.profile
     from dagster import DagsterInstance
 
     from emo_assets.core.config import load_settings
     from emo_assets.definitions import build_defs
+    from emo_assets.defs.jobs import stage_order
 
     settings = load_settings()
     unknown = sorted(set(args.variant or []) - set(settings.datasets))
@@ -169,18 +153,26 @@ def materialize(args) -> int:
         print(f"error: unknown variant(s) {unknown}; configured: {sorted(settings.datasets)}", file=sys.stderr)
         return 2
     variants = args.variant or list(settings.datasets)
-    home = prepare_dagster_home(settings.root)
+    cluster = args.deployment == "cluster"
+    if cluster and not os.environ.get("DAGSTER_HOME"):
+        print("error: --deployment cluster reads the runs from the deployment's instance: set DAGSTER_HOME",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    home = os.environ["DAGSTER_HOME"] if cluster else prepare_dagster_home(settings.root)
     print(f"profile {settings.profile}: models {list(settings.model_slugs)}, variants {variants}, "
-          f"results {settings.results_dir}, DAGSTER_HOME {home}")
+          f"results {settings.results_dir}, {args.deployment} deployment, DAGSTER_HOME {home}")
     instance = DagsterInstance.get()
-    release_abandoned_runs(instance)
-    steps = plan(settings, variants) if args.phase2_only else full_plan(settings, variants)
+    names = stage_order(settings, variants, extraction_only=args.extraction_only or args.deprecated_alias)
     defs = build_defs(settings)
-    if args.owns_process:
-        gc.freeze()
-    ok = run_steps(defs, steps, instance)
-    if args.owns_process:
-        gc.freeze()
+    if cluster:
+        ok = submit_and_wait(defs, names, instance, args.webserver)
+    else:
+        release_abandoned_runs(instance)
+        if args.owns_process:
+            gc.freeze()
+        ok = run_in_process(defs, names, instance)
+        if args.owns_process:
+            gc.freeze()
     print("done" if ok else "failed", file=sys.stdout if ok else sys.stderr)
     return 0 if ok else 1
 
@@ -203,11 +195,18 @@ def ui(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emo-assets", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("materialize", help="materialize every asset of a profile, in this process")
+    run = sub.add_parser("materialize", help="materialize every asset of a profile by running its stage jobs")
     run.add_argument("--profile", help="model profile from config.toml (offline | paper); default: the configured one")
     run.add_argument("--variant", action="append", help="dataset variant to build (repeatable); default: all")
-    run.add_argument("--phase2-only", action="store_true",
-                     help="stop after Phase 2 (datasets, models, activations, summaries): no analysis assets")
+    run.add_argument("--extraction-only", action="store_true",
+                     help="stop after the extraction (datasets, models, activations, summaries): no analysis assets")
+    run.add_argument("--phase2-only", dest="deprecated_alias", action="store_true",
+                     help="deprecated alias of --extraction-only")
+    run.add_argument("--deployment", choices=DEPLOYMENTS, default=os.environ.get("EMO_ASSETS_DEPLOYMENT", "local"),
+                     help="local: run the jobs in this process; cluster: submit them to the running deployment "
+                     "(default: $EMO_ASSETS_DEPLOYMENT or local)")
+    run.add_argument("--webserver", default=os.environ.get("EMO_ASSETS_WEBSERVER", DEFAULT_WEBSERVER),
+                     help="the cluster deployment's Dagster webserver (default: $EMO_ASSETS_WEBSERVER or %(default)s)")
     run.set_defaults(handler=materialize)
     web = sub.add_parser("ui", help="start the Dagster UI (dagster dev) on this project")
     web.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")

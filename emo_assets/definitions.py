@@ -7,11 +7,13 @@ on the local one, celery workers or Kubernetes pods on the others; the assets ar
 import dagster as dg
 
 from emo_assets.core.config import Settings, load_settings
-from emo_assets.defs import activations, analysis, checks, datasets, deployment, models, schedules, summary
+from emo_assets.defs import (
+    activations, analysis, automation, checks, datasets, deployment, jobs, models, schedules, summary,
+)
 from emo_assets.defs.resources import build_resources
 
 # One entry per stage module (each has build_defs(settings) -> dg.Definitions).
-DEFS_MODULES = (models, datasets, activations, summary, checks, schedules, analysis)
+DEFS_MODULES = (models, datasets, activations, summary, checks, schedules, analysis, jobs, automation)
 
 
 def build_defs(settings: Settings | None = None) -> dg.Definitions:

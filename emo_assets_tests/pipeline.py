@@ -27,3 +27,11 @@ def materialize(defs, selection, instance, tags=None, resources=None):
 
     return dg.materialize([*defs.assets, *defs.asset_checks], selection=selection, instance=instance,
                           resources={**defs.resources, **(resources or {})}, tags=tags or {}, raise_on_error=False)
+
+
+def run_jobs(defs, names, instance, lines: list[str] | None = None) -> bool:
+    """Run the stage jobs `names` in this process as `emo-assets materialize` does; their report lines go to
+    `lines`. False at the first failed job."""
+    from emo_assets.cli import run_in_process
+
+    return run_in_process(defs, list(names), instance, echo=(lambda line: None) if lines is None else lines.append)

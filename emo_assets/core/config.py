@@ -65,6 +65,44 @@ class ExtractionSettings:
 
 
 @dataclass(frozen=True)
+class AnalysisSettings:
+    """`[analysis]`: PCA subspace size, probe folds, the random seed, and the emotion-word stems per emotion."""
+
+    pca_components: int = 8
+    cv_folds: int = 5
+    seed: int = 0
+    lexicon: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @classmethod
+    def from_toml(cls, raw: Mapping) -> AnalysisSettings:
+        """From the `[analysis]` table; raises `ConfigError` naming the bad key."""
+        values = dict(raw)
+        unknown = sorted(set(values) - {"pca_components", "cv_folds", "seed", "lexicon"})
+        if unknown:
+            raise ConfigError(f"[analysis]: unknown key(s) {unknown}")
+        numbers = {}
+        for name in ("pca_components", "cv_folds", "seed"):
+            if name in values:
+                try:
+                    numbers[name] = int(values[name])
+                except (TypeError, ValueError) as exc:
+                    raise ConfigError(f"[analysis] {name} must be an integer, got {values[name]!r}") from exc
+        stems_by_emotion = dict(values.get("lexicon", {}))
+        lexicon = {str(emotion): tuple(str(stem) for stem in stems) for emotion, stems in stems_by_emotion.items()}
+        return cls(**numbers, lexicon=lexicon)
+
+    def __post_init__(self) -> None:
+        if self.pca_components < 1:
+            raise ConfigError(f"analysis.pca_components must be >= 1, got {self.pca_components}")
+        if self.cv_folds < 2:
+            raise ConfigError(f"analysis.cv_folds must be >= 2, got {self.cv_folds}")
+
+    def numbers(self) -> dict[str, int]:
+        """The numeric settings (MLflow parameters)."""
+        return {"pca_components": self.pca_components, "cv_folds": self.cv_folds, "seed": self.seed}
+
+
+@dataclass(frozen=True)
 class Settings:
     root: Path
     profile: str
@@ -77,7 +115,7 @@ class Settings:
     mlflow_experiment: str
     max_age_hours: float
     freshness_cron: str
-    analysis: Mapping = field(default_factory=dict)
+    analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
 
     @property
     def model_slugs(self) -> dict[str, str]:
@@ -172,5 +210,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         mlflow_experiment=mlflow_cfg.get("experiment", "emo_assets"),
         max_age_hours=float(env.get("EMO_ASSETS_MAX_AGE_HOURS") or freshness.get("max_age_hours", 168)),
         freshness_cron=freshness.get("schedule_cron", "0 6 * * *"),
-        analysis=raw.get("analysis", {}),
+        analysis=AnalysisSettings.from_toml(raw.get("analysis", {})),
     )

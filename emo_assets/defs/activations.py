@@ -85,7 +85,7 @@ def _extract(context, settings: Settings, variant: str, loaded: LoadedModel, emo
     key = partitions_for(settings).key(loaded.slug, emotion)
     status = mlflow.log_run(
         f"{variant}/{loaded.slug}/{emotion}",
-        params={"phase": "phase2", "task": "activation_extraction", "dataset": variant, "model": loaded.model_id,
+        params={"stage": "extraction", "task": "activation_extraction", "dataset": variant, "model": loaded.model_id,
                 "emotion": emotion, "dtype": result.storage_dtype, "batch_size": options.batch_size,
                 "model_revision": loaded.revision, "dataset_sha256": source_meta["dataset_sha256"]},
         metrics={"file_size_mb": size / 2**20, "n_samples": result.n_sentences, "samples_per_s": result.samples_per_s,

@@ -3,7 +3,7 @@
 The checks are not partitioned. Run next to their asset they evaluate every partition of the run (a
 single-run backfill covers many), run on their own every partition (the activation integrity checks: every
 existing file); a failure names the bad partitions. The integrity checks are blocking with ERROR severity, so a bad file stops
-`<V>/phase2_summary` (and the Phase 3 assets) in the same run. Each group is one `multi_asset_check` so
+`<V>/activations_summary` (and the analysis assets) in the same run. Each group is one `multi_asset_check` so
 every file is read once for all its checks.
 
 The freshness check is per partition (Dagster's `FreshnessPolicy` is per asset): an activation file is

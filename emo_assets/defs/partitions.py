@@ -2,7 +2,7 @@
 
 Dagster infers `MultiToSingleDimensionPartitionMapping` between `<V>/activations` and `language_model` /
 `<V>/emotion_dataset` only when the single-dimension definition *is* the object used as the dimension, so
-all modules (and the Phase 3 analysis assets) must take their definitions from `partitions_for(settings)`,
+all modules (and the analysis assets) must take their definitions from `partitions_for(settings)`,
 which returns the same objects for the same model and emotion lists.
 """
 

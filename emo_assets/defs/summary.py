@@ -1,8 +1,8 @@
-"""`<V>/phase2_summary`: the seed's Phase 2 report as an asset — every activation file of a variant, with totals.
+"""`<V>/activations_summary`: every activation file of a variant, with totals, as one asset.
 
 It depends on *all* activation partitions and runs after their blocking checks, so a summary exists only
 for a complete set of verified files. The table goes into Dagster metadata (`dagster/table` and Markdown),
-a JSON file under `results/<V>/summary/`, and one MLflow run with the seed's parameter and metric names.
+a JSON file under `results/<V>/summary/`, and one MLflow run with the totals as metrics.
 """
 
 import json
@@ -14,6 +14,7 @@ from emo_assets.core.config import Settings
 from emo_assets.core.paths import variant_dir
 from emo_assets.core.storage import ActivationFile
 from emo_assets.defs.activations import activation_path, activations_key, freshness_policy
+from emo_assets.defs.automation import ANALYSIS_CONDITION
 from emo_assets.defs.partitions import partitions_for
 from emo_assets.defs.resources import MlflowTracker
 
@@ -29,7 +30,7 @@ TABLE_SCHEMA = dg.TableSchema(
 
 
 def summary_key(variant: str) -> dg.AssetKey:
-    return dg.AssetKey([variant, "phase2_summary"])
+    return dg.AssetKey([variant, "activations_summary"])
 
 
 def file_table(settings: Settings, variant: str) -> list[dict]:
@@ -67,17 +68,18 @@ def _variant_summary(settings: Settings, variant: str) -> dg.AssetsDefinition:
         kinds={"mlflow", "json"},
         code_version=CODE_VERSION,
         freshness_policy=freshness_policy(settings),
-        description=f"Phase 2 report of {variant}: every activation file (model, emotion, samples, size) and totals.",
+        automation_condition=ANALYSIS_CONDITION,
+        description=f"Activation files of {variant}: every activation file (model, emotion, samples, size) and totals.",
     )
-    def phase2_summary(context: dg.AssetExecutionContext, mlflow: MlflowTracker) -> dg.MaterializeResult:
+    def activations_summary(context: dg.AssetExecutionContext, mlflow: MlflowTracker) -> dg.MaterializeResult:
         rows = file_table(settings, variant)
         total_files, total_mb = len(rows), sum(r["size_mb"] for r in rows)
-        report = variant_dir(settings.results_dir, variant, "summary") / "phase2_summary.json"
+        report = variant_dir(settings.results_dir, variant, "summary") / "activations_summary.json"
         write_bytes_atomic(report, json.dumps({"variant": variant, "files": rows, "total_files": total_files,
                                                "total_size_mb": total_mb}, indent=1).encode())
         status = mlflow.log_run(
-            f"{variant}/phase2_summary",
-            params={"phase": "phase2", "task": "activation_extraction", "dataset": variant,
+            f"{variant}/activations_summary",
+            params={"stage": "extraction", "task": "activations_summary", "dataset": variant,
                     "models": list(settings.model_slugs), "emotions": list(settings.emotions)},
             metrics={**{f"{r['model']}_{r['emotion']}_size_mb": r["size_mb"] for r in rows},
                      f"{variant}_total_files": total_files, f"{variant}_total_size_mb": total_mb},
@@ -102,7 +104,7 @@ def _variant_summary(settings: Settings, variant: str) -> dg.AssetsDefinition:
             }
         )
 
-    return phase2_summary
+    return activations_summary
 
 
 def build_defs(settings: Settings) -> dg.Definitions:

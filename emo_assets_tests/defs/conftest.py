@@ -12,10 +12,10 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from emo_assets.cli import plan, run_steps
 from emo_assets.core.config import load_settings
 from emo_assets.definitions import build_defs
-from emo_assets_tests.pipeline import pipeline_env
+from emo_assets.defs.jobs import LOAD_MODELS, datasets_job
+from emo_assets_tests.pipeline import pipeline_env, run_jobs
 
 TWO_MODELS = "tiny-gpt2,tiny-pythia"
 
@@ -53,7 +53,7 @@ def baseline_ready(tmp_path, own_datasets, mlflow_uri, instance):
     """(settings, defs, instance) for baseline with two tiny models, everything before activations materialized."""
     settings = make_settings(tmp_path, {"baseline": own_datasets["baseline"]}, mlflow_uri, EMO_ASSETS_MODELS=TWO_MODELS)
     defs = build_defs(settings)
-    assert run_steps(defs, plan(settings, ["baseline"])[:-1], instance, echo=lambda line: None)
+    assert run_jobs(defs, [LOAD_MODELS, datasets_job("baseline")], instance)
     return settings, defs, instance
 
 

@@ -1,10 +1,10 @@
-"""The Phase 3 / 3.5 analysis assets end to end: the offline profile on the small datasets, both variants.
+"""The analysis assets end to end: the offline profile on the small datasets, both variants.
 
-One module-scoped run materializes Phase 2 (the project's `cli.plan`) and then every analysis asset
-(`analysis.plan_steps`); the tests read the run's materialization events and check each asset's metadata
+One module-scoped run of the stage jobs (`jobs.stage_order`, as `emo-assets materialize` runs them)
+materializes the extraction and then every analysis asset; the tests read the run's materialization events and check each asset's metadata
 against its files: paths exist, row counts equal Parquet heights, plots are PNGs matplotlib can read, the
 report links images that exist, MLflow got the runs with their artifacts. The run takes about two minutes on
-two cores (more than half of it Phase 2), so those tests are marked `slow`.
+two cores (more than half of it the extraction), so those tests are marked `slow`.
 """
 
 from pathlib import Path
@@ -14,26 +14,20 @@ import matplotlib.image as mpimg
 import polars as pl
 import pytest
 
-from emo_assets.cli import plan, run_steps
 from emo_assets.definitions import build_defs
 from emo_assets.defs import analysis
+from emo_assets.defs.jobs import stage_order
 from emo_assets_tests.defs.conftest import make_settings
+from emo_assets_tests.pipeline import run_jobs
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 VARIANTS = ("baseline", "extended")
 # three of the four offline models keep the test short and still cover both cases of subspace overlap:
 # tiny-gpt2 and tiny-pythia share d = 64, minilm (d = 384) is skipped
 SLUGS = ["minilm", "tiny-gpt2", "tiny-pythia"]
-PER_MODEL = analysis.PER_MODEL
-UNPARTITIONED = [f"{v}/{name}" for v in VARIANTS for name in analysis.PER_VARIANT] + ["vector_stability"]
-
-
-def with_analysis(defs: dg.Definitions, settings) -> dg.Definitions:
-    """The project's definitions, plus the analysis module's when `definitions.py` does not list it yet."""
-    keys = {key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys()}
-    if "baseline/emotion_vectors" in keys:
-        return defs
-    return dg.Definitions.merge(defs, analysis.build_defs(settings))
+PER_MODEL = [spec.name for spec in analysis.ANALYSES if spec.partitioning == analysis.MODEL]
+UNPARTITIONED = [f"{v}/{s.name}" for v in VARIANTS for s in analysis.ANALYSES if s.partitioning == analysis.VARIANT]
+UNPARTITIONED.append("vector_stability")
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +35,11 @@ def pipeline(tmp_path_factory, small_datasets, mlflow_uri):
     """(settings, {asset: {partition: metadata}}, run log lines), everything materialized once."""
     tmp_path = tmp_path_factory.mktemp("analysis_e2e")
     settings = make_settings(tmp_path, dict(small_datasets), mlflow_uri, EMO_ASSETS_MODELS=",".join(SLUGS))
-    defs = with_analysis(build_defs(settings), settings)
+    defs = build_defs(settings)
     lines: list[str] = []
     events: dict[str, dict] = {}
     with dg.instance_for_test() as instance:
-        steps = plan(settings, list(VARIANTS)) + analysis.plan_steps(settings, list(VARIANTS))
-        ok = run_steps(defs, steps, instance, echo=lines.append)
+        ok = run_jobs(defs, stage_order(settings, VARIANTS), instance, lines)
         assert ok, "\n".join(lines)
         for key in instance.get_asset_keys():
             name = key.to_user_string()
@@ -176,9 +169,8 @@ def test_mlflow_runs_carry_the_files_as_artifacts(pipeline):
 
 def test_vector_stability_needs_two_variants(tmp_path, small_datasets, mlflow_uri):
     settings = make_settings(tmp_path, {"baseline": small_datasets["baseline"]}, mlflow_uri)
-    defs = with_analysis(build_defs(settings), settings)
+    defs = build_defs(settings)
     keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
     assert "vector_stability" not in keys and "baseline/analysis_report" in keys
-    assert [s.title for s in analysis.plan_steps(settings, ["baseline"])] == [
-        "baseline/phase3 per model", "phase3 cross-model, stability, reports"
-    ]
+    assert stage_order(settings, ["baseline"])[-2:] == ["baseline_analysis", "baseline_comparisons"]
+    assert "cross_variant_analysis" not in {job.name for job in defs.jobs}

@@ -6,12 +6,12 @@ import dagster as dg
 import numpy as np
 import pytest
 
-from emo_assets.cli import partition_range
 from emo_assets.core.storage import ActivationFile, write_activation_file
 from emo_assets.definitions import build_defs
 from emo_assets.defs import activations as activations_module
 from emo_assets.defs.activations import activations_key
 from emo_assets.defs.datasets import emotion_dataset_key
+from emo_assets.defs.jobs import partition_range
 from emo_assets.defs.partitions import partitions_for
 from emo_assets.defs.summary import summary_key
 from emo_assets_tests.conftest import read_records, write_records
@@ -65,7 +65,7 @@ def test_corrupt_files_fail_the_checks_and_block_the_summary(baseline_ready, mon
         assert checks[f"baseline/activations:{name}"].passed, checks[f"baseline/activations:{name}"].description
     assert checks["baseline/activations:sample_count"].metadata["partitions_checked"].value == 8
     assert [e.step_key for e in result.all_events if e.is_step_failure] == ["baseline_activations_checks"]
-    assert "baseline__phase2_summary" not in {e.step_key for e in result.all_events if e.is_step_start}
+    assert "baseline__activations_summary" not in {e.step_key for e in result.all_events if e.is_step_start}
 
 
 def test_invalid_dataset_fails_with_file_and_line(tmp_path, own_datasets, mlflow_uri, instance):

@@ -10,7 +10,7 @@ import pytest
 from dagster._core.utils import make_new_run_id
 
 from emo_assets import cli
-from emo_assets.core.atomic import process_identity
+from emo_assets.core.processes import process_identity
 from emo_assets_tests.pipeline import pipeline_env
 
 
@@ -30,12 +30,22 @@ def test_bad_arguments_are_rejected_before_anything_runs(env, capsys):
     assert not (env / "dagster_home").exists()
 
 
-def test_a_failed_run_stops_the_sequence_and_exits_1(env, monkeypatch, capsys):
+def test_a_failed_job_stops_the_sequence_and_exits_1(env, monkeypatch):
     monkeypatch.setenv("EMO_ASSETS_DATASETS", f"baseline={env / 'missing.jsonl'}")
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        assert cli.main(["materialize"]) == 1
-    assert "[1/" in out.getvalue() and "[2/" not in out.getvalue()
+        assert cli.main(["materialize", "--extraction-only"]) == 1
+    lines = out.getvalue().splitlines()
+    jobs = [line.split(" [")[0] for line in lines[1:] if " [" in line and "(run " in line]
+    assert jobs == ["load_models", "baseline_datasets"]  # baseline_activations never started
+    with dg.DagsterInstance.get() as instance:
+        records = {r.dagster_run.job_name: r for r in instance.get_run_records()}
+        assert set(records) == {"load_models", "baseline_datasets"}
+        failed = records["baseline_datasets"]
+        assert failed.dagster_run.status == dg.DagsterRunStatus.FAILURE
+        assert records["load_models"].dagster_run.status == dg.DagsterRunStatus.SUCCESS
+    assert "baseline_datasets [4 partitions] FAILED in " in out.getvalue()
+    assert f"(run {failed.dagster_run.run_id})" in out.getvalue()
     assert f"dataset file {env / 'missing.jsonl'} does not exist" in out.getvalue()
     assert (env / "dagster_home" / "dagster.yaml").is_file()  # the instance was created from the template
 
@@ -84,20 +94,21 @@ def test_runs_of_a_killed_process_release_their_pool_slot(owner, released):
             assert status == dg.DagsterRunStatus.STARTED and len(claimed) == 1 and messages == []
 
 
-@pytest.mark.parametrize("phase2_only", [True, False])
-def test_phase2_only_stops_before_the_analysis(env, monkeypatch, phase2_only):
+@pytest.mark.parametrize("flags", [[], ["--extraction-only"], ["--phase2-only"]])
+def test_extraction_only_stops_before_the_analysis(env, monkeypatch, capsys, flags):
     from emo_assets.core.config import load_settings
-    from emo_assets.defs.analysis import plan_steps as analysis_steps
+    from emo_assets.defs.jobs import stage_order
 
     ran = []
-    monkeypatch.setattr(cli, "run_steps", lambda defs, steps, instance: ran.append(steps) or True)
-    assert cli.main(["materialize", *(["--phase2-only"] if phase2_only else [])]) == 0
-    (steps,) = ran
+    monkeypatch.setattr(cli, "run_in_process", lambda defs, names, instance: ran.append(names) or True)
+    assert cli.main(["materialize", *flags]) == 0
+    (names,) = ran
     settings = load_settings()
-    variants = list(settings.datasets)
-    phase2, phase3 = cli.plan(settings, variants), analysis_steps(settings, variants)
-    assert phase2 and phase3
-    assert steps == (phase2 if phase2_only else phase2 + phase3)
+    assert names == stage_order(settings, list(settings.datasets), extraction_only=bool(flags))
+    assert names[-1] == "extended_activations" if flags else "extended_comparisons"
+    deprecation = [line for line in capsys.readouterr().err.splitlines() if "deprecated" in line]
+    assert deprecation == (["warning: --phase2-only is deprecated and will be removed; use --extraction-only"]
+                           if flags == ["--phase2-only"] else [])
 
 
 def test_only_the_program_freezes_its_heap(env, monkeypatch):
@@ -105,13 +116,23 @@ def test_only_the_program_freezes_its_heap(env, monkeypatch):
     a Python caller of `main([...])` keeps the normal collector (frozen objects are never freed)."""
     import gc
 
-    monkeypatch.setattr(cli, "run_steps", lambda defs, steps, instance: True)
+    monkeypatch.setattr(cli, "run_in_process", lambda defs, names, instance: True)
     assert gc.get_freeze_count() == 0
     try:
-        assert cli.main(["materialize", "--phase2-only"]) == 0
+        assert cli.main(["materialize", "--extraction-only"]) == 0
         assert gc.get_freeze_count() == 0
-        monkeypatch.setattr("sys.argv", ["emo-assets", "materialize", "--phase2-only"])
+        monkeypatch.setattr("sys.argv", ["emo-assets", "materialize", "--extraction-only"])
         assert cli.main() == 0
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+
+
+def test_cluster_deployment_needs_the_deployment_instance(env, monkeypatch, capsys):
+    """The runs are followed on the deployment's instance: without DAGSTER_HOME nothing is submitted."""
+    monkeypatch.delenv("DAGSTER_HOME")
+    monkeypatch.setenv("EMO_ASSETS_DEPLOYMENT", "cluster")
+    assert cli.main(["materialize"]) == 2
+    assert "--deployment cluster reads the runs from the deployment's instance: set DAGSTER_HOME" in (
+        capsys.readouterr().err)
+    assert not (env / "dagster_home").exists()

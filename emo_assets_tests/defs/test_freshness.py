@@ -5,9 +5,9 @@ import time
 
 import dagster as dg
 
-from emo_assets.cli import partition_range
 from emo_assets.definitions import build_defs
 from emo_assets.defs.activations import activations_key
+from emo_assets.defs.jobs import partition_range
 from emo_assets.defs.partitions import partitions_for
 from emo_assets.defs.schedules import FRESHNESS_SCHEDULE
 from emo_assets_tests.defs.conftest import check_results, make_settings

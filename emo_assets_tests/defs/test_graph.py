@@ -36,7 +36,7 @@ EXPECTED = {
             f"{v}/activations": (
                 MODEL_X_EMOTION, {f"{v}/emotion_dataset": ONE_DIMENSION, "language_model": ONE_DIMENSION}
             ),
-            f"{v}/phase2_summary": (None, {f"{v}/activations": ALL}),
+            f"{v}/activations_summary": (None, {f"{v}/activations": ALL}),
             **{f"{v}/{name}": (SLUGS, {f"{v}/activations": ONE_DIMENSION}) for name in PER_MODEL[:4]},
             f"{v}/analysis_plots": (SLUGS, {f"{v}/emotion_vectors": SAME, f"{v}/linear_probes": SAME}),
             f"{v}/cross_model_alignment": (None, {f"{v}/activations": ALL}),
@@ -98,7 +98,7 @@ def test_offline_graph_matches_the_expected_structure(tmp_path, small_datasets, 
     blocking = {f"{s.asset_key.to_user_string()}:{s.name}" for s in specs if s.blocking}
     assert blocking == {c for c in EXPECTED_CHECKS if not c.endswith(":partitions_fresh")}
     for variant in ("baseline", "extended"):
-        for asset in ("activations", "phase2_summary"):
+        for asset in ("activations", "activations_summary"):
             assert graph.get(dg.AssetKey([variant, asset])).freshness_policy is not None
     torch_assets = {a.key.to_user_string() for a in defs.assets if getattr(a, "op", None) and a.op.pool == "torch"}
     assert torch_assets == {"language_model", "baseline/activations", "extended/activations"}

@@ -2,8 +2,8 @@
 
 import time
 
-from emo_assets.cli import partition_range
 from emo_assets.defs.activations import activations_key
+from emo_assets.defs.jobs import partition_range
 from emo_assets.defs.partitions import partitions_for
 from emo_assets.defs.resources import MlflowTracker
 from emo_assets.defs.summary import summary_key

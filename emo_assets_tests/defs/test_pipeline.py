@@ -18,6 +18,7 @@ from emo_assets import cli
 from emo_assets.core.storage import ActivationFile
 from emo_assets.defs.activations import activation_path, activations_key
 from emo_assets.defs.datasets import emotion_parquet_path
+from emo_assets.defs.jobs import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG, stage_order
 from emo_assets.defs.partitions import partitions_for
 from emo_assets_tests.conftest import read_records
 from emo_assets_tests.defs.conftest import make_settings
@@ -58,17 +59,32 @@ def _metadata(record) -> dict:
 def test_command_succeeds_on_a_persistent_instance(pipeline):
     settings, instance, code, output = pipeline
     assert code == 0, output
-    steps = cli.full_plan(settings, VARIANTS)
-    assert [s.title for s in steps[:9]] == [
-        "observe dataset files", *(f"language_model[{slug}]" for slug in settings.model_slugs),
-        "baseline/emotion_dataset", "baseline/activations + phase2_summary",
-        "extended/emotion_dataset", "extended/activations + phase2_summary"]
-    assert f"[{len(steps)}/{len(steps)}]" in output
-    assert "16 x baseline/activations, 1 x baseline/phase2_summary; checks: 6 passed, 0 failed" in output
+    names = stage_order(settings, VARIANTS)
+    assert names == ["load_models", "baseline_datasets", "baseline_activations", "extended_datasets",
+                     "extended_activations", "baseline_analysis", "extended_analysis", "cross_variant_analysis",
+                     "baseline_comparisons", "extended_comparisons"]
+    records = instance.get_run_records(ascending=True)
+    assert [r.dagster_run.job_name for r in records] == names  # one run per job, in order, all in this process
+    assert all(r.dagster_run.status == dg.DagsterRunStatus.SUCCESS for r in records)
+    # one printed line per job, with what its run record says
+    job_lines = [line for line in output.splitlines() if "(run " in line]
+    for record, line in zip(records, job_lines, strict=True):
+        seconds = record.end_time - record.start_time
+        assert line.startswith(f"{record.dagster_run.job_name} [")
+        assert f"] ok in {seconds:.1f}s (run {record.dagster_run.run_id})" in line
+    assert job_lines[2].startswith("baseline_activations [16 partitions] ok")
+    assert job_lines[-1].startswith("extended_comparisons [unpartitioned] ok")
+    activations_run = records[2].dagster_run
+    tags = activations_run.tags
+    assert (tags[ASSET_PARTITION_RANGE_START_TAG], tags[ASSET_PARTITION_RANGE_END_TAG]) == (
+        partitions_for(settings).activations.get_partition_keys()[0],
+        partitions_for(settings).activations.get_partition_keys()[-1],
+    )
+    checks = instance.all_logs(activations_run.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
+    assert checks and all(e.dagster_event.event_specific_data.passed for e in checks)
     assert (settings.root / "dagster_home" / "dagster.yaml").read_text() == (cli.TEMPLATE).read_text()
     assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
     assert instance.run_monitoring_enabled and instance.run_monitoring_settings["free_slots_after_run_end_seconds"] > 0
-    assert len(instance.get_run_records()) == len(steps)  # one run per step, all in this process
 
 
 def test_metadata_matches_the_files(pipeline, small_datasets):
@@ -97,7 +113,7 @@ def test_metadata_matches_the_files(pipeline, small_datasets):
             assert meta["dataset_sha256"] == file.metadata["dataset_sha256"]
             assert meta["mlflow"].startswith("logged (run ")
             assert meta["model_loads_in_run"] == {s: 1 for s in settings.model_slugs}  # one load per model per run
-        summary = _metadata(_latest(instance, dg.AssetKey([variant, "phase2_summary"])))
+        summary = _metadata(_latest(instance, dg.AssetKey([variant, "activations_summary"])))
         keys = parts.activations.get_partition_keys()
         sizes = [os.stat(activation_path(settings, variant, *parts.split(k))).st_size for k in keys]
         assert summary[f"{variant}_total_files"] == 16
@@ -105,7 +121,7 @@ def test_metadata_matches_the_files(pipeline, small_datasets):
         table = summary["dagster/table"]
         assert [(r.data["model"], r.data["emotion"], r.data["samples"]) for r in table.records] == [
             (slug, e, counts[e]) for slug in settings.model_slugs for e in settings.emotions]
-        report = json.loads((settings.results_dir / variant / "summary" / "phase2_summary.json").read_text())
+        report = json.loads((settings.results_dir / variant / "summary" / "activations_summary.json").read_text())
         assert report["total_files"] == 16
 
 
@@ -130,7 +146,7 @@ def test_mlflow_has_a_run_per_partition_and_the_summaries(pipeline, mlflow_uri):
         assert len(runs) == 17  # 16 partitions + the summary
         run = by_name[f"{variant}/tiny-gpt2/anger"]
         meta = _metadata(_latest(instance, activations_key(variant), "anger|tiny-gpt2"))
-        assert run.data.params["phase"] == "phase2" and run.data.params["task"] == "activation_extraction"
+        assert run.data.params["stage"] == "extraction" and run.data.params["task"] == "activation_extraction"
         params = run.data.params
         assert (params["dataset"], params["model"], params["emotion"]) == (variant, "tiny-gpt2", "anger")
         assert run.data.params["dtype"] == "float32" and run.data.params["batch_size"] == "32"
@@ -139,7 +155,7 @@ def test_mlflow_has_a_run_per_partition_and_the_summaries(pipeline, mlflow_uri):
         assert "samples_per_s" in run.data.metrics
         assert run.data.tags["dagster.partition_key"] == "anger|tiny-gpt2"
         assert meta["mlflow"] == f"logged (run {run.info.run_id})"
-        summary = by_name[f"{variant}/phase2_summary"]
+        summary = by_name[f"{variant}/activations_summary"]
         assert summary.data.metrics[f"{variant}_total_files"] == 16
         assert summary.data.metrics["tiny-gpt2_anger_size_mb"] == pytest.approx(meta["file_size_mb"])
         assert summary.data.params["models"] == str(list(settings.model_slugs))

@@ -4,9 +4,9 @@ import weakref
 
 import dagster as dg
 
-from emo_assets.cli import partition_range
 from emo_assets.defs import resources as resources_module
 from emo_assets.defs.activations import activation_path, activations_key
+from emo_assets.defs.jobs import partition_range
 from emo_assets.defs.partitions import partitions_for
 from emo_assets_tests.defs.conftest import check_results, partition_metadata
 from emo_assets_tests.pipeline import materialize

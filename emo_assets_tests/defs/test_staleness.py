@@ -5,9 +5,9 @@ import pytest
 from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
 from dagster._core.loader import LoadingContextForTest
 
-from emo_assets.cli import partition_range
 from emo_assets.defs.activations import activations_key
 from emo_assets.defs.datasets import dataset_file_key, emotion_dataset_key
+from emo_assets.defs.jobs import partition_range
 from emo_assets.defs.partitions import partitions_for
 from emo_assets_tests.conftest import read_records, write_records
 from emo_assets_tests.pipeline import materialize

@@ -118,6 +118,19 @@ class Cluster:
         assert data["__typename"] == "LaunchRunSuccess", data
         return data["run"]["runId"]
 
+    def set_sensor(self, name: str, running: bool) -> str:
+        """Turn a sensor on or off as the UI's toggle does; return its new status."""
+        selector = {**LOCATION, "sensorName": name}
+        if running:
+            data = self.graphql("""mutation($s: SensorSelector!) { startSensor(sensorSelector: $s) {
+                                     ... on Sensor { sensorState { status } } } }""", s=selector)["startSensor"]
+            return data["sensorState"]["status"]
+        sensor_id = self.graphql("""query($s: SensorSelector!) { sensorOrError(sensorSelector: $s) {
+                                      ... on Sensor { id } } }""", s=selector)["sensorOrError"]["id"]
+        data = self.graphql("""mutation($id: String!) { stopSensor(id: $id) {
+                                 ... on StopSensorMutationResult { instigationState { status } } } }""", id=sensor_id)
+        return data["stopSensor"]["instigationState"]["status"]
+
     def wait_run(self, run_id: str, timeout_s: float) -> str:
         query = """query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }"""
         return self._wait(lambda: self.graphql(query, id=run_id)["runOrError"]["status"], RUN_DONE, timeout_s,

@@ -2,6 +2,11 @@
 (PostgreSQL, Redis, 2 celery workers, daemon, webserver on free 127.0.0.1 ports, a temp DAGSTER_HOME) over the
 small datasets and two tiny offline models, and stopped by `down.sh` afterwards, also when a test failed.
 
+The automation sensor is turned off (through GraphQL, as in the UI) once the cluster is up: every test here
+launches its own runs, and the analysis the sensor would add after each activations run would compete for the
+two cores, race the end-to-end backfill for the same partitions and write where the broker test checks that
+nothing is written. Automation with a real daemon is tested in `emo_assets_tests/defs/test_automation.py`.
+
 In CI (`CI=true`) missing PostgreSQL or Redis binaries are a failure, not a skip: `.ci/run` installs them.
 """
 
@@ -16,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from emo_assets.defs.automation import SENSOR
 from emo_assets_tests.deploy.cluster import start_cluster, stop_cluster
 from emo_assets_tests.pipeline import pipeline_env
 
@@ -45,7 +51,9 @@ def cluster(small_datasets):
     }
     folder = root / "cluster"
     try:
-        yield start_cluster(folder, env)
+        cluster = start_cluster(folder, env)
+        assert cluster.set_sensor(SENSOR, running=False) == "STOPPED"
+        yield cluster
     finally:
         stop_cluster(folder)
         shutil.rmtree(root, ignore_errors=True)

@@ -16,9 +16,14 @@ from emo_assets.core.atomic import temp_path_for, write_bytes_atomic
 from emo_assets.core.storage import ActivationFile, ActivationWriter
 from emo_assets.extract import main as extract_main
 from emo_assets_tests.reliability.helpers import (
-    CLI_WRAPPER, PYTHON, dataset_env, extract_command, sha256, temp_files,
+    CLI_WRAPPER,
+    PYTHON,
+    dataset_env,
+    extract_command,
+    sha256,
+    temp_files,
 )
-from emo_assets_tests.reliability.test_write_faults import N_LAYERS, D_MODEL, arrays, layout, write_good
+from emo_assets_tests.reliability.test_write_faults import D_MODEL, N_LAYERS, arrays, layout, write_good
 
 
 def test_interleaved_writers_in_one_process_do_not_mix(tmp_path):
@@ -117,18 +122,18 @@ def test_two_concurrent_dagster_materializations_of_one_partition(tmp_path, smal
 
     import dagster as dg
 
-    from emo_assets.cli import partition_range, plan, run_steps
     from emo_assets.definitions import build_defs
     from emo_assets.defs.activations import activation_path, activations_key
+    from emo_assets.defs.jobs import LOAD_MODELS, datasets_job
+    from emo_assets_tests.pipeline import materialize, run_jobs
     from emo_assets_tests.reliability.helpers import dagster_settings
-    from emo_assets_tests.pipeline import materialize
 
     settings = dagster_settings(tmp_path, small_datasets, EMO_ASSETS_MODELS="tiny-gpt2")
     defs = build_defs(settings)
     final = activation_path(settings, "baseline", "tiny-gpt2", "anger")
     partition = {"dagster/partition": "anger|tiny-gpt2"}
     with dg.DagsterInstance.ephemeral() as instance:
-        assert run_steps(defs, plan(settings, ["baseline"])[:-1], instance, echo=lambda line: None)
+        assert run_jobs(defs, [LOAD_MODELS, datasets_job("baseline")], instance)
         assert materialize(defs, [activations_key("baseline")], instance, partition).success
     single = final.read_bytes()
     final.unlink()

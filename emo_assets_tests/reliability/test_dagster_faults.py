@@ -2,7 +2,7 @@
 corrupt activation files. Runs use an in-memory (ephemeral) or test instance and results under `tmp_path`.
 
 Covered elsewhere (not repeated here):
-* bit-flipped / NaN activation files fail the blocking checks and stop `phase2_summary` in the same run:
+* bit-flipped / NaN activation files fail the blocking checks and stop `activations_summary` in the same run:
   `emo_assets_tests/defs/test_checks.py::test_corrupt_files_fail_the_checks_and_block_the_summary`;
   the reader itself: `emo_assets_tests/core/test_storage.py::test_truncated_file_raises`,
   `test_bit_flip_in_data_raises`, `test_bit_flip_in_header_raises`.
@@ -17,19 +17,26 @@ import time
 import dagster as dg
 import pytest
 
-from emo_assets.cli import full_plan, partition_range, plan, run_steps
 from emo_assets.core.datasets import validate_dataset
 from emo_assets.definitions import build_defs
 from emo_assets.defs import activations as activations_module
 from emo_assets.defs.activations import activation_path, activations_key
 from emo_assets.defs.datasets import emotion_dataset_key
+from emo_assets.defs.jobs import (
+    LOAD_MODELS,
+    analysis_job,
+    datasets_job,
+    partition_range,
+    partition_range_tags,
+    stage_order,
+)
 from emo_assets.defs.models import LANGUAGE_MODEL
 from emo_assets.defs.partitions import partitions_for
 from emo_assets.defs.resources import MlflowTracker
 from emo_assets.defs.summary import summary_key
 from emo_assets_tests.conftest import REPO_ROOT
+from emo_assets_tests.pipeline import materialize, run_jobs
 from emo_assets_tests.reliability.helpers import dagster_settings, step_failures, temp_files, tree
-from emo_assets_tests.pipeline import materialize
 
 BAD = REPO_ROOT / "emo_assets_tests" / "data" / "bad"
 BAD_KINDS = ["invalid_json.jsonl", "top_level_array.jsonl", "unknown_emotion.jsonl", "duplicate_id.jsonl",
@@ -131,7 +138,7 @@ def test_hung_mlflow_server_costs_one_timeout_and_is_reported(tmp_path, small_da
     defs = build_defs(settings)
     keys = partitions_for(settings).activations.get_partition_keys()
     with dg.DagsterInstance.ephemeral() as instance:
-        assert run_steps(defs, plan(settings, ["baseline"])[:-1], instance, echo=lambda line: None)
+        assert run_jobs(defs, [LOAD_MODELS, datasets_job("baseline")], instance)
         started = time.perf_counter()
         result = materialize(defs, [activations_key("baseline"), summary_key("baseline")], instance,
                              partition_range(keys))
@@ -170,9 +177,10 @@ def test_truncated_activation_file_stops_the_pipeline_before_analysis(tmp_path, 
     monkeypatch.setattr(activations_module, "extract_to_file", truncating_extract)
     lines = []
     with dg.DagsterInstance.ephemeral() as instance:
-        assert run_steps(defs, full_plan(settings, ["baseline"]), instance, echo=lines.append) is False
-        titles = [line for line in lines if line.startswith("[")]
-        assert titles[-1].endswith("baseline/activations + phase2_summary"), lines
+        assert run_jobs(defs, stage_order(settings, ["baseline"]), instance, lines) is False
+        jobs = [line.split(" [")[0] for line in lines if "(run " in line]
+        assert jobs == ["load_models", "baseline_datasets", "baseline_activations"], lines
+        assert any(line.startswith("baseline_activations [4 partitions] FAILED") for line in lines), lines
         failed_check = [line for line in lines if "FAILED baseline/activations:file_verifies" in line]
         assert failed_check and "truncated" in failed_check[0], lines
         failed_steps = [line.split(":")[0].strip() for line in lines if line.startswith("    baseline_")]
@@ -180,8 +188,9 @@ def test_truncated_activation_file_stops_the_pipeline_before_analysis(tmp_path, 
         assert not (settings.results_dir / "baseline" / "analysis").exists()
         assert not (settings.results_dir / "baseline" / "summary").exists()
 
-        phase3 = full_plan(settings, ["baseline"])[len(plan(settings, ["baseline"]))]
-        result = materialize(defs, phase3.selection, instance, phase3.tags)
+        analysis = defs.resolve_job_def(analysis_job("baseline"))
+        result = analysis.execute_in_process(instance=instance, tags=partition_range_tags(analysis),
+                                             raise_on_error=False)
     assert not result.success
     bad = activation_path(settings, "baseline", "tiny-gpt2", "anger")
     messages = step_failures(result)

@@ -1,19 +1,19 @@
 """SIGKILL of `emo-assets materialize` in the middle of a write, then a rerun on the same DAGSTER_HOME.
 
-A module fixture materializes Phase 2 of the offline profile (both variants, four models, small datasets)
+A session fixture runs the extraction jobs of the offline profile (both variants, four models, small datasets)
 in this process, on a persistent instance made from the committed `dagster.yaml` template (so the `torch`
 pool has one slot, as in real use). Then three `emo-assets materialize` processes are killed (SIGKILL to the
 whole process group) at the worst moments:
 
 1. `emotion_dataset` has written a Parquet temp file completely but not renamed it yet,
-2. an analysis output is complete but not renamed yet (Phase 3),
+2. an analysis output is complete but not renamed yet,
 3. an activation file is half written (after its first batch).
 
 After each kill every published file is byte-identical to before and the killed write's temp file is
 there. A fourth, plain run must then succeed (the killed runs' pool slot released), leave no temp file
 anywhere and reproduce every file byte for byte.
 
-The fixture `phase2_twice` (conftest.py) also feeds `test_determinism.py`.
+The fixture `extraction_twice` (conftest.py) also feeds `test_determinism.py`.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 def _published(results: Path) -> dict[str, str]:
-    """sha256 of every published (non-temp) file under results, but the Phase 2 summaries: the killed runs
+    """sha256 of every published (non-temp) file under results, but the activations summaries: the killed runs
     cover one model, so their (completed, atomic) summary step legitimately rewrites them for that model."""
     temps = {str(p.relative_to(results)) for p in temp_files(results)}
     return {name: digest for name, digest in files_with_hashes(results).items()
@@ -88,8 +88,8 @@ def _kill_at(root: Path, env: dict[str, str], what: str, args: list[str]) -> Pat
     return Path(marker.read_text())
 
 
-def test_sigkill_mid_write_then_rerun(phase2_twice, small_datasets):
-    root = phase2_twice.here
+def test_sigkill_mid_write_then_rerun(extraction_twice, small_datasets):
+    root = extraction_twice.here
     results = root / "results"
     env = {**os.environ, **dagster_env(root, small_datasets, EMO_ASSETS_MODELS="tiny-gpt2")}
     args = ["materialize", "--variant", "baseline"]
@@ -103,7 +103,7 @@ def test_sigkill_mid_write_then_rerun(phase2_twice, small_datasets):
     left = temp_files(results)
     assert [p.name.split(".tmp-")[0] for p in left] == [f".{parquet.name}"]
 
-    # 2. Phase 3 output complete in its temp file, not renamed (Phase 2 was redone before: same bytes)
+    # 2. analysis output complete in its temp file, not renamed (the extraction was redone before: same bytes)
     analysis = _kill_at(root, env, "analysis", args)
     assert not analysis.exists(), "the analysis output was published despite the kill"
     assert _published(results) == good
@@ -129,5 +129,5 @@ def test_sigkill_mid_write_then_rerun(phase2_twice, small_datasets):
     after = _published(results)
     assert {name: after.get(name) for name in good} == good, "the rerun did not reproduce the files"
     assert analysis.is_file()
-    summary = json.loads((results / "baseline" / "summary" / "phase2_summary.json").read_text())
+    summary = json.loads((results / "baseline" / "summary" / "activations_summary.json").read_text())
     assert summary["total_files"] == 4  # one model x four emotions

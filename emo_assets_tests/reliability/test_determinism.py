@@ -1,4 +1,4 @@
-"""Same inputs, same bytes: two complete offline-profile Phase 2 runs (both variants, four models, small
+"""Same inputs, same bytes: two complete offline-profile extraction runs (both variants, four models, small
 datasets), in two processes at the same time, write byte-identical activation and Parquet files.
 
 Lower levels: `emo_assets_tests/core/test_extraction.py::test_same_inputs_give_byte_identical_files` (one
@@ -20,17 +20,17 @@ def _outputs(hashes: dict[str, str], suffix: str) -> dict[str, str]:
 
 
 @pytest.mark.parametrize(("suffix", "count"), [(".safetensors", 32), (".parquet", 8)])
-def test_two_full_offline_runs_are_byte_identical(phase2_twice, suffix, count):
-    here, there = _outputs(phase2_twice.hashes_here, suffix), _outputs(phase2_twice.hashes_there, suffix)
+def test_two_full_offline_runs_are_byte_identical(extraction_twice, suffix, count):
+    here, there = _outputs(extraction_twice.hashes_here, suffix), _outputs(extraction_twice.hashes_there, suffix)
     assert len(here) == count, sorted(here)  # 2 variants x 4 models x 4 emotions / 2 variants x 4 emotions
     different = sorted(name for name in here if here[name] != there.get(name))
     assert not different, f"differ between the two runs: {different}"
     assert set(here) == set(there)
 
 
-def test_the_compared_files_are_complete_activation_files(phase2_twice):
+def test_the_compared_files_are_complete_activation_files(extraction_twice):
     """Guard against comparing two equally broken outputs."""
-    names = _outputs(phase2_twice.hashes_there, ".safetensors")
+    names = _outputs(extraction_twice.hashes_there, ".safetensors")
     for name in list(names)[:4]:
-        file = ActivationFile(phase2_twice.there / "results" / name)
+        file = ActivationFile(extraction_twice.there / "results" / name)
         assert file.n_sentences > 0 and file.kinds == ["resid_post", "mlp_out"]

@@ -17,15 +17,16 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from emo_assets.cli import plan, run_steps
 from emo_assets.core.models import load_model
 from emo_assets.core.registry import corpus_texts
 from emo_assets.core.storage import ActivationFile
 from emo_assets.definitions import build_defs
 from emo_assets.defs.activations import activation_path
 from emo_assets.defs.datasets import emotion_parquet_path
+from emo_assets.defs.jobs import stage_order
 from emo_assets.extract import main as extract_main
 from emo_assets_tests.conftest import REPO_ROOT, read_records
+from emo_assets_tests.pipeline import run_jobs
 from emo_assets_tests.reliability.helpers import dagster_settings
 
 UNICODE = REPO_ROOT / "emo_assets_tests" / "data" / "good" / "unicode_cjk_emoji_rtl.jsonl"
@@ -66,7 +67,8 @@ def test_dagster_graph_round_trips_unicode(tmp_path):
     settings = dagster_settings(tmp_path, {"unicode": UNICODE}, EMO_ASSETS_MODELS="tiny-gpt2")
     lines = []
     with dg.DagsterInstance.ephemeral() as instance:
-        assert run_steps(build_defs(settings), plan(settings, ["unicode"]), instance, echo=lines.append), lines
+        names = stage_order(settings, ["unicode"], extraction_only=True)
+        assert run_jobs(build_defs(settings), names, instance, lines), lines
     tokenizer = load_model("tiny-gpt2", device="cpu", training_texts=lambda: corpus_texts([UNICODE])).tokenizer
     for emotion in settings.emotions:
         records = [r for r in RECORDS if r["emotion"] == emotion]

@@ -132,7 +132,7 @@ def test_launch_materialization_and_see_the_asset_graph(dagster_server):
     screenshot = artifacts / "dagster-asset-graph.png"
     graph_page = f"http://127.0.0.1:{port}/locations/emo_assets/asset-groups/baseline/lineage"
     dom = _render(chromium, graph_page, tmp_path, screenshot)
-    for name in ("dataset_file", "emotion_dataset", "activations", "phase2_summary", "language_model"):
+    for name in ("dataset_file", "emotion_dataset", "activations", "activations_summary", "language_model"):
         assert name in dom, f"asset {name} not shown on the asset graph page"
     assert screenshot.stat().st_size > 10_000
     catalog = _render(chromium, f"http://127.0.0.1:{port}/assets/baseline/emotion_dataset", tmp_path)
