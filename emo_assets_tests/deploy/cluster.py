@@ -56,17 +56,12 @@ class Cluster:
     def instance(self):
         """The instance, for reading run records and event logs through Dagster's own API."""
         import dagster as dg
+        import pytest
 
-        saved = {key: os.environ.get(key) for key in self.env if key.startswith("EMO_ASSETS_PG_")}
-        os.environ.update({key: self.env[key] for key in saved})
-        try:
+        with pytest.MonkeyPatch.context() as patch:  # dagster.yaml reads the connection from the environment
+            for key in (key for key in self.env if key.startswith("EMO_ASSETS_PG_")):
+                patch.setenv(key, self.env[key])
             instance = dg.DagsterInstance.from_config(self.env["DAGSTER_HOME"])
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
         with instance:
             yield instance
 
