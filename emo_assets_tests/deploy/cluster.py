@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,10 +67,19 @@ class Cluster:
             yield instance
 
     def graphql(self, query: str, **variables) -> dict:
+        """POST one GraphQL request; retried on a server error, as a user reloads the page: after a PostgreSQL
+        restart the webserver answers one error per pooled connection the restart closed, then reconnects."""
         body = json.dumps({"query": query, "variables": variables}).encode()
         request = urllib.request.Request(f"{self.url}/graphql", data=body, headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=120) as response:
-            payload = json.load(response)
+        for attempt in range(3):
+            try:
+                with urllib.request.urlopen(request, timeout=120) as response:
+                    payload = json.load(response)
+                break
+            except urllib.error.HTTPError as exc:
+                if exc.code < 500 or attempt == 2:
+                    raise
+                time.sleep(1)
         assert not payload.get("errors"), payload["errors"]
         return payload["data"]
 
@@ -91,14 +101,16 @@ class Cluster:
         return self._wait(lambda: self.graphql(query, id=backfill_id)["partitionBackfillOrError"]["status"],
                           BACKFILL_DONE, timeout_s, f"backfill {backfill_id}")
 
-    def launch_run(self, asset_paths: list[list[str]], tags: dict[str, str]) -> str:
-        """Launch one run of the implicit asset job (as the UI's Materialize button does for one partition)."""
+    def launch_run(self, tags: dict[str, str], asset_paths: list[list[str]] | None = None, job: str = "") -> str:
+        """Launch one run of `job`, or of the implicit asset job over `asset_paths` (as the UI's Materialize
+        button does)."""
+        selector = {**LOCATION, "jobName": job} if job else {
+            **LOCATION, "jobName": "__ASSET_JOB", "assetSelection": [{"path": path} for path in asset_paths]}
         data = self.graphql(
             """mutation($params: ExecutionParams!) { launchRun(executionParams: $params) {
                  __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message stack }
                  ... on InvalidSubsetError { message } ... on RunConfigValidationInvalid { errors { message } } } }""",
-            params={"selector": {**LOCATION, "jobName": "__ASSET_JOB",
-                                 "assetSelection": [{"path": path} for path in asset_paths]},
+            params={"selector": selector,
                     "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in tags.items()]}},
         )["launchRun"]
         assert data["__typename"] == "LaunchRunSuccess", data

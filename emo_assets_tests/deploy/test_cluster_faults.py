@@ -17,23 +17,23 @@ import pytest
 
 from emo_assets.core.config import load_settings
 from emo_assets.defs.activations import activations_key
-from emo_assets.defs.datasets import emotion_dataset_key
-from emo_assets.defs.models import LANGUAGE_MODEL
+from emo_assets.defs.jobs import LOAD_MODELS, datasets_job, partition_range
 from emo_assets.defs.partitions import partitions_for
 from emo_assets_tests.deploy.checks import verify_activations
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 VARIANT = "baseline"
-RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
 
 
 @pytest.fixture(scope="module")
 def baseline_inputs(cluster):
-    """Settings of the cluster, with the baseline datasets and the models materialized (one backfill)."""
-    backfill = cluster.launch_backfill([emotion_dataset_key(VARIANT).path, LANGUAGE_MODEL.path], allPartitions=True)
-    assert cluster.wait_backfill(backfill, timeout_s=600) in {"COMPLETED", "COMPLETED_SUCCESS"}
-    return load_settings(cluster.env)
+    """Settings of the cluster, with the baseline datasets and the models materialized by their stage jobs."""
+    settings = load_settings(cluster.env)
+    runs = [cluster.launch_run(partition_range(list(settings.model_slugs)), job=LOAD_MODELS),
+            cluster.launch_run(partition_range(list(settings.emotions)), job=datasets_job(VARIANT))]
+    assert [cluster.wait_run(run_id, timeout_s=600) for run_id in runs] == ["SUCCESS", "SUCCESS"]
+    return settings
 
 
 def _keys(settings, slug: str) -> list[str]:
@@ -43,8 +43,7 @@ def _keys(settings, slug: str) -> list[str]:
 
 def _whole_range(settings) -> dict[str, str]:
     """Run tags that select every model x emotion key (one model's keys are not contiguous: "<emotion>|<slug>")."""
-    keys = partitions_for(settings).activations.get_partition_keys()
-    return {RANGE_START: keys[0], RANGE_END: keys[-1]}
+    return partition_range(partitions_for(settings).activations.get_partition_keys())
 
 
 def _wait_for_step_pid(cluster, run_id: str, timeout_s: float) -> int:
@@ -61,7 +60,7 @@ def _wait_for_step_pid(cluster, run_id: str, timeout_s: float) -> int:
 
 def test_worker_killed_during_activations_fails_clearly_and_reexecution_completes(cluster, baseline_inputs):
     settings = baseline_inputs
-    run_id = cluster.launch_run([activations_key(VARIANT).path], _whole_range(settings))
+    run_id = cluster.launch_run(_whole_range(settings), [activations_key(VARIANT).path])
     os.kill(_wait_for_step_pid(cluster, run_id, timeout_s=300), signal.SIGKILL)
 
     assert cluster.wait_run(run_id, timeout_s=300) == "FAILURE"
@@ -106,7 +105,7 @@ def test_unreachable_broker_fails_the_run_naming_it_and_writes_nothing(cluster, 
     subprocess.run(["redis-cli", "-h", "127.0.0.1", "-p", state["REDIS_PORT"], "shutdown", "nosave"],
                    capture_output=True, timeout=30)
     try:
-        run_id = cluster.launch_run([["baseline", "emotion_vectors"]], {"dagster/partition": "tiny-gpt2"})
+        run_id = cluster.launch_run({"dagster/partition": "tiny-gpt2"}, [["baseline", "emotion_vectors"]])
         assert cluster.wait_run(run_id, timeout_s=300) == "FAILURE"
         with cluster.instance() as instance:
             logs = instance.all_logs(run_id)

@@ -65,7 +65,7 @@ def test_cluster_instance_connects_to_postgres_as_configured(monkeypatch):
 
     config = _instance_config("cluster", monkeypatch)
     processed = process_config(PostgresRunStorage.config_type(), config["storage"]["postgres"]).value
-    assert pg_url_from_config(processed) == "postgresql://postgres@127.0.0.1:5432/dagster"
+    assert pg_url_from_config(processed) == "postgresql+psycopg2://postgres@127.0.0.1:5432/dagster"
 
 
 def test_kubernetes_run_launcher_config_passes_its_schema(monkeypatch):
