@@ -30,7 +30,9 @@ STATE="$DIR/state"
 : > "$STATE"
 trap 'echo "cluster-up: failed, stopping what was started (logs in $DIR/logs)" >&2; "$ROOT/deploy/cluster/down.sh"' ERR
 
-free_port() { "$BIN/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+free_port() {
+    "$BIN/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
 # PostgreSQL refuses to run as root: as root its folder belongs to, and its commands run as, the postgres user.
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 

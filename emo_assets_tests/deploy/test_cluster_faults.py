@@ -1,7 +1,7 @@
 """Faults on the cluster deployment, with nothing lost: the services are real and are really stopped or killed.
 
-The tests share the session's cluster and work on the `baseline` variant (the end-to-end test owns `extended`),
-each on its own model or stage, so their order does not matter.
+The tests share the session's cluster and work on the `baseline` variant (the end-to-end test owns `extended`);
+each checks only what it launched itself, so their order does not matter.
 """
 
 from __future__ import annotations
@@ -49,12 +49,12 @@ def _whole_range(settings) -> dict[str, str]:
 def _wait_for_step_pid(cluster, run_id: str, timeout_s: float) -> int:
     """The pid of the worker process that started the run's step, read from PostgreSQL as soon as it is there."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with cluster.instance() as instance:
+    with cluster.instance() as instance:
+        while time.monotonic() < deadline:
             starts = instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_START)
-        if starts:
-            return starts[0].dagster_event.pid
-        time.sleep(0.2)
+            if starts:
+                return starts[0].dagster_event.pid
+            time.sleep(0.1)
     raise TimeoutError(f"run {run_id} started no step within {timeout_s}s")
 
 
