@@ -9,7 +9,7 @@ local instance (`DAGSTER_HOME`, default `<root>/.dagster_home`, created from the
 template), so `emo-assets ui` afterwards shows the history. On `cluster` (`--deployment cluster` or
 `EMO_ASSETS_DEPLOYMENT=cluster`) every job is submitted to the running deployment through Dagster's GraphQL API
 (`--webserver`, `EMO_ASSETS_WEBSERVER`) and followed through the run records of its instance (`DAGSTER_HOME`).
-Each job prints one line from its run record (name, partitions, outcome, seconds, run id) and its failed
+Each run prints one line from its run record (job, partitions, outcome, seconds, run id) and its failed
 checks; the first failed job stops the sequence and the command exits 1.
 """
 
@@ -64,7 +64,7 @@ def release_abandoned_runs(instance, echo=print) -> None:
         echo(f"run {run.run_id} of the dead process {pid}: marked failed, its pool slots freed")
 
 
-def run_report(instance, name: str, run_id: str, partitions: int) -> tuple[bool, list[str]]:
+def run_report(instance, name: str, run_id: str, span: str) -> tuple[bool, list[str]]:
     """(succeeded, lines) of a finished run from its record and event log: one line for the job, then a line
     per failed check and, for a failed run, the message of each failed step (or of the run failure)."""
     import dagster as dg
@@ -72,7 +72,6 @@ def run_report(instance, name: str, run_id: str, partitions: int) -> tuple[bool,
     record = instance.get_run_record_by_id(run_id)
     ok = record.dagster_run.status == dg.DagsterRunStatus.SUCCESS
     seconds = (record.end_time or time.time()) - (record.start_time or record.create_timestamp.timestamp())
-    span = f"{partitions} partitions" if partitions else "unpartitioned"
     lines = [f"{name} [{span}] {'ok' if ok else 'FAILED'} in {seconds:.1f}s (run {run_id})"]
     for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION):
         check = entry.dagster_event.event_specific_data
@@ -82,22 +81,25 @@ def run_report(instance, name: str, run_id: str, partitions: int) -> tuple[bool,
         failures = instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
         lines += [f"    {e.step_key}: {e.dagster_event.step_failure_data.error.message.strip()}" for e in failures]
         if not failures:
-            lines += [f"    {e.dagster_event.message}" for e in instance.all_logs(run_id, of_type=dg.DagsterEventType.RUN_FAILURE)]
+            run_failures = instance.all_logs(run_id, of_type=dg.DagsterEventType.RUN_FAILURE)
+            lines += [f"    {e.dagster_event.message}" for e in run_failures]
     return ok, lines
 
 
 def run_in_process(defs, names: list[str], instance, echo=print) -> bool:
-    """Run the jobs `names` in order in this process; stop at the first failed one."""
-    from emo_assets.defs.jobs import partition_range_tags
+    """Run the jobs `names` in order in this process (`job_runs` of each); stop at the first failed run."""
+    from emo_assets.defs.jobs import job_runs
 
     for name in names:
         job = defs.resolve_job_def(name)
-        tags = {**partition_range_tags(job), PROCESS_TAG: process_identity()}
-        result = job.execute_in_process(instance=instance, tags=tags, run_config=QUIET_LOGS, raise_on_error=False)
-        ok, lines = run_report(instance, name, result.run_id, _partition_count(job))
-        echo("\n".join(lines))
-        if not ok:
-            return False
+        for span, tags in job_runs(job):
+            tags = {**tags, PROCESS_TAG: process_identity()}
+            result = job.execute_in_process(instance=instance, tags=tags, run_config=QUIET_LOGS, raise_on_error=False)
+            ok, lines = run_report(instance, name, result.run_id, span)
+            for line in lines:
+                echo(line)
+            if not ok:
+                return False
     return True
 
 
@@ -106,26 +108,23 @@ def submit_and_wait(defs, names: list[str], instance, webserver: str, echo=print
     import dagster as dg
     from dagster_graphql import DagsterGraphQLClient
 
-    from emo_assets.defs.jobs import partition_range_tags
+    from emo_assets.defs.jobs import job_runs
 
     url = urlsplit(webserver)
-    client = DagsterGraphQLClient(url.hostname, port_number=url.port, use_https=url.scheme == "https",
-                                  path_prefix=url.path.rstrip("/"))  # fmt: skip
+    https, prefix = url.scheme == "https", url.path.rstrip("/")
+    client = DagsterGraphQLClient(url.hostname, port_number=url.port, use_https=https, path_prefix=prefix)
     finished = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
     for name in names:
-        job = defs.resolve_job_def(name)
-        run_id = client.submit_job_execution(name, tags=partition_range_tags(job))
-        while instance.get_run_record_by_id(run_id).dagster_run.status not in finished:
-            time.sleep(POLL_SECONDS)
-        ok, lines = run_report(instance, name, run_id, _partition_count(job))
-        echo("\n".join(lines))
-        if not ok:
-            return False
+        for span, tags in job_runs(defs.resolve_job_def(name)):
+            run_id = client.submit_job_execution(name, tags=tags)
+            while instance.get_run_record_by_id(run_id).dagster_run.status not in finished:
+                time.sleep(POLL_SECONDS)
+            ok, lines = run_report(instance, name, run_id, span)
+            for line in lines:
+                echo(line)
+            if not ok:
+                return False
     return True
-
-
-def _partition_count(job) -> int:
-    return len(job.partitions_def.get_partition_keys()) if job.partitions_def is not None else 0
 
 
 def materialize(args) -> int:
@@ -155,8 +154,8 @@ def materialize(args) -> int:
     variants = args.variant or list(settings.datasets)
     cluster = args.deployment == "cluster"
     if cluster and not os.environ.get("DAGSTER_HOME"):
-        print("error: --deployment cluster reads the runs from the deployment's instance: set DAGSTER_HOME",
-              file=sys.stderr)  # fmt: skip
+        message = "error: --deployment cluster reads the runs from the deployment's instance: set DAGSTER_HOME"
+        print(message, file=sys.stderr)
         return 2
     home = os.environ["DAGSTER_HOME"] if cluster else prepare_dagster_home(settings.root)
     print(f"profile {settings.profile}: models {list(settings.model_slugs)}, variants {variants}, "

@@ -25,11 +25,9 @@ Every analysis asset is automated (`automation.py`): with the daemon running, it
 inputs exist and one of them was updated, e.g. a model's analysis after the last of its activation partitions.
 """
 
-import base64
 import time
 import warnings
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Callable
 
 import dagster as dg
@@ -52,6 +50,7 @@ from emo_assets.core.datasets import DatasetError
 from emo_assets.core.registry import corpus_texts
 from emo_assets.core.storage import CHECKSUM_KEY, ActivationFileError
 from emo_assets.defs.activations import activations_key
+from emo_assets.defs.analysis_metadata import image_markdown, log_mlflow, step_metadata
 from emo_assets.defs.automation import ANALYSIS_CONDITION
 from emo_assets.defs.partitions import MODEL_DIM, fingerprint, partitions_for, step_data_version
 from emo_assets.defs.resources import MlflowTracker
@@ -91,49 +90,6 @@ def analysis_keys(variant: str) -> tuple[list[dg.AssetKey], list[dg.AssetKey]]:
     for spec in ANALYSES:
         by[spec.partitioning].append(analysis_key(variant, spec.name))
     return by[MODEL], by[VARIANT]
-
-
-# -- MLflow (best effort) ---------------------------------------------------------------------------------
-def log_mlflow(context: dg.AssetExecutionContext, tracker: MlflowTracker, name: str, **run) -> str:
-    """One MLflow run (params, metrics, files as artifacts) tagged with the Dagster run and asset."""
-    tags = {"dagster.run_id": context.run.run_id, "dagster.asset_key": context.asset_key.to_user_string()}
-    return tracker.log_run(name, tags=tags, log=context.log, **run)
-
-
-# -- metadata ---------------------------------------------------------------------------------------------
-def _column_schema(path: Path) -> dg.TableSchema:
-    schema = pl.read_parquet_schema(path)
-    return dg.TableSchema(columns=[dg.TableColumn(name, str(dtype).lower()) for name, dtype in schema.items()])
-
-
-def _image_markdown(path: Path, caption: str) -> dg.MetadataValue:
-    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-    return dg.MetadataValue.md(f"![{caption}](data:image/png;base64,{data})\n\n`{path}`")
-
-
-def step_metadata(result: StepResult, main_table: str | None, *, partitioned: bool) -> dict:
-    """Asset metadata of a step: uri and column schema of the main table, every table's path and row count,
-    every file's path, the headline numbers and notes."""
-    meta: dict[str, object] = {}
-    if main_table is not None:
-        table = result.tables[main_table]
-        meta["dagster/uri"] = table.path.as_uri()
-        meta["dagster/partition_row_count" if partitioned else "dagster/row_count"] = table.rows
-        meta["dagster/column_schema"] = _column_schema(table.path)
-    for name, table in result.tables.items():
-        meta[f"{name}_path"] = dg.MetadataValue.path(str(table.path))
-        meta[f"{name}_rows"] = table.rows
-    for name, path in result.files.items():
-        if not name.startswith("image: "):
-            meta[f"{name}_path"] = dg.MetadataValue.path(str(path))
-    for key, value in result.summary.items():
-        if key.endswith("_table") and isinstance(value, str):
-            meta[key] = dg.MetadataValue.md(value)
-        else:
-            meta[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    if result.notes:
-        meta["notes"] = dg.MetadataValue.md("\n".join(f"- {note}" for note in result.notes))
-    return meta
 
 
 def _inputs_version(acts: ModelActivations, config: AnalysisSettings) -> str:
@@ -213,8 +169,8 @@ def _plots_asset(settings: Settings, variant: str, spec: AnalysisSpec) -> dg.Ass
             status = log_mlflow(context, mlflow, f"{variant}/{slug}/analysis_plots", params=params,
                                 metrics=result.summary, files=list(result.files.values()))
             meta = step_metadata(result, None, partitioned=True)
-            meta["layer_profile"] = _image_markdown(result.files["layer_profile"], f"{slug}: layer profile")
-            meta["cosine_heatmap"] = _image_markdown(result.files["cosine_heatmap"], f"{slug}: cosines at best layer")
+            meta["layer_profile"] = image_markdown(result.files["layer_profile"], f"{slug}: layer profile")
+            meta["cosine_heatmap"] = image_markdown(result.files["cosine_heatmap"], f"{slug}: cosines at best layer")
             meta["dagster/uri"] = result.files["layer_profile"].as_uri()
             meta["n_images"] = len(result.files)
             meta["mlflow"] = status
@@ -259,7 +215,7 @@ def _cross_model_asset(settings: Settings, variant: str, spec: AnalysisSpec) -> 
                             metrics=result.summary, files=files)
         meta = step_metadata(result, "cka", partitioned=False)
         if "cka_heatmap" in result.files:
-            meta["cka_heatmap"] = _image_markdown(result.files["cka_heatmap"], "debiased linear CKA")
+            meta["cka_heatmap"] = image_markdown(result.files["cka_heatmap"], "debiased linear CKA")
         meta.update(wall_seconds=round(time.perf_counter() - started, 3), mlflow=status)
         version = fingerprint({slug: _inputs_version(acts, config) for slug, acts in models.items()})
         return dg.MaterializeResult(metadata=meta, data_version=dg.DataVersion(version))

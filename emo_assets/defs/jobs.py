@@ -11,8 +11,8 @@
 
 A job takes one partitions definition, so the stages are separate jobs. The reports read `vector_stability`,
 which reads every variant's emotion vectors: `<V>_comparisons` therefore come after `cross_variant_analysis`.
-`stage_order` is that order; a run over all partitions of a job carries Dagster's partition range tags
-(`partition_range_tags`), as a UI backfill's single run does.
+`stage_order` is that order; `job_runs` splits a job's partitions into runs as a UI backfill does (with
+Dagster's partition tags).
 """
 
 from typing import Sequence
@@ -20,7 +20,11 @@ from typing import Sequence
 import dagster as dg
 
 # Dagster exports the partition tag names only from this module (no public constant in `dagster`).
-from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+    PARTITION_NAME_TAG,
+)
 
 from emo_assets.core.config import Settings
 from emo_assets.defs.activations import activations_key
@@ -73,11 +77,19 @@ def partition_range(keys: Sequence[str]) -> dict[str, str]:
     return {ASSET_PARTITION_RANGE_START_TAG: str(keys[0]), ASSET_PARTITION_RANGE_END_TAG: str(keys[-1])}
 
 
-def partition_range_tags(job: dg.JobDefinition) -> dict[str, str]:
-    """Tags of a run over every partition of `job` (none for an unpartitioned job)."""
+def job_runs(job: dg.JobDefinition) -> list[tuple[str, dict[str, str]]]:
+    """(what the run covers, its tags) of the runs that materialize every partition of `job`, as a UI backfill
+    splits them: one run over all partitions when each partitioned asset of the job has a single-run backfill
+    policy, else one run per partition (`language_model` records each model's revision as that partition's
+    data version, which a run over several partitions cannot)."""
     if job.partitions_def is None:
-        return {}
-    return partition_range(job.partitions_def.get_partition_keys())
+        return [("unpartitioned", {})]
+    keys = job.partitions_def.get_partition_keys()
+    graph = job.asset_layer.asset_graph
+    nodes = [graph.get(key) for key in job.asset_layer.executable_asset_keys]
+    if all(n.backfill_policy == dg.BackfillPolicy.single_run() for n in nodes if n.partitions_def is not None):
+        return [(f"{len(keys)} partitions", partition_range(keys))]
+    return [(str(key), {PARTITION_NAME_TAG: str(key)}) for key in keys]
 
 
 def build_defs(settings: Settings) -> dg.Definitions:

@@ -50,8 +50,8 @@ def daemon(tmp_path_factory, small_datasets, mlflow_uri):
     settings = make_settings(root, datasets, mlflow_uri, EMO_ASSETS_MODELS=MODELS)
     full_env = {**_base_env(), **env}
     log = open(root / "daemon.log", "wb")
-    process = subprocess.Popen([_bin("dagster-daemon"), "run", "-m", "emo_assets.definitions"], cwd=REPO_ROOT,
-                               env=full_env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    command = [_bin("dagster-daemon"), "run", "-m", "emo_assets.definitions"]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
     try:
         with dg.DagsterInstance.from_config(str(home)) as instance:
             yield settings, build_defs(settings), instance, full_env
@@ -92,24 +92,36 @@ def _sensor_ticks(instance) -> list:
     return [t for s in states for t in instance.get_ticks(s.instigator_origin_id, s.selector_id)]
 
 
+def _finished(instance, run_id: str):
+    record = instance.get_run_record_by_id(run_id)
+    return record if record.dagster_run.status in FINISHED else None
+
+
 def _all_finished(instance) -> bool:
     return all(r.dagster_run.status in FINISHED for r in instance.get_run_records())
+
+
+def _analysed(instance, per_model, slugs: set[str], unpartitioned=()) -> bool:
+    """Every run ended, the per-model assets exist for exactly `slugs`, the `unpartitioned` ones exist."""
+    return (
+        _all_finished(instance)
+        and all(_partitions_of(instance, key) == slugs for key in per_model)
+        and all(_partitions_of(instance, key) for key in unpartitioned)
+    )
 
 
 def test_a_job_starts_with_dagster_job_launch(daemon):
     settings, _, instance, env = daemon
     emotions = list(settings.emotions)
     tags = json.dumps(partition_range(emotions))
+    command = [_bin("dagster"), "job", "launch", "-m", "emo_assets.definitions", "-j", datasets_job("extended")]
     launched = subprocess.run(
-        [_bin("dagster"), "job", "launch", "-m", "emo_assets.definitions", "-j", datasets_job("extended"),
-         "--tags", tags],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
+        [*command, "--tags", tags], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180
+    )
     assert launched.returncode == 0, launched.stdout + launched.stderr
     (record,) = instance.get_run_records(dg.RunsFilter(job_name=datasets_job("extended")))
     run_id = record.dagster_run.run_id
-    done = _wait(lambda: (r := instance.get_run_record_by_id(run_id)).dagster_run.status in FINISHED and r, 240,
-                 "the launched run")  # fmt: skip
+    done = _wait(lambda: _finished(instance, run_id), 240, "the launched run")
     assert done.dagster_run.status == dg.DagsterRunStatus.SUCCESS
     assert _partitions_of(instance, dg.AssetKey(["extended", "emotion_dataset"])) == set(emotions)
     for emotion in emotions:
@@ -135,8 +147,7 @@ def test_the_analysis_of_a_model_follows_its_last_activation_partition(daemon):
         ours.add(result.run_id)
 
     per_model, per_variant = analysis_keys("extended")
-    _wait(lambda: all(_partitions_of(instance, key) == {"tiny-gpt2"} for key in per_model) and _all_finished(instance),
-          240, "tiny-gpt2's analysis")  # fmt: skip
+    _wait(lambda: _analysed(instance, per_model, {"tiny-gpt2"}), 240, "tiny-gpt2's analysis")
     automated = [r for r in instance.get_run_records() if r.dagster_run.run_id not in ours]
     assert automated and all(r.dagster_run.status == dg.DagsterRunStatus.SUCCESS for r in automated)
     # a later evaluation still requests nothing for the model with missing partitions
@@ -149,8 +160,7 @@ def test_the_analysis_of_a_model_follows_its_last_activation_partition(daemon):
     for emotion in emotions[2:]:
         tags = {PARTITION_NAME_TAG: parts.key("tiny-pythia", emotion)}
         assert materialize(defs, [activations_key("extended")], instance, tags).success
-    _wait(lambda: all(_partitions_of(instance, key) for key in per_variant + [summary_key("extended")])
-          and all(_partitions_of(instance, key) == {"tiny-gpt2", "tiny-pythia"} for key in per_model)
-          and _all_finished(instance), 360, "the rest of the analysis")  # fmt: skip
+    variant_wide = [*per_variant, summary_key("extended")]
+    _wait(lambda: _analysed(instance, per_model, {"tiny-gpt2", "tiny-pythia"}, variant_wide), 360, "the rest")
     assert all(r.dagster_run.status == dg.DagsterRunStatus.SUCCESS for r in instance.get_run_records())
     assert (settings.results_dir / "extended" / "analysis" / "report.md").is_file()

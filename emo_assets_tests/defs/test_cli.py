@@ -37,7 +37,9 @@ def test_a_failed_job_stops_the_sequence_and_exits_1(env, monkeypatch):
         assert cli.main(["materialize", "--extraction-only"]) == 1
     lines = out.getvalue().splitlines()
     jobs = [line.split(" [")[0] for line in lines[1:] if " [" in line and "(run " in line]
-    assert jobs == ["load_models", "baseline_datasets"]  # baseline_activations never started
+    slugs = [line.split("[")[1].split("]")[0] for line in lines if line.startswith("load_models [")]
+    assert slugs == ["minilm", "tiny-gpt2", "tiny-pythia", "tiny-gpt-neo"]  # one run per model
+    assert jobs == ["load_models"] * 4 + ["baseline_datasets"]  # baseline_activations never started
     with dg.DagsterInstance.get() as instance:
         records = {r.dagster_run.job_name: r for r in instance.get_run_records()}
         assert set(records) == {"load_models", "baseline_datasets"}

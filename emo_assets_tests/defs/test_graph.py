@@ -12,7 +12,9 @@ from pathlib import Path
 import dagster as dg
 
 from emo_assets.definitions import build_defs
+from emo_assets.defs.automation import SENSOR
 from emo_assets.defs.checks import freshness_check_keys
+from emo_assets.defs.jobs import job_runs, stage_order
 from emo_assets.defs.schedules import FRESHNESS_SCHEDULE
 from emo_assets_tests.defs.conftest import make_settings
 
@@ -129,3 +131,33 @@ def test_dagster_definitions_validate_passes():
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert "Validation successful" in completed.stdout + completed.stderr
+
+
+def test_stage_jobs_cover_every_asset_once(tmp_path, small_datasets, mlflow_uri):
+    """Each stage job's assets and partitions; together they materialize every asset of the graph."""
+    defs = build_defs(make_settings(tmp_path, small_datasets, mlflow_uri))
+    jobs = {}
+    for name in stage_order(make_settings(tmp_path, small_datasets, mlflow_uri), ["baseline", "extended"]):
+        job = defs.resolve_job_def(name)
+        keys = sorted(k.to_user_string() for k in job.asset_layer.executable_asset_keys)
+        jobs[name] = (keys, [span for span, _ in job_runs(job)])
+    per_variant = {
+        f"{v}_{job}": value
+        for v in ("baseline", "extended")
+        for job, value in {
+            "datasets": ([f"{v}/dataset_file", f"{v}/emotion_dataset"], ["4 partitions"]),
+            "activations": ([f"{v}/activations", f"{v}/activations_summary"], ["16 partitions"]),
+            "analysis": (sorted(f"{v}/{name}" for name in PER_MODEL), ["4 partitions"]),
+            "comparisons": ([f"{v}/analysis_report", f"{v}/cross_model_alignment"], ["unpartitioned"]),
+        }.items()
+    }
+    assert jobs == {"load_models": (["language_model"], SLUGS), **per_variant,
+                    "cross_variant_analysis": (["vector_stability"], ["unpartitioned"])}
+    covered = sorted(key for keys, _ in jobs.values() for key in keys)
+    assert covered == sorted(EXPECTED)  # every asset in exactly one job
+    sensor = defs.resolve_sensor_def(SENSOR)
+    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+    graph = defs.resolve_asset_graph()
+    automated = {k.to_user_string() for k in graph.get_all_asset_keys() if graph.get(k).automation_condition}
+    assert automated == {key for key in EXPECTED if key.split("/")[-1] in (
+        *PER_MODEL, "activations_summary", "cross_model_alignment", "analysis_report", "vector_stability")}

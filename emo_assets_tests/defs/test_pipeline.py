@@ -64,7 +64,11 @@ def test_command_succeeds_on_a_persistent_instance(pipeline):
                      "extended_activations", "baseline_analysis", "extended_analysis", "cross_variant_analysis",
                      "baseline_comparisons", "extended_comparisons"]
     records = instance.get_run_records(ascending=True)
-    assert [r.dagster_run.job_name for r in records] == names  # one run per job, in order, all in this process
+    # in order, all in this process: one run per model for the model loads (each partition records its own
+    # revision as data version), one run over all partitions for every other job
+    runs = [r.dagster_run.job_name for r in records]
+    assert runs == ["load_models"] * len(settings.model_slugs) + names[1:]
+    assert [r.dagster_run.tags["dagster/partition"] for r in records[:4]] == list(settings.model_slugs)
     assert all(r.dagster_run.status == dg.DagsterRunStatus.SUCCESS for r in records)
     # one printed line per job, with what its run record says
     job_lines = [line for line in output.splitlines() if "(run " in line]
@@ -72,9 +76,10 @@ def test_command_succeeds_on_a_persistent_instance(pipeline):
         seconds = record.end_time - record.start_time
         assert line.startswith(f"{record.dagster_run.job_name} [")
         assert f"] ok in {seconds:.1f}s (run {record.dagster_run.run_id})" in line
-    assert job_lines[2].startswith("baseline_activations [16 partitions] ok")
+    assert job_lines[0].startswith("load_models [minilm] ok")
+    assert job_lines[5].startswith("baseline_activations [16 partitions] ok")
     assert job_lines[-1].startswith("extended_comparisons [unpartitioned] ok")
-    activations_run = records[2].dagster_run
+    activations_run = records[5].dagster_run
     tags = activations_run.tags
     assert (tags[ASSET_PARTITION_RANGE_START_TAG], tags[ASSET_PARTITION_RANGE_END_TAG]) == (
         partitions_for(settings).activations.get_partition_keys()[0],

@@ -26,8 +26,8 @@ from emo_assets.defs.jobs import (
     LOAD_MODELS,
     analysis_job,
     datasets_job,
+    job_runs,
     partition_range,
-    partition_range_tags,
     stage_order,
 )
 from emo_assets.defs.models import LANGUAGE_MODEL
@@ -189,7 +189,8 @@ def test_truncated_activation_file_stops_the_pipeline_before_analysis(tmp_path, 
         assert not (settings.results_dir / "baseline" / "summary").exists()
 
         analysis = defs.resolve_job_def(analysis_job("baseline"))
-        result = analysis.execute_in_process(instance=instance, tags=partition_range_tags(analysis),
+        ((_, tags),) = job_runs(analysis)  # one run over every model
+        result = analysis.execute_in_process(instance=instance, tags=tags,
                                              raise_on_error=False)
     assert not result.success
     bad = activation_path(settings, "baseline", "tiny-gpt2", "anger")
