@@ -15,6 +15,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from dagster._core.storage.tags import BACKFILL_ID_TAG  # Dagster exports its tag names only here
 
 from emo_assets.core.config import load_settings
 from emo_assets.definitions import build_defs
@@ -39,14 +40,14 @@ def test_backfill_of_the_extended_lineage_runs_on_two_workers(cluster):
     wall_s = time.monotonic() - started
 
     with cluster.instance() as instance:
-        runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/backfill": backfill}))
+        runs = instance.get_runs(filters=dg.RunsFilter(tags={BACKFILL_ID_TAG: backfill}))
         assert runs and all(run.status == dg.DagsterRunStatus.SUCCESS for run in runs)
         run_ids = sorted(run.run_id for run in runs)
 
         # PostgreSQL itself holds the run records (and their backfill tag), not a file beside a process
         rows = cluster.psql(
             "select r.run_id, r.status from runs r join run_tags t on t.run_id = r.run_id "
-            f"where t.key = 'dagster/backfill' and t.value = '{backfill}' order by r.run_id"
+            f"where t.key = '{BACKFILL_ID_TAG}' and t.value = '{backfill}' order by r.run_id"
         )
         assert rows == [[run_id, "SUCCESS"] for run_id in run_ids]
 

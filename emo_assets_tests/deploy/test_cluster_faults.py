@@ -14,6 +14,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from dagster._core.storage.tags import BACKFILL_ID_TAG, PARTITION_NAME_TAG  # Dagster exports its tag names only here
 
 from emo_assets.core.config import load_settings
 from emo_assets.defs.activations import activations_key
@@ -28,11 +29,12 @@ VARIANT = "baseline"
 
 @pytest.fixture(scope="module")
 def baseline_inputs(cluster):
-    """Settings of the cluster, with the baseline datasets and the models materialized by their stage jobs."""
+    """Settings of the cluster, with the baseline datasets and the models materialized by their stage jobs (one
+    `load_models` run per model, as `emo-assets materialize` launches them)."""
     settings = load_settings(cluster.env)
-    runs = [cluster.launch_run(partition_range(list(settings.model_slugs)), job=LOAD_MODELS),
-            cluster.launch_run(partition_range(list(settings.emotions)), job=datasets_job(VARIANT))]
-    assert [cluster.wait_run(run_id, timeout_s=600) for run_id in runs] == ["SUCCESS", "SUCCESS"]
+    runs = [cluster.launch_run({PARTITION_NAME_TAG: slug}, job=LOAD_MODELS) for slug in settings.model_slugs]
+    runs.append(cluster.launch_run(partition_range(list(settings.emotions)), job=datasets_job(VARIANT)))
+    assert [cluster.wait_run(run_id, timeout_s=600) for run_id in runs] == ["SUCCESS"] * len(runs)
     return settings
 
 
@@ -81,7 +83,7 @@ def test_postgres_restart_during_a_backfill_then_relaunch_completes(cluster, bas
     backfill = cluster.launch_backfill([activations_key(VARIANT).path], partitionNames=_keys(settings, slug))
     with cluster.instance() as instance:  # restart once the backfill's run is under way
         deadline = time.monotonic() + 300
-        while not instance.get_runs(filters=dg.RunsFilter(tags={"dagster/backfill": backfill})):
+        while not instance.get_runs(filters=dg.RunsFilter(tags={BACKFILL_ID_TAG: backfill})):
             assert time.monotonic() < deadline, "the backfill launched no run"
             time.sleep(0.5)
     pg_dir = os.path.dirname(state["PG_DATA"])  # the server's output goes to its log: no pipe held open
@@ -105,7 +107,7 @@ def test_unreachable_broker_fails_the_run_naming_it_and_writes_nothing(cluster, 
     subprocess.run(["redis-cli", "-h", "127.0.0.1", "-p", state["REDIS_PORT"], "shutdown", "nosave"],
                    capture_output=True, timeout=30)
     try:
-        run_id = cluster.launch_run({"dagster/partition": "tiny-gpt2"}, [["baseline", "emotion_vectors"]])
+        run_id = cluster.launch_run({PARTITION_NAME_TAG: "tiny-gpt2"}, [["baseline", "emotion_vectors"]])
         assert cluster.wait_run(run_id, timeout_s=300) == "FAILURE"
         with cluster.instance() as instance:
             logs = instance.all_logs(run_id)
