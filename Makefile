@@ -19,7 +19,7 @@ export MLFLOW_EXPERIMENT_ID := import pathlib, sqlite3; db = pathlib.Path("resul
   row = db.is_file() and sqlite3.connect(db).execute("SELECT experiment_id FROM experiments WHERE name = 'emo_assets'").fetchone(); \
   print(row[0] if row else "", end="")
 
-.PHONY: setup demo test test-fast bench ui mlflow-ui check-defs lock clean-results readme-results
+.PHONY: setup demo test test-fast bench ui mlflow-ui check-defs lock clean-results readme-results cluster-up cluster-down
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,13 @@ ui: setup
 mlflow-ui: setup
 	@echo "The pipeline's runs: http://127.0.0.1:5000/#/experiments/$$($(BIN)/python -c "$$MLFLOW_EXPERIMENT_ID")?workflowType=machine_learning"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/results/mlflow.db --host 127.0.0.1 --port 5000
+
+## The cluster deployment on this machine (PostgreSQL, Redis, 2 celery workers, daemon, webserver; README "Scaling out")
+cluster-up: setup
+	deploy/cluster/up.sh
+
+cluster-down:
+	deploy/cluster/down.sh
 
 check-defs: setup
 	$(BIN)/dagster definitions validate -m emo_assets.definitions

@@ -1,13 +1,15 @@
 """The Dagster code location: `defs`, built from the settings (config.toml + EMO_ASSETS_* environment).
 
-All runs use the in-process executor: a process per step would re-import torch and the model classes for
-every step (seconds each) and could not share a loaded model between partitions.
+The executor comes from the deployment (`EMO_ASSETS_DEPLOYMENT`, see `emo_assets/defs/deployment.py`): in-process
+on the local one, celery workers or Kubernetes pods on the others; the assets are the same everywhere.
 """
 
 import dagster as dg
 
 from emo_assets.core.config import Settings, load_settings
-from emo_assets.defs import activations, analysis, automation, checks, datasets, jobs, models, schedules, summary
+from emo_assets.defs import (
+    activations, analysis, automation, checks, datasets, deployment, jobs, models, schedules, summary,
+)
 from emo_assets.defs.dagster_beta import USED_BETA_APIS, accepted_beta
 from emo_assets.defs.resources import build_resources
 
@@ -21,7 +23,7 @@ def build_defs(settings: Settings | None = None) -> dg.Definitions:
     with accepted_beta(*USED_BETA_APIS):
         stages = [module.build_defs(settings) for module in DEFS_MODULES]
     return dg.Definitions.merge(
-        *stages, dg.Definitions(resources=build_resources(settings), executor=dg.in_process_executor)
+        *stages, dg.Definitions(resources=build_resources(settings), executor=deployment.executor())
     )
 
 

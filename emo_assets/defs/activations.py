@@ -32,6 +32,7 @@ from emo_assets.core.models import LoadedModel
 from emo_assets.core.paths import activation_dir, activation_file
 from emo_assets.defs.datasets import emotion_dataset_key, emotion_parquet_path
 from emo_assets.defs.models import LANGUAGE_MODEL
+from emo_assets.defs.deployment import TORCH_OP_TAGS
 from emo_assets.defs.partitions import Partitions, fingerprint, partitions_for, step_data_version
 from emo_assets.defs.resources import MlflowTracker, ModelCache, TrackedDataset
 
@@ -179,6 +180,7 @@ def _variant_activations(settings: Settings, variant: str) -> dg.AssetsDefinitio
         deps=[emotion_dataset_key(variant), LANGUAGE_MODEL],
         backfill_policy=dg.BackfillPolicy.single_run(),
         pool="torch",
+        op_tags=TORCH_OP_TAGS,
         group_name=variant,
         kinds={"pytorch", "safetensors"},
         code_version=CODE_VERSION,

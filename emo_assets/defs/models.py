@@ -11,6 +11,7 @@ import dagster as dg
 
 from emo_assets.core.config import Settings
 from emo_assets.core.models import ModelLoadError
+from emo_assets.defs.deployment import TORCH_OP_TAGS
 from emo_assets.defs.partitions import partitions_for, step_data_version
 from emo_assets.defs.resources import ModelCache
 
@@ -68,6 +69,7 @@ def build_defs(settings: Settings) -> dg.Definitions:
         group_name="models",
         kinds={"pytorch", "huggingface"},
         pool="torch",
+        op_tags=TORCH_OP_TAGS,
         code_version=CODE_VERSION,
         description="A language model of the profile, resolved and loaded; metadata: size, shape, revision.",
     )
