@@ -19,7 +19,7 @@ export MLFLOW_EXPERIMENT_ID := import pathlib, sqlite3; db = pathlib.Path("resul
   row = db.is_file() and sqlite3.connect(db).execute("SELECT experiment_id FROM experiments WHERE name = 'emo_assets'").fetchone(); \
   print(row[0] if row else "", end="")
 
-.PHONY: setup demo test test-fast bench ui mlflow-ui check-defs lock clean-results readme-results cluster-up cluster-down
+.PHONY: setup demo test test-fast bench ui mlflow-ui check-defs lock clean-results readme-results cluster-up cluster-down lint format
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -65,6 +65,15 @@ cluster-down:
 
 check-defs: setup
 	$(BIN)/dagster definitions validate -m emo_assets.definitions
+
+## ruff: lint and formatting (configuration in pyproject.toml); `make format` applies both.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 ## Regenerate constraints.txt (pinned versions of every dependency except torch) from a fresh resolve.
 lock:

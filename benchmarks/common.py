@@ -7,16 +7,27 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATASET = REPO_ROOT / "data" / "emotion_dataset.jsonl"
 DEFAULT_OUT = REPO_ROOT / "results" / "bench"
 # the targets for this CPU, by row: ratios of the same run (>= for speed-ups, <= for 5a/5b, 6 and 9)
-TARGETS = {"2": 0.95, "3": 3.4, "4a": 1.6, "4b": 1.15, "5a": 1.5, "5b": 1.5, "6": 1.15, "9": 1.2, "9-reuse": 1.0,
-           "10": 2.5}
+TARGETS = {
+    "2": 0.95,
+    "3": 3.4,
+    "4a": 1.6,
+    "4b": 1.15,
+    "5a": 1.5,
+    "5b": 1.5,
+    "6": 1.15,
+    "9": 1.2,
+    "9-reuse": 1.0,
+    "10": 2.5,
+}
 
 
 def read_texts(path: Path) -> list[dict]:
@@ -25,8 +36,13 @@ def read_texts(path: Path) -> list[dict]:
     for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if line.strip():
             record = json.loads(line)
-            records.append({"id": str(record.get("id", f"line-{number}")), "emotion": record.get("emotion", ""),
-                            "text": record["text"]})
+            records.append(
+                {
+                    "id": str(record.get("id", f"line-{number}")),
+                    "emotion": record.get("emotion", ""),
+                    "text": record["text"],
+                }
+            )
     return records
 
 
@@ -122,10 +138,18 @@ class Row:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "key": self.key, "title": self.title, "status": self.status, "samples": self.samples,
-            "seconds": [round(s, 4) for s in self.seconds], "median_s": _round(self.median_s) if self.seconds else None,
-            "samples_per_s": _round(self.samples_per_s), "ratio": _round(self.ratio), "ratio_label": self.ratio_label,
-            "target": self.target, "passed": self.passed, **({"extra": self.extra} if self.extra else {}),
+            "key": self.key,
+            "title": self.title,
+            "status": self.status,
+            "samples": self.samples,
+            "seconds": [round(s, 4) for s in self.seconds],
+            "median_s": _round(self.median_s) if self.seconds else None,
+            "samples_per_s": _round(self.samples_per_s),
+            "ratio": _round(self.ratio),
+            "ratio_label": self.ratio_label,
+            "target": self.target,
+            "passed": self.passed,
+            **({"extra": self.extra} if self.extra else {}),
         }
 
 
@@ -141,11 +165,17 @@ def format_table(rows: list[Row]) -> str:
             lines.append([row.key, row.title, "-", "-", row.status[:60], row.target, "n/a"])
             continue
         ratio = f"{row.ratio:.3f} {row.ratio_label}".strip() if row.ratio is not None else ""
-        lines.append([
-            row.key, row.title, f"{row.median_s:.2f}" if row.seconds else "-",
-            f"{row.samples_per_s:.1f}" if row.samples_per_s else "-", ratio, row.target,
-            {True: "yes", False: "NO", None: ""}[row.passed],
-        ])
+        lines.append(
+            [
+                row.key,
+                row.title,
+                f"{row.median_s:.2f}" if row.seconds else "-",
+                f"{row.samples_per_s:.1f}" if row.samples_per_s else "-",
+                ratio,
+                row.target,
+                {True: "yes", False: "NO", None: ""}[row.passed],
+            ]
+        )
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     out = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(line, widths)) + " |" for line in lines]
     out.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")

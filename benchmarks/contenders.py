@@ -130,8 +130,9 @@ class Extraction(Contender):
 
     key, title = "2", "emo_assets extract_to_file (incl. write + fsync)"
 
-    def __init__(self, work: Workload, loaded: LoadedModel | None = None, tag: str = "fp32", keep: bool = True,
-                 **options) -> None:
+    def __init__(
+        self, work: Workload, loaded: LoadedModel | None = None, tag: str = "fp32", keep: bool = True, **options
+    ) -> None:
         super().__init__(work)
         self.loaded = loaded or work.loaded
         self.tag = tag
@@ -190,8 +191,10 @@ class SeedLoop(Contender):
         model, tokenizer = work.loaded.model, work.loaded.tokenizer
         points = find_hook_points(model)
         mlp_out: list[torch.Tensor] = []
-        handles = [m.register_forward_hook(lambda mod, a, out: mlp_out.append(first_tensor(out)[0].cpu().clone()))
-                   for m in points.mlps]
+        handles = [
+            m.register_forward_hook(lambda mod, a, out: mlp_out.append(first_tensor(out)[0].cpu().clone()))
+            for m in points.mlps
+        ]
         resid, mlps = [], []
         try:
             with torch.no_grad():
@@ -269,7 +272,8 @@ class TransformerLens(OptionalContender):
         batch = self.work.batches[0]
         cache = self._pass([batch])
         self.extra["max_abs_diff_vs_extraction"] = _max_abs_diff(
-            self.work, reference, batch, lambda kind, layer: cache[f"blocks.{layer}.hook_{kind}"])
+            self.work, reference, batch, lambda kind, layer: cache[f"blocks.{layer}.hook_{kind}"]
+        )
 
 
 class Nnsight(OptionalContender):
@@ -316,7 +320,8 @@ class Nnsight(OptionalContender):
         saved = self._pass([batch])
         position = {"mlp_out": 0, "resid_post": 1}  # saved in execution order: mlp, block, mlp, block, ...
         self.extra["max_abs_diff_vs_extraction"] = _max_abs_diff(
-            self.work, reference, batch, lambda kind, layer: first_tensor(saved[2 * layer + position[kind]]))
+            self.work, reference, batch, lambda kind, layer: first_tensor(saved[2 * layer + position[kind]])
+        )
 
 
 @contextlib.contextmanager

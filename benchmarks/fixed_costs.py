@@ -14,9 +14,19 @@ import sys
 import time
 
 # modules that transformers' model code imports whatever the model (cumulative import seconds are reported)
-HEAVY = ("torch", "transformers", "torch.distributed.tensor", "sympy", "torch._dynamo", "scipy.optimize",
-         "transformers.modeling_utils", "transformers.masking_utils", "transformers.core_model_loading",
-         "transformers.loss.loss_utils", "transformers.models.auto.tokenization_auto")
+HEAVY = (
+    "torch",
+    "transformers",
+    "torch.distributed.tensor",
+    "sympy",
+    "torch._dynamo",
+    "scipy.optimize",
+    "transformers.modeling_utils",
+    "transformers.masking_utils",
+    "transformers.core_model_loading",
+    "transformers.loss.loss_utils",
+    "transformers.models.auto.tokenization_auto",
+)
 _LINE = re.compile(r"^import time:\s+(\d+) \|\s+(\d+) \|(\s*)(\S+)$")
 
 

@@ -38,8 +38,12 @@ def _cli_command() -> list[str] | None:
 
 def _graph_env(folder: Path, profile: str, models: str | None = None) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(EMO_ASSETS_RESULTS_DIR=str(folder / "results"), DAGSTER_HOME=str(folder / "dagster_home"),
-               EMO_ASSETS_ROOT=str(REPO_ROOT), EMO_ASSETS_PROFILE=profile)
+    env.update(
+        EMO_ASSETS_RESULTS_DIR=str(folder / "results"),
+        DAGSTER_HOME=str(folder / "dagster_home"),
+        EMO_ASSETS_ROOT=str(REPO_ROOT),
+        EMO_ASSETS_PROFILE=profile,
+    )
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("EMO_ASSETS_MLFLOW_URI", None)
     if models:
@@ -49,8 +53,9 @@ def _graph_env(folder: Path, profile: str, models: str | None = None) -> dict[st
     return env
 
 
-def extraction_sum(folder: Path, profile: str, variants: list[str] | None = None, extract: bool = True,
-                   models: str | None = None) -> dict:
+def extraction_sum(
+    folder: Path, profile: str, variants: list[str] | None = None, extract: bool = True, models: str | None = None
+) -> dict:
     """Load every model of the profile once and extract every partition; wall seconds of each part."""
     from emo_assets.core.config import load_settings
     from emo_assets.core.extraction import ExtractionOptions, extract_to_file
@@ -79,8 +84,12 @@ def extraction_sum(folder: Path, profile: str, variants: list[str] | None = None
                 partitions += 1
         del loaded
     shutil.rmtree(folder / "sum", ignore_errors=True)
-    return {"model_loads_s": round(loads, 3), "extraction_s": round(extracts, 3), "partitions": partitions,
-            "sum_s": round(loads + extracts, 3)}
+    return {
+        "model_loads_s": round(loads, 3),
+        "extraction_s": round(extracts, 3),
+        "partitions": partitions,
+        "sum_s": round(loads + extracts, 3),
+    }
 
 
 def run_seconds(dagster_home: Path) -> dict[str, float]:
@@ -101,13 +110,24 @@ def run_seconds(dagster_home: Path) -> dict[str, float]:
         }
 
 
-def graph_row(work_dir: Path, key: str, label: str, profile: str = "offline", variants: list[str] | None = None,
-              models: str | None = None, timeout: float = 300) -> Row:
+def graph_row(
+    work_dir: Path,
+    key: str,
+    label: str,
+    profile: str = "offline",
+    variants: list[str] | None = None,
+    models: str | None = None,
+    timeout: float = 300,
+) -> Row:
     """`emo-assets materialize --extraction-only` on a fresh results folder and DAGSTER_HOME, vs. the same model
     loads and extractions run directly in this process (the analysis has no counterpart there)."""
     extra_args = ["--extraction-only", *(arg for variant in variants or [] for arg in ("--variant", variant))]
-    row = Row(key, f"{label}: emo-assets materialize {' '.join(extra_args)}",
-              target=f"graph / (extraction + model loads) <= {TARGETS[key]}", ratio_label="graph / (extract+loads)")
+    row = Row(
+        key,
+        f"{label}: emo-assets materialize {' '.join(extra_args)}",
+        target=f"graph / (extraction + model loads) <= {TARGETS[key]}",
+        ratio_label="graph / (extract+loads)",
+    )
     command = _cli_command()
     if command is None:
         row.status = "unavailable: emo_assets.cli (the `emo-assets` command) is not installed yet"
@@ -119,9 +139,14 @@ def graph_row(work_dir: Path, key: str, label: str, profile: str = "offline", va
         extraction_sum(folder, profile, variants, extract=False, models=models)  # builds offline models into the cache
         before = extraction_sum(folder, profile, variants, models=models)
         started = time.perf_counter()
-        proc = subprocess.run([*command, "materialize", "--profile", profile, *extra_args],
-                              env=_graph_env(folder, profile, models), cwd=REPO_ROOT, capture_output=True, text=True,
-                              timeout=timeout)
+        proc = subprocess.run(
+            [*command, "materialize", "--profile", profile, *extra_args],
+            env=_graph_env(folder, profile, models),
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         wall = time.perf_counter() - started
         runs = run_seconds(folder / "dagster_home") if proc.returncode == 0 else {}
     except subprocess.TimeoutExpired:
@@ -138,8 +163,13 @@ def graph_row(work_dir: Path, key: str, label: str, profile: str = "offline", va
     row.samples = before["partitions"]
     row.ratio = wall / denominator
     row.passed = row.ratio <= TARGETS[key]
-    row.extra = {"graph_wall_s": round(wall, 3), "extraction_plus_loads_s": round(denominator, 3),
-                 "sum": before, "samples_unit": "partitions", "runs_s": runs,
-                 # imports, the Dagster instance and definitions: what the process does outside its runs
-                 "outside_runs_s": round(wall - sum(runs.values()), 3)}
+    row.extra = {
+        "graph_wall_s": round(wall, 3),
+        "extraction_plus_loads_s": round(denominator, 3),
+        "sum": before,
+        "samples_unit": "partitions",
+        "runs_s": runs,
+        # imports, the Dagster instance and definitions: what the process does outside its runs
+        "outside_runs_s": round(wall - sum(runs.values()), 3),
+    }
     return row

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from emo_assets.core.offline_models import model_cache_dir, save_random_model, train_tokenizer
 

@@ -28,8 +28,10 @@ from benchmarks.common import REPO_ROOT, TARGETS, Row, median, read_texts
 from benchmarks.graph import _cli_command, _graph_env, run_seconds
 from benchmarks.paper_models import PAPER_CONFIGS, paper_env, paper_hub_cache
 
-DATASETS = {"baseline": REPO_ROOT / "data" / "emotion_dataset.jsonl",
-            "extended": REPO_ROOT / "data" / "emotion_dataset_extended.jsonl"}
+DATASETS = {
+    "baseline": REPO_ROOT / "data" / "emotion_dataset.jsonl",
+    "extended": REPO_ROOT / "data" / "emotion_dataset_extended.jsonl",
+}
 
 
 def paper_datasets(folder: Path, per_emotion: int | None) -> dict[str, Path]:
@@ -76,15 +78,20 @@ def forward_floor(hub_cache: Path, datasets: dict[str, Path], work_dir: Path, ba
         floor.setup()
         seconds[hub_id] = floor.run(0)
         del floor, loaded
-    return {"per_model_s": {k: round(v, 3) for k, v in seconds.items()}, "sum_s": round(sum(seconds.values()), 3),
-            "sentences_per_model": len(texts)}
+    return {
+        "per_model_s": {k: round(v, 3) for k, v in seconds.items()},
+        "sum_s": round(sum(seconds.values()), 3),
+        "sentences_per_model": len(texts),
+    }
 
 
-def paper_profile_row(work_dir: Path, per_emotion: int | None = None, tiny: bool = False,
-                      timeout: float = 3600) -> Row:
-    row = Row("9", "paper profile (stand-ins): emo-assets materialize --profile paper, cold process, all variants",
-              target=f"graph / floor <= {TARGETS['9']} (<= {TARGETS['9-reuse']} with baseline rows reused)",
-              ratio_label="graph / forward floor")
+def paper_profile_row(work_dir: Path, per_emotion: int | None = None, tiny: bool = False, timeout: float = 3600) -> Row:
+    row = Row(
+        "9",
+        "paper profile (stand-ins): emo-assets materialize --profile paper, cold process, all variants",
+        target=f"graph / floor <= {TARGETS['9']} (<= {TARGETS['9-reuse']} with baseline rows reused)",
+        ratio_label="graph / forward floor",
+    )
     command = _cli_command()
     if command is None:
         row.status = "unavailable: emo_assets.cli (the `emo-assets` command) is not installed"
@@ -95,10 +102,15 @@ def paper_profile_row(work_dir: Path, per_emotion: int | None = None, tiny: bool
     datasets = paper_datasets(folder / "data", per_emotion)
     try:
         floor = forward_floor(hub_cache, datasets, work_dir)
-        env = {**_graph_env(folder, "paper"), **paper_env(hub_cache), "EMO_ASSETS_DEVICE": "cpu",
-               "EMO_ASSETS_DATASETS": ",".join(f"{v}={p}" for v, p in datasets.items())}
-        wall, peak, proc = _timed_process([*command, "materialize", "--profile", "paper"], env, folder / "logs",
-                                          timeout)
+        env = {
+            **_graph_env(folder, "paper"),
+            **paper_env(hub_cache),
+            "EMO_ASSETS_DEVICE": "cpu",
+            "EMO_ASSETS_DATASETS": ",".join(f"{v}={p}" for v, p in datasets.items()),
+        }
+        wall, peak, proc = _timed_process(
+            [*command, "materialize", "--profile", "paper"], env, folder / "logs", timeout
+        )
         steps = run_seconds(folder / "dagster_home") if proc.returncode == 0 else {}
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -109,13 +121,20 @@ def paper_profile_row(work_dir: Path, per_emotion: int | None = None, tiny: bool
     row.seconds, row.samples = [wall], floor["sentences_per_model"] * len(PAPER_CONFIGS)
     row.ratio = wall / floor["sum_s"]
     row.passed = row.ratio <= TARGETS["9"]
-    row.extra = {"graph_wall_s": round(wall, 3), "graph_peak_rss_mib": round(peak / 1024, 1), "floor": floor,
-                 "runs_s": steps, "per_emotion": per_emotion, "outside_runs_s": round(wall - sum(steps.values()), 3)}
+    row.extra = {
+        "graph_wall_s": round(wall, 3),
+        "graph_peak_rss_mib": round(peak / 1024, 1),
+        "floor": floor,
+        "runs_s": steps,
+        "per_emotion": per_emotion,
+        "outside_runs_s": round(wall - sum(steps.values()), 3),
+    }
     return row
 
 
-def _timed_process(command: list[str], env: dict, log_dir: Path,
-                   timeout: float | None = None) -> tuple[float, int, subprocess.CompletedProcess]:
+def _timed_process(
+    command: list[str], env: dict, log_dir: Path, timeout: float | None = None
+) -> tuple[float, int, subprocess.CompletedProcess]:
     """Wall seconds and peak RSS (KiB) of one child process: its own rusage from wait4, not the maximum over
     every child this process has had. Killed after `timeout` seconds."""
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -138,10 +157,15 @@ def _timed_process(command: list[str], env: dict, log_dir: Path,
     return wall, usage.ru_maxrss, done
 
 
-def cli_vs_tl_row(work_dir: Path, dataset: Path, hub_ids=tuple(PAPER_CONFIGS), reps: int = 1,
-                  tiny: bool = False) -> Row:
-    row = Row("10", "extract CLI vs a TransformerLens run_with_cache script, cold processes, paper stand-ins",
-              target=f"CLI >= {TARGETS['10']}x faster", ratio_label="x faster than the TL script (wall)")
+def cli_vs_tl_row(
+    work_dir: Path, dataset: Path, hub_ids=tuple(PAPER_CONFIGS), reps: int = 1, tiny: bool = False
+) -> Row:
+    row = Row(
+        "10",
+        "extract CLI vs a TransformerLens run_with_cache script, cold processes, paper stand-ins",
+        target=f"CLI >= {TARGETS['10']}x faster",
+        ratio_label="x faster than the TL script (wall)",
+    )
     try:
         import transformer_lens  # noqa: F401
     except Exception as exc:  # noqa: BLE001
@@ -150,16 +174,37 @@ def cli_vs_tl_row(work_dir: Path, dataset: Path, hub_ids=tuple(PAPER_CONFIGS), r
     hub_cache = stand_in_cache(tiny)
     env = {**os.environ, **paper_env(hub_cache), "PYTHONPATH": str(REPO_ROOT)}
     commands = {
-        "cli": lambda m, out: [sys.executable, "-m", "emo_assets.extract", "--model", m, "--dataset", str(dataset),
-                               "--output", str(out), "--device", "cpu", "--no-progress"],
-        "tl": lambda m, out: [sys.executable, "-m", "benchmarks.tl_script", "--model", m, "--dataset", str(dataset),
-                              "--output", str(out)],
+        "cli": lambda m, out: [
+            sys.executable,
+            "-m",
+            "emo_assets.extract",
+            "--model",
+            m,
+            "--dataset",
+            str(dataset),
+            "--output",
+            str(out),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ],
+        "tl": lambda m, out: [
+            sys.executable,
+            "-m",
+            "benchmarks.tl_script",
+            "--model",
+            m,
+            "--dataset",
+            str(dataset),
+            "--output",
+            str(out),
+        ],
     }
     walls: dict[str, list[float]] = {"cli": [], "tl": []}
     peaks: dict[str, list[int]] = {"cli": [], "tl": []}
     for rep in range(reps):
         order = ["cli", "tl"] if rep % 2 == 0 else ["tl", "cli"]
-        totals = {key: 0.0 for key in order}
+        totals = dict.fromkeys(order, 0.0)
         for hub_id in hub_ids:
             for key in order:
                 out = work_dir / f"cli-vs-tl-{key}"
@@ -168,20 +213,28 @@ def cli_vs_tl_row(work_dir: Path, dataset: Path, hub_ids=tuple(PAPER_CONFIGS), r
                 shutil.rmtree(out, ignore_errors=True)
                 if proc.returncode != 0:
                     row.status = f"failed: {key} on {hub_id}: exit {proc.returncode}: " + " | ".join(
-                        (proc.stderr or proc.stdout).strip().splitlines()[-2:])
+                        (proc.stderr or proc.stdout).strip().splitlines()[-2:]
+                    )
                     return row
                 totals[key] += wall
                 peaks[key].append(peak)
-                print(f"  rep {rep + 1}/{reps}  {key:<4} {hub_id:<26} {wall:7.2f} s  peak {peak / 1024:.0f} MiB",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"  rep {rep + 1}/{reps}  {key:<4} {hub_id:<26} {wall:7.2f} s  peak {peak / 1024:.0f} MiB",
+                    file=sys.stderr,
+                    flush=True,
+                )
         for key in order:
             walls[key].append(totals[key])
     row.seconds, row.samples = walls["cli"], len(read_texts(dataset)) * len(hub_ids)
     row.ratio = median([t / c for t, c in zip(walls["tl"], walls["cli"])])
     row.passed = row.ratio >= TARGETS["10"]
-    row.extra = {"tl_seconds": [round(s, 3) for s in walls["tl"]], "models": list(hub_ids), "dataset": str(dataset),
-                 "peak_rss_mib": {key: round(max(v) / 1024, 1) for key, v in peaks.items()},
-                 "peak_rss_cli_over_tl": round(max(peaks["cli"]) / max(peaks["tl"]), 3)}
+    row.extra = {
+        "tl_seconds": [round(s, 3) for s in walls["tl"]],
+        "models": list(hub_ids),
+        "dataset": str(dataset),
+        "peak_rss_mib": {key: round(max(v) / 1024, 1) for key, v in peaks.items()},
+        "peak_rss_cli_over_tl": round(max(peaks["cli"]) / max(peaks["tl"]), 3),
+    }
     return row
 
 
@@ -190,8 +243,9 @@ def fixed_cost_row(work_dir: Path, hub_ids=tuple(PAPER_CONFIGS), tiny: bool = Fa
     row = Row("11", "fixed costs of a cold extraction process (imports + paper model loads)", target="info")
     hub_cache = stand_in_cache(tiny)
     env = {**os.environ, **paper_env(hub_cache), "PYTHONPATH": str(REPO_ROOT)}
-    _, _, proc = _timed_process([sys.executable, "-X", "importtime", "-m", "benchmarks.fixed_costs", *hub_ids], env,
-                                work_dir / "logs")
+    _, _, proc = _timed_process(
+        [sys.executable, "-X", "importtime", "-m", "benchmarks.fixed_costs", *hub_ids], env, work_dir / "logs"
+    )
     if proc.returncode != 0:
         row.status = f"failed: exit {proc.returncode}: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"
         return row

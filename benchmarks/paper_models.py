@@ -17,8 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from emo_assets.core.offline_models import (
     SPECIAL_TOKEN,
@@ -33,19 +33,43 @@ TOKENIZER_VOCAB = 1024
 # architecture fields of the hub config.json files; token ids are set to the stand-in tokenizer's
 PAPER_CONFIGS: dict[str, dict] = {
     "gpt2": {
-        "model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12,
-        "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "tie_word_embeddings": True,
+        "model_type": "gpt2",
+        "vocab_size": 50257,
+        "n_positions": 1024,
+        "n_embd": 768,
+        "n_layer": 12,
+        "n_head": 12,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-5,
+        "tie_word_embeddings": True,
     },
     "EleutherAI/pythia-160m": {
-        "model_type": "gpt_neox", "vocab_size": 50304, "hidden_size": 768, "num_hidden_layers": 12,
-        "num_attention_heads": 12, "intermediate_size": 3072, "hidden_act": "gelu", "rotary_pct": 0.25,
-        "rotary_emb_base": 10000, "use_parallel_residual": True, "max_position_embeddings": 2048,
-        "layer_norm_eps": 1e-5, "tie_word_embeddings": False,
+        "model_type": "gpt_neox",
+        "vocab_size": 50304,
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "intermediate_size": 3072,
+        "hidden_act": "gelu",
+        "rotary_pct": 0.25,
+        "rotary_emb_base": 10000,
+        "use_parallel_residual": True,
+        "max_position_embeddings": 2048,
+        "layer_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
     },
     "EleutherAI/gpt-neo-125M": {
-        "model_type": "gpt_neo", "vocab_size": 50257, "hidden_size": 768, "num_layers": 12, "num_heads": 12,
-        "attention_types": [[["global", "local"], 6]], "window_size": 256, "max_position_embeddings": 2048,
-        "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "tie_word_embeddings": True,
+        "model_type": "gpt_neo",
+        "vocab_size": 50257,
+        "hidden_size": 768,
+        "num_layers": 12,
+        "num_heads": 12,
+        "attention_types": [[["global", "local"], 6]],
+        "window_size": 256,
+        "max_position_embeddings": 2048,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-5,
+        "tie_word_embeddings": True,
     },
 }
 
@@ -100,5 +124,9 @@ def paper_hub_cache(texts: Sequence[str], hub_ids: Sequence[str] = tuple(PAPER_C
 
 def paper_env(hub_cache: Path) -> dict[str, str]:
     """Environment under which the hub ids resolve from `hub_cache` only."""
-    return {"HF_HUB_CACHE": str(hub_cache), "HF_HOME": str(Path(hub_cache).parent), "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1"}
+    return {
+        "HF_HUB_CACHE": str(hub_cache),
+        "HF_HOME": str(Path(hub_cache).parent),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }

@@ -16,8 +16,16 @@ import time
 from pathlib import Path
 
 
-def measure(model: str, dataset: Path, repeat: int, batch_size: int, device: str, out_dir: Path, limit: int | None,
-            threads: int | None = None) -> dict:
+def measure(
+    model: str,
+    dataset: Path,
+    repeat: int,
+    batch_size: int,
+    device: str,
+    out_dir: Path,
+    limit: int | None,
+    threads: int | None = None,
+) -> dict:
     import torch
 
     from benchmarks.common import proc_status_kib, read_texts, repeat_records, reset_peak_rss
@@ -35,16 +43,24 @@ def measure(model: str, dataset: Path, repeat: int, batch_size: int, device: str
     baseline = proc_status_kib("VmRSS")
     path = out_dir / f"rss-{repeat}x.safetensors"
     started = time.perf_counter()
-    result = extract_to_file(loaded, [r["text"] for r in data], [r["id"] for r in data], path,
-                             ExtractionOptions(batch_size=batch_size))
+    result = extract_to_file(
+        loaded, [r["text"] for r in data], [r["id"] for r in data], path, ExtractionOptions(batch_size=batch_size)
+    )
     seconds = time.perf_counter() - started
     peak = proc_status_kib("VmHWM")
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     path.unlink()
     return {
-        "repeat": repeat, "n_sentences": len(data), "n_tokens": result.n_tokens, "file_mib": round(result.file_bytes / 2**20, 1),
-        "seconds": round(seconds, 3), "baseline_rss_kib": baseline, "after_load_hwm_kib": after_load_hwm,
-        "peak_rss_kib": peak if reset_ok and peak else maxrss, "ru_maxrss_kib": maxrss, "hwm_reset": reset_ok,
+        "repeat": repeat,
+        "n_sentences": len(data),
+        "n_tokens": result.n_tokens,
+        "file_mib": round(result.file_bytes / 2**20, 1),
+        "seconds": round(seconds, 3),
+        "baseline_rss_kib": baseline,
+        "after_load_hwm_kib": after_load_hwm,
+        "peak_rss_kib": peak if reset_ok and peak else maxrss,
+        "ru_maxrss_kib": maxrss,
+        "hwm_reset": reset_ok,
     }
 
 
@@ -60,8 +76,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int)
     args = parser.parse_args(argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    print(json.dumps(measure(args.model, args.dataset, args.repeat, args.batch_size, args.device, args.out_dir,
-                             args.limit, args.threads)))
+    print(
+        json.dumps(
+            measure(
+                args.model,
+                args.dataset,
+                args.repeat,
+                args.batch_size,
+                args.device,
+                args.out_dir,
+                args.limit,
+                args.threads,
+            )
+        )
+    )
     return 0
 
 

@@ -48,14 +48,19 @@ def main(argv: list[str] | None = None) -> int:
         rows: dict[str, list[torch.Tensor]] = {name: [] for name in names}
         with torch.inference_mode():
             for start in range(0, len(texts), args.batch_size):
-                encoded = tokenizer(texts[start:start + args.batch_size], padding=True, return_tensors="pt")
-                _, cache = bridge.run_with_cache(encoded["input_ids"], attention_mask=encoded["attention_mask"],
-                                                 names_filter=lambda name: name in wanted)
+                encoded = tokenizer(texts[start : start + args.batch_size], padding=True, return_tensors="pt")
+                _, cache = bridge.run_with_cache(
+                    encoded["input_ids"],
+                    attention_mask=encoded["attention_mask"],
+                    names_filter=lambda name: name in wanted,
+                )
                 lengths = encoded["attention_mask"].sum(-1).tolist()
                 for name in names:
                     rows[name].extend(cache[name][i, :n] for i, n in enumerate(lengths))
-        save_file({name: torch.cat(parts).contiguous() for name, parts in rows.items()},
-                  args.output / f"activations_{emotion}.safetensors")
+        save_file(
+            {name: torch.cat(parts).contiguous() for name, parts in rows.items()},
+            args.output / f"activations_{emotion}.safetensors",
+        )
     return 0
 
 

@@ -1,6 +1,6 @@
 """`emo-assets`: materialize the asset graph of a profile by running its stage jobs, or start the Dagster UI.
 
-    emo-assets materialize [--profile offline|paper] [--variant V ...] [--extraction-only] [--deployment local|cluster]
+    emo-assets materialize [--profile offline|paper] [--variant V ...] [--extraction-only] [--deployment local|cluster|kubernetes]
     emo-assets ui [--host 127.0.0.1] [--port 3000]
 
 `materialize` runs the stage jobs of `emo_assets.defs.jobs` in dependency order (`stage_order`), each over all
@@ -22,12 +22,12 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from emo_assets.core.config import DEPLOYMENTS
 from emo_assets.core.processes import process_identity, process_running
 
 PROJECT = Path(__file__).resolve().parents[1]  # the source tree (editable install): workspace.yaml, template
 TEMPLATE = PROJECT / ".dagster_home" / "dagster.yaml"
 PROCESS_TAG = "emo_assets/cli_process"  # `pid:start time` of the process that ran a run in-process
-DEPLOYMENTS = ("local", "cluster")
 DEFAULT_WEBSERVER = "http://127.0.0.1:3000"
 POLL_SECONDS = 1.0
 QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}  # the job lines say the rest
@@ -152,14 +152,18 @@ def materialize(args) -> int:
         print(f"error: unknown variant(s) {unknown}; configured: {sorted(settings.datasets)}", file=sys.stderr)
         return 2
     variants = args.variant or list(settings.datasets)
-    cluster = args.deployment == "cluster"
+    cluster = args.deployment != "local"  # every other deployment runs its jobs behind its own webserver
     if cluster and not os.environ.get("DAGSTER_HOME"):
-        message = "error: --deployment cluster reads the runs from the deployment's instance: set DAGSTER_HOME"
+        message = (
+            f"error: --deployment {args.deployment} reads the runs from the deployment's instance: set DAGSTER_HOME"
+        )
         print(message, file=sys.stderr)
         return 2
     home = os.environ["DAGSTER_HOME"] if cluster else prepare_dagster_home(settings.root)
-    print(f"profile {settings.profile}: models {list(settings.model_slugs)}, variants {variants}, "
-          f"results {settings.results_dir}, {args.deployment} deployment, DAGSTER_HOME {home}")
+    print(
+        f"profile {settings.profile}: models {list(settings.model_slugs)}, variants {variants}, "
+        f"results {settings.results_dir}, {args.deployment} deployment, DAGSTER_HOME {home}"
+    )
     instance = DagsterInstance.get()
     names = stage_order(settings, variants, extraction_only=args.extraction_only or args.deprecated_alias)
     defs = build_defs(settings)
@@ -197,15 +201,26 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("materialize", help="materialize every asset of a profile by running its stage jobs")
     run.add_argument("--profile", help="model profile from config.toml (offline | paper); default: the configured one")
     run.add_argument("--variant", action="append", help="dataset variant to build (repeatable); default: all")
-    run.add_argument("--extraction-only", action="store_true",
-                     help="stop after the extraction (datasets, models, activations, summaries): no analysis assets")
-    run.add_argument("--phase2-only", dest="deprecated_alias", action="store_true",
-                     help="deprecated alias of --extraction-only")
-    run.add_argument("--deployment", choices=DEPLOYMENTS, default=os.environ.get("EMO_ASSETS_DEPLOYMENT", "local"),
-                     help="local: run the jobs in this process; cluster: submit them to the running deployment "
-                     "(default: $EMO_ASSETS_DEPLOYMENT or local)")
-    run.add_argument("--webserver", default=os.environ.get("EMO_ASSETS_WEBSERVER", DEFAULT_WEBSERVER),
-                     help="the cluster deployment's Dagster webserver (default: $EMO_ASSETS_WEBSERVER or %(default)s)")
+    run.add_argument(
+        "--extraction-only",
+        action="store_true",
+        help="stop after the extraction (datasets, models, activations, summaries): no analysis assets",
+    )
+    run.add_argument(
+        "--phase2-only", dest="deprecated_alias", action="store_true", help="deprecated alias of --extraction-only"
+    )
+    run.add_argument(
+        "--deployment",
+        choices=DEPLOYMENTS,
+        default=os.environ.get("EMO_ASSETS_DEPLOYMENT", "local"),
+        help="local: run the jobs in this process; cluster, kubernetes: submit them to the running deployment "
+        "(default: $EMO_ASSETS_DEPLOYMENT or local)",
+    )
+    run.add_argument(
+        "--webserver",
+        default=os.environ.get("EMO_ASSETS_WEBSERVER", DEFAULT_WEBSERVER),
+        help="the cluster deployment's Dagster webserver (default: $EMO_ASSETS_WEBSERVER or %(default)s)",
+    )
     run.set_defaults(handler=materialize)
     web = sub.add_parser("ui", help="start the Dagster UI (dagster dev) on this project")
     web.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")

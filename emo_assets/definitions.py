@@ -8,7 +8,16 @@ import dagster as dg
 
 from emo_assets.core.config import Settings, load_settings
 from emo_assets.defs import (
-    activations, analysis, automation, checks, datasets, deployment, jobs, models, schedules, summary,
+    activations,
+    analysis,
+    automation,
+    checks,
+    datasets,
+    deployment,
+    jobs,
+    models,
+    schedules,
+    summary,
 )
 from emo_assets.defs.dagster_beta import USED_BETA_APIS, accepted_beta
 from emo_assets.defs.resources import build_resources

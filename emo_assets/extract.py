@@ -26,23 +26,48 @@ EXIT_FAILURE = 1
 
 def build_parser(defaults) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m emo_assets.extract", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="hub id (gpt2), local model directory, or offline model (tiny-gpt2, minilm)")
-    parser.add_argument("--dataset", default="data/emotion_dataset.jsonl", type=Path, help="JSONL dataset (default: %(default)s)")
-    parser.add_argument("--output", required=True, type=Path, help="output directory for activations_<emotion>.safetensors")
+    parser.add_argument(
+        "--model", required=True, help="hub id (gpt2), local model directory, or offline model (tiny-gpt2, minilm)"
+    )
+    parser.add_argument(
+        "--dataset", default="data/emotion_dataset.jsonl", type=Path, help="JSONL dataset (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--output", required=True, type=Path, help="output directory for activations_<emotion>.safetensors"
+    )
     parser.add_argument("--emotion", help="extract only this emotion (default: every configured emotion)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--device", default=defaults.device, help="cpu | cuda | auto (default: %(default)s)")
-    parser.add_argument("--dtype", choices=DTYPES, default=defaults.compute_dtype, help="compute dtype (default: %(default)s)")
-    parser.add_argument("--storage-dtype", choices=DTYPES, default=defaults.storage_dtype, help="dtype stored in the file (default: %(default)s)")
-    parser.add_argument("--attention", action="store_true", default=defaults.attention, help="also store attention outputs")
-    parser.add_argument("--prepend-bos", action=argparse.BooleanOptionalAction, default=defaults.prepend_bos,
-                        help="prepend the tokenizer's BOS (CLS for encoders) token (default: %(default)s)")
-    parser.add_argument("--truncate", action="store_true", help="truncate sentences longer than the model context instead of failing")
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default=defaults.compute_dtype, help="compute dtype (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--storage-dtype",
+        choices=DTYPES,
+        default=defaults.storage_dtype,
+        help="dtype stored in the file (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--attention", action="store_true", default=defaults.attention, help="also store attention outputs"
+    )
+    parser.add_argument(
+        "--prepend-bos",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.prepend_bos,
+        help="prepend the tokenizer's BOS (CLS for encoders) token (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--truncate", action="store_true", help="truncate sentences longer than the model context instead of failing"
+    )
     parser.add_argument("--strict", action="store_true", help="treat dataset warnings (duplicate texts) as errors")
-    parser.add_argument("--reuse", action=argparse.BooleanOptionalAction, default=defaults.reuse,
-                        help="copy rows of sentences already extracted with identical inputs from the files in --output "
-                        "instead of forwarding them; --no-reuse forwards every sentence (byte-identical reruns) "
-                        "(default: %(default)s)")
+    parser.add_argument(
+        "--reuse",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.reuse,
+        help="copy rows of sentences already extracted with identical inputs from the files in --output "
+        "instead of forwarding them; --no-reuse forwards every sentence (byte-identical reruns) "
+        "(default: %(default)s)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -77,8 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     for warning in shown:
         print(f"warning: {warning}", file=sys.stderr)
     if hidden:
-        print(f"warning: {hidden} more, listed by `python -m emo_assets.validate {args.dataset} --all-warnings`",
-              file=sys.stderr)
+        print(
+            f"warning: {hidden} more, listed by `python -m emo_assets.validate {args.dataset} --all-warnings`",
+            file=sys.stderr,
+        )
 
     # torch and transformers are imported here, after the input is known to be valid: a bad dataset or
     # argument is reported without paying for them
@@ -92,21 +119,38 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(EXIT_FAILURE, str(exc))
     if not args.truncate:
         try:
-            read_dataset(args.dataset, emotions, strict=args.strict, token_counter=loaded.count_tokens,
-                         max_tokens=loaded.context_length - int(args.prepend_bos))
+            read_dataset(
+                args.dataset,
+                emotions,
+                strict=args.strict,
+                token_counter=loaded.count_tokens,
+                max_tokens=loaded.context_length - int(args.prepend_bos),
+            )
         except DatasetError as exc:
             return _fail(EXIT_INVALID_INPUT, f"invalid dataset {args.dataset} for {args.model}:\n{exc}")
 
     options = ExtractionOptions.from_settings(
-        settings.extraction, batch_size=args.batch_size, prepend_bos=args.prepend_bos, attention=args.attention,
-        storage_dtype=args.storage_dtype, progress=not args.no_progress, truncate=args.truncate, reuse=args.reuse,
+        settings.extraction,
+        batch_size=args.batch_size,
+        prepend_bos=args.prepend_bos,
+        attention=args.attention,
+        storage_dtype=args.storage_dtype,
+        progress=not args.no_progress,
+        truncate=args.truncate,
+        reuse=args.reuse,
     )
-    print(f"{loaded.model_id} ({loaded.architecture}, {loaded.n_layers} layers, d={loaded.d_model}, "
-          f"revision {loaded.revision[:12]}, {loaded.device}/{loaded.compute_dtype}) loaded in {loaded.load_seconds:.1f}s")
+    print(
+        f"{loaded.model_id} ({loaded.architecture}, {loaded.n_layers} layers, d={loaded.d_model}, "
+        f"revision {loaded.revision[:12]}, {loaded.device}/{loaded.compute_dtype}) loaded in {loaded.load_seconds:.1f}s"
+    )
     jobs = [
-        ExtractionJob([s.text for s in samples], [s.id for s in samples], path,
-                      DatasetSource(emotion=emotion, path=str(args.dataset), sha256=dataset.sha256),
-                      reuse_from=[path, *(activation_file(args.output, e) for e in emotions if e != emotion)])
+        ExtractionJob(
+            [s.text for s in samples],
+            [s.id for s in samples],
+            path,
+            DatasetSource(emotion=emotion, path=str(args.dataset), sha256=dataset.sha256),
+            reuse_from=[path, *(activation_file(args.output, e) for e in emotions if e != emotion)],
+        )
         for emotion, path in outputs.items()
         for samples in [dataset.by_emotion(emotion)]
     ]
@@ -118,8 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(EXIT_FAILURE, str(exc))
     for result in results:
         reused = f", {result.reuse.reused} reused" if result.reuse.reused else ""
-        print(f"{result.path}: {result.n_sentences} samples{reused}, {result.n_tokens} tokens, "
-              f"{result.file_bytes / 2**20:.2f} MB, {result.wall_seconds:.2f}s ({result.samples_per_s:.1f} samples/s)")
+        print(
+            f"{result.path}: {result.n_sentences} samples{reused}, {result.n_tokens} tokens, "
+            f"{result.file_bytes / 2**20:.2f} MB, {result.wall_seconds:.2f}s ({result.samples_per_s:.1f} samples/s)"
+        )
     return 0
 
 

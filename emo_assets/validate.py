@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from emo_assets.core.config import ConfigError, load_settings
 from emo_assets.core.datasets import DEFAULT_EMOTIONS, WARNINGS_SHOWN, Dataset, Issue, condensed, validate_dataset
@@ -101,8 +101,11 @@ def _print_issues(name: str, issues: list[Issue], all_warnings: bool) -> None:
         print(issue.describe(), file=sys.stderr)
     if hidden:
         total = sum(issue.severity == "warning" for issue in issues)
-        print(f"{name}: {_plural(hidden, 'more warning')} not shown ({total} in all); --all-warnings prints every "
-              "one, --strict makes them errors", file=sys.stderr)
+        print(
+            f"{name}: {_plural(hidden, 'more warning')} not shown ({total} in all); --all-warnings prints every "
+            "one, --strict makes them errors",
+            file=sys.stderr,
+        )
 
 
 def check_file(

@@ -71,6 +71,4 @@ def offline_models(small_texts):
     """The four offline models, loaded once per session (fp32, CPU)."""
     from emo_assets.core.models import load_model
 
-    return {
-        name: load_model(name, device="cpu", training_texts=lambda: small_texts) for name in OFFLINE_MODELS
-    }
+    return {name: load_model(name, device="cpu", training_texts=lambda: small_texts) for name in OFFLINE_MODELS}

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 
 def pipeline_env(root: Path, datasets: Mapping[str, Path], mlflow_uri: str, **extra: str) -> dict[str, str]:
@@ -25,8 +25,14 @@ def materialize(defs, selection, instance, tags=None, resources=None):
     """One in-process run of `selection` (with the selected assets' checks), not raising on failure."""
     import dagster as dg
 
-    return dg.materialize([*defs.assets, *defs.asset_checks], selection=selection, instance=instance,
-                          resources={**defs.resources, **(resources or {})}, tags=tags or {}, raise_on_error=False)
+    return dg.materialize(
+        [*defs.assets, *defs.asset_checks],
+        selection=selection,
+        instance=instance,
+        resources={**defs.resources, **(resources or {})},
+        tags=tags or {},
+        raise_on_error=False,
+    )
 
 
 def run_jobs(defs, names, instance, lines: list[str] | None = None) -> bool:

@@ -21,9 +21,27 @@ from emo_assets_tests.conftest import REPO_ROOT, read_records
 def test_harness_writes_the_table_and_json(tmp_path, offline_models):
     out = tmp_path / "bench"
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--limit", "24", "--model", "tiny-gpt2", "--reps", "1",
-         "--skip", "graph,rss,sweep,bf16,paper,cli-tl,fixed", "--out", str(out)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--quick",
+            "--limit",
+            "24",
+            "--model",
+            "tiny-gpt2",
+            "--reps",
+            "1",
+            "--skip",
+            "graph,rss,sweep,bf16,paper,cli-tl,fixed",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     latest = json.loads((out / "latest.json").read_text())
@@ -61,7 +79,9 @@ def test_graph_rows_read_each_run_time_from_the_run_records(tmp_path):
     def one() -> None:
         time.sleep(0.2)
 
-    defs = dg.Definitions(assets=[one], jobs=[dg.define_asset_job("first", [one]), dg.define_asset_job("second", [one])])
+    defs = dg.Definitions(
+        assets=[one], jobs=[dg.define_asset_job("first", [one]), dg.define_asset_job("second", [one])]
+    )
     with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
         for name in ("first", "second"):
             assert defs.resolve_job_def(name).execute_in_process(instance=instance).success
@@ -79,10 +99,31 @@ def test_paper_rows_on_tiny_stand_ins(tmp_path):
     """Rows 9-11 end to end on 2-layer stand-ins of the paper architectures, loaded by their hub ids."""
     out = tmp_path / "bench"
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--limit", "8", "--model", "tiny-gpt2", "--reps", "1",
-         "--skip", "seed,tl,nnsight,graph,rss,sweep,bf16", "--paper-tiny", "--paper-per-emotion", "6",
-         "--paper-models", "gpt2", "--out", str(out)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--limit",
+            "8",
+            "--model",
+            "tiny-gpt2",
+            "--reps",
+            "1",
+            "--skip",
+            "seed,tl,nnsight,graph,rss,sweep,bf16",
+            "--paper-tiny",
+            "--paper-per-emotion",
+            "6",
+            "--paper-models",
+            "gpt2",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {row["key"]: row for row in json.loads((out / "latest.json").read_text())["rows"]}
@@ -98,7 +139,9 @@ def test_paper_rows_on_tiny_stand_ins(tmp_path):
     assert floor["sentences_per_model"] == sum(n_cut.values())
     assert paper["samples"] == 3 * floor["sentences_per_model"]
     assert abs(paper["ratio"] - paper["seconds"][0] / floor["sum_s"]) <= 1e-3 * paper["ratio"]
-    assert {"load_models[gpt2]", "load_models[EleutherAI-pythia-160m]", "baseline_activations"} <= set(paper["extra"]["runs_s"])
+    assert {"load_models[gpt2]", "load_models[EleutherAI-pythia-160m]", "baseline_activations"} <= set(
+        paper["extra"]["runs_s"]
+    )
 
     cli_tl = rows["10"]
     if cli_tl["status"] == "ok":

@@ -27,7 +27,10 @@ def cli_env(monkeypatch, small_datasets):
 
 def test_every_emotion_gets_a_file_with_the_dataset_counts(cli_env, tmp_path, capsys):
     dataset = cli_env["baseline"]
-    assert main(["--model", "tiny-gpt2", "--dataset", str(dataset), "--output", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert (
+        main(["--model", "tiny-gpt2", "--dataset", str(dataset), "--output", str(tmp_path / "out"), "--no-progress"])
+        == 0
+    )
     records = read_records(dataset)
     for emotion in EMOTIONS:
         stored = ActivationFile(tmp_path / "out" / f"activations_{emotion}.safetensors")
@@ -40,9 +43,23 @@ def test_every_emotion_gets_a_file_with_the_dataset_counts(cli_env, tmp_path, ca
 
 
 def test_single_emotion_and_options(cli_env, tmp_path):
-    args = ["--model", "tiny-pythia", "--dataset", str(cli_env["baseline"]), "--output", str(tmp_path),
-            "--emotion", "apology", "--attention", "--prepend-bos", "--storage-dtype", "float16", "--batch-size", "2",
-            "--no-progress"]
+    args = [
+        "--model",
+        "tiny-pythia",
+        "--dataset",
+        str(cli_env["baseline"]),
+        "--output",
+        str(tmp_path),
+        "--emotion",
+        "apology",
+        "--attention",
+        "--prepend-bos",
+        "--storage-dtype",
+        "float16",
+        "--batch-size",
+        "2",
+        "--no-progress",
+    ]
     assert main(args) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["activations_apology.safetensors"]
     stored = ActivationFile(tmp_path / "activations_apology.safetensors")
@@ -99,18 +116,25 @@ def test_text_longer_than_context_exits_2_naming_the_line(cli_env, tmp_path, cap
     records = read_records(cli_env["baseline"])
     records[5]["text"] = " ".join(["remarkably"] * 700)
     long_file = write_records(tmp_path / "long.jsonl", records)
-    _assert_rejected(["--model", "tiny-gpt2", "--dataset", str(long_file)], tmp_path, capsys,
-                     f"{long_file}:6: text:", "exceed")
+    _assert_rejected(
+        ["--model", "tiny-gpt2", "--dataset", str(long_file)], tmp_path, capsys, f"{long_file}:6: text:", "exceed"
+    )
 
 
 def test_model_load_failure_exits_1(cli_env, tmp_path, capsys):
-    _assert_rejected(["--model", str(tmp_path / "no-such-model"), "--dataset", str(cli_env["baseline"])],
-                     tmp_path, capsys, "does not exist", code=1)
+    _assert_rejected(
+        ["--model", str(tmp_path / "no-such-model"), "--dataset", str(cli_env["baseline"])],
+        tmp_path,
+        capsys,
+        "does not exist",
+        code=1,
+    )
 
 
 def test_missing_dataset_exits_2(cli_env, tmp_path, capsys):
-    _assert_rejected(["--model", "tiny-gpt2", "--dataset", str(tmp_path / "none.jsonl")], tmp_path, capsys,
-                     "none.jsonl")
+    _assert_rejected(
+        ["--model", "tiny-gpt2", "--dataset", str(tmp_path / "none.jsonl")], tmp_path, capsys, "none.jsonl"
+    )
 
 
 @pytest.mark.slow
@@ -119,15 +143,28 @@ def test_sigkill_mid_write_leaves_no_file_and_keeps_the_previous_one(tmp_path):
     out = tmp_path / "out"
     big = write_records(tmp_path / "big.jsonl", read_records(REPO_ROOT / "data" / "emotion_dataset_extended.jsonl"))
     env = {**os.environ, "EMO_ASSETS_DATASETS": f"extended={big}"}
-    command = [sys.executable, "-m", "emo_assets.extract", "--model", "minilm", "--dataset", str(big),
-               "--output", str(out), "--emotion", "neutral", "--no-progress"]
+    command = [
+        sys.executable,
+        "-m",
+        "emo_assets.extract",
+        "--model",
+        "minilm",
+        "--dataset",
+        str(big),
+        "--output",
+        str(out),
+        "--emotion",
+        "neutral",
+        "--no-progress",
+    ]
     subprocess.run(command, env=env, check=True, capture_output=True, timeout=300)
     final = out / "activations_neutral.safetensors"
     good = final.read_bytes()
 
     # --no-reuse: the second run really rewrites the file (with reuse it would keep the up-to-date one)
-    process = subprocess.Popen(command + ["--batch-size", "1", "--no-reuse"], env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command + ["--batch-size", "1", "--no-reuse"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 120
     while not any(p.name.startswith(".activations_neutral") for p in out.iterdir()):
         assert process.poll() is None, "the extraction finished before it could be killed"
@@ -148,8 +185,13 @@ def test_sigkill_mid_write_leaves_no_file_and_keeps_the_previous_one(tmp_path):
 
 def _imported_modules(args: list[str], env: dict) -> tuple[int, set[str]]:
     """Exit code and every module a fresh CLI process imported (from `python -X importtime`)."""
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "emo_assets.extract", *args],
-                          env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "emo_assets.extract", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     names = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
     return proc.returncode, names
 
@@ -157,11 +199,24 @@ def _imported_modules(args: list[str], env: dict) -> tuple[int, set[str]]:
 def test_the_process_imports_only_what_extraction_needs(cli_env, tmp_path):
     env = {"EMO_ASSETS_DATASETS": os.environ["EMO_ASSETS_DATASETS"]}
     bad = write_records(tmp_path / "bad.jsonl", [{"id": "x", "emotion": "anger"}])
-    code, names = _imported_modules(["--model", "tiny-gpt2", "--dataset", str(bad), "--output", str(tmp_path / "o")],
-                                    env)
+    code, names = _imported_modules(
+        ["--model", "tiny-gpt2", "--dataset", str(bad), "--output", str(tmp_path / "o")], env
+    )
     assert code == 2 and "emo_assets.core.datasets" in names
     assert not {"torch", "transformers", "numpy"} & names  # invalid input is reported before the heavy imports
-    code, names = _imported_modules(["--model", "tiny-gpt2", "--dataset", str(cli_env["baseline"]), "--output",
-                                     str(tmp_path / "out"), "--emotion", "anger", "--no-progress"], env)
+    code, names = _imported_modules(
+        [
+            "--model",
+            "tiny-gpt2",
+            "--dataset",
+            str(cli_env["baseline"]),
+            "--output",
+            str(tmp_path / "out"),
+            "--emotion",
+            "anger",
+            "--no-progress",
+        ],
+        env,
+    )
     assert code == 0 and {"torch", "transformers", "emo_assets.core.extraction"} <= names
     assert not {"sklearn", "matplotlib", "polars", "mlflow", "dagster", "emo_assets.core.analysis"} & names

@@ -105,7 +105,11 @@ def test_bad_file_via_subprocess():
     env = {k: v for k, v in os.environ.items() if not k.startswith("EMO_ASSETS_")}
     result = subprocess.run(
         [sys.executable, "-m", "emo_assets.validate", path],
-        capture_output=True, text=True, env=env, cwd=PROJECT, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=PROJECT,
+        timeout=120,
     )
     assert result.returncode == 2
     assert result.stderr.startswith(f"{path}:3: json: invalid JSON: ")
@@ -117,7 +121,11 @@ def test_good_files_via_subprocess_print_a_summary():
     env = {k: v for k, v in os.environ.items() if not k.startswith("EMO_ASSETS_")}
     result = subprocess.run(
         [sys.executable, "-m", "emo_assets.validate", "--strict", *paths],
-        capture_output=True, text=True, env=env, cwd=PROJECT, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=PROJECT,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
@@ -173,8 +181,10 @@ def test_bad_token_options_are_usage_errors(args, capsys):
 def test_emotions_option_overrides_the_configuration(tmp_path, capsys):
     path = tmp_path / "two.jsonl"
     path.write_text(
-        json.dumps({"text": "I love this!", "emotion": "joy"}) + "\n"
-        + json.dumps({"text": "Oh no.", "emotion": "sadness"}) + "\n",
+        json.dumps({"text": "I love this!", "emotion": "joy"})
+        + "\n"
+        + json.dumps({"text": "Oh no.", "emotion": "sadness"})
+        + "\n",
         encoding="utf-8",
     )
     assert main([str(path), "--emotions", "joy, sadness"]) == 0
@@ -216,8 +226,9 @@ def test_many_warnings_print_the_first_five_and_a_count(tmp_path, capsys):
     lines = err.splitlines()
     assert [line.split(":")[1] for line in lines[:-1]] == [str(n) for n in warning_lines[:5]]
     assert all(line.endswith("[warning]") for line in lines[:-1])
-    assert lines[-1] == (f"{path}: 7 more warnings not shown (12 in all); --all-warnings prints every one, "
-                         "--strict makes them errors")
+    assert lines[-1] == (
+        f"{path}: 7 more warnings not shown (12 in all); --all-warnings prints every one, --strict makes them errors"
+    )
     assert out.endswith("OK with 12 warnings\n")
 
     assert main([path, "--all-warnings"]) == 0

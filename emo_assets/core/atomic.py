@@ -17,8 +17,8 @@ import os
 import re
 import secrets
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from emo_assets.core.processes import pid_alive
 
@@ -71,8 +71,12 @@ def remove_stale_temps(final: Path) -> list[Path]:
         return removed
     for entry in final.parent.iterdir():
         match = _TEMP_RE.match(entry.name)
-        if (match and match["final"] == final.name and not entry.is_dir()
-                and _writer_gone(entry.name, int(match["pid"]))):
+        if (
+            match
+            and match["final"] == final.name
+            and not entry.is_dir()
+            and _writer_gone(entry.name, int(match["pid"]))
+        ):
             with contextlib.suppress(FileNotFoundError):
                 entry.unlink()
                 removed.append(entry)

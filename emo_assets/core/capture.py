@@ -14,7 +14,7 @@ Both count non-finite values per output file (a batch may hold sentences of seve
 from __future__ import annotations
 
 import queue
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -88,8 +88,15 @@ class DeviceCapture:
 
     POOL = 2
 
-    def __init__(self, modules: Mapping[str, list], storage: torch.dtype, device: torch.device, d_model: int,
-                 max_rows: int, n_groups: int = 1) -> None:
+    def __init__(
+        self,
+        modules: Mapping[str, list],
+        storage: torch.dtype,
+        device: torch.device,
+        d_model: int,
+        max_rows: int,
+        n_groups: int = 1,
+    ) -> None:
         self.modules = modules
         self.storage = storage
         self.device = device
@@ -99,9 +106,9 @@ class DeviceCapture:
         pin = device.type == "cuda"
         self.pool: queue.Queue = queue.Queue()
         for _ in range(self.POOL):
-            self.pool.put({
-                kind: torch.empty(n_layers * max_rows * d_model, dtype=storage, pin_memory=pin) for kind in modules
-            })
+            self.pool.put(
+                {kind: torch.empty(n_layers * max_rows * d_model, dtype=storage, pin_memory=pin) for kind in modules}
+            )
         self.nonfinite = torch.zeros(n_groups, dtype=torch.int64, device=device)  # per output file
         self.row_groups: torch.Tensor | None = None
 
@@ -166,7 +173,7 @@ class Hooks:
     def __init__(self, capture, modules: Mapping[str, list]) -> None:
         self.capture, self.modules, self.handles = capture, modules, []
 
-    def __enter__(self) -> "Hooks":
+    def __enter__(self) -> Hooks:
         for kind, modules in self.modules.items():
             for layer, module in enumerate(modules):
                 self.handles.append(module.register_forward_hook(self.capture.hook(kind, layer)))

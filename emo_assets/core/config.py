@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 from emo_assets.core.dtypes import DTYPES
 from emo_assets.core.paths import model_slug, safe_name
@@ -39,6 +39,8 @@ ENV_OVERRIDES = {
 }
 
 DEVICES = ("cpu", "cuda", "auto")
+# Where runs execute (`EMO_ASSETS_DEPLOYMENT`; deploy/<name>/ holds each one's configuration).
+DEPLOYMENTS = ("local", "cluster", "kubernetes")
 
 
 class ConfigError(ValueError):

@@ -35,9 +35,10 @@ import itertools
 import json
 import os
 import stat
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
+from typing import Any, BinaryIO
 
 DEFAULT_EMOTIONS = ("gratitude", "anger", "apology", "neutral")
 MAX_LINE_BYTES = 1 << 20

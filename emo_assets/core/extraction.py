@@ -23,16 +23,20 @@ How and why:
   sum is not finite).
 * Base model, compute dtype as loaded (fp32 default), storage dtype configurable. `ExtractionResult.timings`
   says where the time went.
+
+The module is longer than the others because the options, the jobs and the one forward loop that serves them
+are one unit: splitting the loop from the batching it relies on would spread one invariant (a batch's rows are
+adjacent per file, in dataset order) over two files.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -91,7 +95,7 @@ class ExtractionOptions:
     reuse: bool = _runtime(True)
 
     @classmethod
-    def from_settings(cls, settings: ExtractionSettings, **overrides) -> "ExtractionOptions":
+    def from_settings(cls, settings: ExtractionSettings, **overrides) -> ExtractionOptions:
         """The options the `[extraction]` settings give (every field they share by name), then `overrides`."""
         shared = {f.name: getattr(settings, f.name) for f in fields(cls) if hasattr(settings, f.name)}
         return replace(cls(**shared), **overrides)
@@ -177,7 +181,9 @@ def plan_batches(lengths: Sequence[int], options: ExtractionOptions, device: str
         sort = torch.device(device).type in HOST_DEVICES
     if sort:
         return length_sorted_batches(lengths, options.batch_size)
-    return [list(range(i, min(i + options.batch_size, len(lengths)))) for i in range(0, len(lengths), options.batch_size)]
+    return [
+        list(range(i, min(i + options.batch_size, len(lengths)))) for i in range(0, len(lengths), options.batch_size)
+    ]
 
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -230,7 +236,7 @@ class _Tokens:
     input_ids: np.ndarray
 
     @classmethod
-    def of(cls, encoded: list[list[int]]) -> "_Tokens":
+    def of(cls, encoded: list[list[int]]) -> _Tokens:
         lengths = [len(ids) for ids in encoded]
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         input_ids = np.fromiter((t for ids in encoded for t in ids), dtype=np.int64, count=int(offsets[-1]))
@@ -265,21 +271,35 @@ def extract_files(
     if options.batch_size < 1:
         raise ExtractionError(f"batch_size must be >= 1, got {options.batch_size}")
     started = time.perf_counter()
-    tokens = [_Tokens.of(tokenize(loaded, j.texts, j.sentence_ids, options.prepend_bos, options.truncate)) for j in jobs]
+    tokens = [
+        _Tokens.of(tokenize(loaded, j.texts, j.sentence_ids, options.prepend_bos, options.truncate)) for j in jobs
+    ]
     tokenized = time.perf_counter()
     points = find_hook_points(loaded.model)
     base = ActivationHeader(
-        n_layers=loaded.n_layers, d_model=loaded.d_model, kinds=options.kinds, storage_dtype=options.storage_dtype,
-        model_id=loaded.model_id, model_revision=loaded.revision, architecture=loaded.architecture,
-        compute_dtype=loaded.compute_dtype, hook_points={kind: points.names[kind] for kind in options.kinds},
-        prepend_bos=options.prepend_bos, truncated_to_context=options.truncate, package_version=__version__,
+        n_layers=loaded.n_layers,
+        d_model=loaded.d_model,
+        kinds=options.kinds,
+        storage_dtype=options.storage_dtype,
+        model_id=loaded.model_id,
+        model_revision=loaded.revision,
+        architecture=loaded.architecture,
+        compute_dtype=loaded.compute_dtype,
+        hook_points={kind: points.names[kind] for kind in options.kinds},
+        prepend_bos=options.prepend_bos,
+        truncated_to_context=options.truncate,
+        package_version=__version__,
     )
-    headers = [replace(base, sentence_ids=tuple(job.sentence_ids)).with_source(job.source or DatasetSource())
-               for job in jobs]
+    headers = [
+        replace(base, sentence_ids=tuple(job.sentence_ids)).with_source(job.source or DatasetSource()) for job in jobs
+    ]
     # a file that already is exactly what would be written is kept (a rerun changes no byte), if it may be reused
-    kept = [options.reuse and job.output_path in map(Path, job.reuse_from)
-            and unchanged_file(job.output_path, header, t.offsets, t.input_ids)
-            for job, header, t in zip(jobs, headers, tokens)]
+    kept = [
+        options.reuse
+        and job.output_path in map(Path, job.reuse_from)
+        and unchanged_file(job.output_path, header, t.offsets, t.input_ids)
+        for job, header, t in zip(jobs, headers, tokens)
+    ]
     candidates = [path for job, keep in zip(jobs, kept) if not keep for path in job.reuse_from] if options.reuse else []
     index = RowIndex(base, candidates) if candidates else None
     plans = [plan_reuse(None if keep else index, t.input_ids, t.offsets) for keep, t in zip(kept, tokens)]
@@ -291,11 +311,18 @@ def extract_files(
     all_lengths = [n for t in tokens for n in t.lengths]
     all_offsets = np.concatenate([[0], np.cumsum(all_lengths)]).astype(np.int64)
     all_ids = np.concatenate([t.input_ids for t in tokens])
-    work = [int(starts[j]) + i for j, t in enumerate(tokens) if not kept[j]
-            for i in range(len(t.lengths)) if i not in plans[j].locations]
+    work = [
+        int(starts[j]) + i
+        for j, t in enumerate(tokens)
+        if not kept[j]
+        for i in range(len(t.lengths))
+        if i not in plans[j].locations
+    ]
     device = torch.device(loaded.device)
-    batches = [sorted((work[p] for p in batch), key=lambda g: job_of[g])  # each job's rows adjacent in a batch
-               for batch in plan_batches([all_lengths[g] for g in work], options, device)]
+    batches = [
+        sorted((work[p] for p in batch), key=lambda g: job_of[g])  # each job's rows adjacent in a batch
+        for batch in plan_batches([all_lengths[g] for g in work], options, device)
+    ]
     storage = dtype(options.storage_dtype).torch()
     all_modules = {"resid_post": points.blocks, "mlp_out": points.mlps, "attn_out": points.attentions}
     modules = {kind: all_modules[kind] for kind in options.kinds}
@@ -307,11 +334,15 @@ def extract_files(
         capture = DeviceCapture(modules, storage, device, loaded.d_model, max_rows, n_groups=len(jobs))
     writers = {
         j: ActivationWriter(
-            job.output_path, plans[j].header(headers[j], job.output_path), offsets=tokens[j].offsets,
-            input_ids=tokens[j].input_ids, background=options.background_write,
+            job.output_path,
+            plans[j].header(headers[j], job.output_path),
+            offsets=tokens[j].offsets,
+            input_ids=tokens[j].input_ids,
+            background=options.background_write,
             write_threads=_write_threads(options, on_host),
         )
-        for j, job in enumerate(jobs) if not kept[j]
+        for j, job in enumerate(jobs)
+        if not kept[j]
     }
     nonfinite = np.zeros(len(jobs), dtype=np.int64)
     forward_s = capture_s = 0.0
@@ -355,8 +386,12 @@ def extract_files(
                 rows = np.concatenate([row * len(ids[0]) + np.arange(n) for row, n in enumerate(lengths)])
                 row_groups = np.repeat(job_of[batch], lengths)
                 before = time.perf_counter()
-                capture.start(to_device(torch.from_numpy(rows), device),
-                              to_device(torch.from_numpy(row_groups), device), loaded.n_layers, loaded.d_model)
+                capture.start(
+                    to_device(torch.from_numpy(rows), device),
+                    to_device(torch.from_numpy(row_groups), device),
+                    loaded.n_layers,
+                    loaded.d_model,
+                )
                 loaded.model(input_ids=to_device(ids, device), attention_mask=to_device(mask, device))
                 forward_s += time.perf_counter() - before  # launch time only: the device runs asynchronously
                 before = time.perf_counter()
@@ -378,21 +413,31 @@ def extract_files(
     if not on_host:
         nonfinite = capture.nonfinite.cpu().numpy()
     wall = time.perf_counter() - started
-    timings = {"tokenize_s": tokenized - started, "reuse_index_s": reused - tokenized, "copy_reused_s": copied - reused,
-               "forward_s": forward_s, "capture_s": capture_s}
+    timings = {
+        "tokenize_s": tokenized - started,
+        "reuse_index_s": reused - tokenized,
+        "copy_reused_s": copied - reused,
+        "forward_s": forward_s,
+        "capture_s": capture_s,
+    }
     for writer in writers.values():
         for key, value in writer.timings.items():
             timings[key] = timings.get(key, 0.0) + value
     total_tokens = sum(int(t.offsets[-1]) for t in tokens)
     return [
         ExtractionResult(
-            path=job.output_path, n_sentences=len(t.lengths), n_tokens=int(t.offsets[-1]), n_layers=loaded.n_layers,
-            d_model=loaded.d_model, kinds=options.kinds, storage_dtype=options.storage_dtype,
-            file_bytes=job.output_path.stat().st_size, wall_seconds=wall * int(t.offsets[-1]) / total_tokens,
+            path=job.output_path,
+            n_sentences=len(t.lengths),
+            n_tokens=int(t.offsets[-1]),
+            n_layers=loaded.n_layers,
+            d_model=loaded.d_model,
+            kinds=options.kinds,
+            storage_dtype=options.storage_dtype,
+            file_bytes=job.output_path.stat().st_size,
+            wall_seconds=wall * int(t.offsets[-1]) / total_tokens,
             n_nonfinite=int(nonfinite[j]),
             reuse=kept_record(job.output_path) if kept[j] else plans[j].record(job.output_path),
             timings=timings,
         )
         for j, (job, t) in enumerate(zip(jobs, tokens))
     ]
-

@@ -24,9 +24,10 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 from emo_assets.core.config import Settings
 from emo_assets.core.offline_models import OFFLINE_MODELS, TINY_RECIPES, minilm_path, tiny_model_dir
@@ -168,8 +169,13 @@ def load_model(
     points = find_hook_points(model)
     config = model.config
     context = min(
-        v for v in (getattr(config, "max_position_embeddings", None), getattr(config, "n_positions", None),
-                    _sane_max_length(tokenizer)) if v
+        v
+        for v in (
+            getattr(config, "max_position_embeddings", None),
+            getattr(config, "n_positions", None),
+            _sane_max_length(tokenizer),
+        )
+        if v
     )
     return LoadedModel(
         model_id=model_id,
@@ -244,8 +250,12 @@ def _report_dropped_head(model_id: str, model, loading_info: dict, held: _HoldLo
     if not head_only:
         held.release()
         return []
-    log.info("%s: checkpoint weights %s (the LM head) are not loaded: activations come from the base model %s",
-             model_id, ", ".join(unexpected), type(model).__name__)
+    log.info(
+        "%s: checkpoint weights %s (the LM head) are not loaded: activations come from the base model %s",
+        model_id,
+        ", ".join(unexpected),
+        type(model).__name__,
+    )
     return unexpected
 
 
@@ -265,8 +275,9 @@ def corpus_texts(paths: Iterable[Path]) -> list[str]:
     return texts
 
 
-def load_configured_model(model_id: str, settings: Settings, *, device: str | None = None,
-                          compute_dtype: str | None = None) -> LoadedModel:
+def load_configured_model(
+    model_id: str, settings: Settings, *, device: str | None = None, compute_dtype: str | None = None
+) -> LoadedModel:
     """`load_model` with the settings' device, dtype and trust_remote_code (arguments override)."""
     extraction = settings.extraction
     return load_model(

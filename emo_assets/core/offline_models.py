@@ -18,8 +18,8 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 from emo_assets.core.atomic import fsync_dir, temp_path_for
 
@@ -32,8 +32,13 @@ def _gpt2_config(vocab_size: int):
     from transformers import GPT2Config
 
     return GPT2Config(
-        vocab_size=vocab_size, n_positions=TINY_CONTEXT, n_embd=TINY_WIDTH, n_layer=TINY_LAYERS,
-        n_head=TINY_HEADS, bos_token_id=0, eos_token_id=0,
+        vocab_size=vocab_size,
+        n_positions=TINY_CONTEXT,
+        n_embd=TINY_WIDTH,
+        n_layer=TINY_LAYERS,
+        n_head=TINY_HEADS,
+        bos_token_id=0,
+        eos_token_id=0,
     )
 
 
@@ -41,9 +46,16 @@ def _pythia_config(vocab_size: int):
     from transformers import GPTNeoXConfig
 
     return GPTNeoXConfig(
-        vocab_size=vocab_size, hidden_size=TINY_WIDTH, num_hidden_layers=TINY_LAYERS,
-        num_attention_heads=TINY_HEADS, intermediate_size=4 * TINY_WIDTH, rotary_pct=0.25,
-        use_parallel_residual=True, max_position_embeddings=TINY_CONTEXT, bos_token_id=0, eos_token_id=0,
+        vocab_size=vocab_size,
+        hidden_size=TINY_WIDTH,
+        num_hidden_layers=TINY_LAYERS,
+        num_attention_heads=TINY_HEADS,
+        intermediate_size=4 * TINY_WIDTH,
+        rotary_pct=0.25,
+        use_parallel_residual=True,
+        max_position_embeddings=TINY_CONTEXT,
+        bos_token_id=0,
+        eos_token_id=0,
     )
 
 
@@ -51,9 +63,15 @@ def _gpt_neo_config(vocab_size: int):
     from transformers import GPTNeoConfig
 
     return GPTNeoConfig(
-        vocab_size=vocab_size, hidden_size=TINY_WIDTH, num_layers=TINY_LAYERS, num_heads=TINY_HEADS,
-        attention_types=[[["global", "local"], TINY_LAYERS // 2]], window_size=256,
-        max_position_embeddings=TINY_CONTEXT, bos_token_id=0, eos_token_id=0,
+        vocab_size=vocab_size,
+        hidden_size=TINY_WIDTH,
+        num_layers=TINY_LAYERS,
+        num_heads=TINY_HEADS,
+        attention_types=[[["global", "local"], TINY_LAYERS // 2]],
+        window_size=256,
+        max_position_embeddings=TINY_CONTEXT,
+        bos_token_id=0,
+        eos_token_id=0,
     )
 
 
@@ -82,11 +100,16 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = TINY_VOCAB):
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(list(texts), vocab_size=vocab_size, min_frequency=2, special_tokens=[SPECIAL_TOKEN],
-                            show_progress=False)
+    bpe.train_from_iterator(
+        list(texts), vocab_size=vocab_size, min_frequency=2, special_tokens=[SPECIAL_TOKEN], show_progress=False
+    )
     return PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token=SPECIAL_TOKEN, eos_token=SPECIAL_TOKEN, unk_token=SPECIAL_TOKEN,
-        pad_token=SPECIAL_TOKEN, model_max_length=TINY_CONTEXT,
+        tokenizer_object=bpe,
+        bos_token=SPECIAL_TOKEN,
+        eos_token=SPECIAL_TOKEN,
+        unk_token=SPECIAL_TOKEN,
+        pad_token=SPECIAL_TOKEN,
+        model_max_length=TINY_CONTEXT,
     )
 
 
@@ -106,8 +129,12 @@ def tiny_model_dir(name: str, texts: list[str]) -> Path:
 def _build_tiny(name: str, corpus: list[str], target: Path) -> None:
     tokenizer = train_tokenizer(corpus)
     config = TINY_RECIPES[name](len(tokenizer))
-    save_random_model(target, config, tokenizer, recipe={"name": name, "recipe_version": RECIPE_VERSION,
-                                                         "n_training_texts": len(corpus)})
+    save_random_model(
+        target,
+        config,
+        tokenizer,
+        recipe={"name": name, "recipe_version": RECIPE_VERSION, "n_training_texts": len(corpus)},
+    )
 
 
 def save_random_model(target: Path, config, tokenizer, *, lm_head: bool = False, recipe: dict | None = None) -> Path:

@@ -31,8 +31,8 @@ from emo_assets.core.extraction import (
 from emo_assets.core.models import LoadedModel
 from emo_assets.core.paths import activation_dir, activation_file
 from emo_assets.defs.datasets import emotion_dataset_key, emotion_parquet_path
-from emo_assets.defs.models import LANGUAGE_MODEL
 from emo_assets.defs.deployment import TORCH_OP_TAGS
+from emo_assets.defs.models import LANGUAGE_MODEL
 from emo_assets.defs.partitions import Partitions, fingerprint, partitions_for, step_data_version
 from emo_assets.defs.resources import MlflowTracker, ModelCache, TrackedDataset
 
@@ -61,8 +61,14 @@ def input_fingerprint(options: ExtractionOptions, loaded: LoadedModel, emotion: 
     """Data version of one partition: everything that decides its file's contents (every option that is not a
     runtime choice, see `ExtractionOptions.output_fields`), the model revision and compute dtype, the dataset."""
     return fingerprint(
-        {**options.output_fields(), "dataset_sha256": dataset_sha256, "emotion": emotion,
-         "model_revision": loaded.revision, "compute_dtype": loaded.compute_dtype, "code_version": CODE_VERSION}
+        {
+            **options.output_fields(),
+            "dataset_sha256": dataset_sha256,
+            "emotion": emotion,
+            "model_revision": loaded.revision,
+            "compute_dtype": loaded.compute_dtype,
+            "code_version": CODE_VERSION,
+        }
     )
 
 
@@ -87,15 +93,27 @@ def _job(settings: Settings, variant: str, slug: str, emotion: str) -> Extractio
     rows = pl.read_parquet(source, columns=["id", "text"])
     source_meta = pl.read_parquet_metadata(source)
     return ExtractionJob(
-        rows["text"].to_list(), rows["id"].to_list(), activation_path(settings, variant, slug, emotion),
-        DatasetSource(emotion=emotion, variant=variant, path=source_meta["dataset_path"],
-                      sha256=source_meta["dataset_sha256"]),
+        rows["text"].to_list(),
+        rows["id"].to_list(),
+        activation_path(settings, variant, slug, emotion),
+        DatasetSource(
+            emotion=emotion, variant=variant, path=source_meta["dataset_path"], sha256=source_meta["dataset_sha256"]
+        ),
         reuse_candidates(settings, variant, slug, emotion),
     )
 
 
-def _report(context, settings: Settings, variant: str, loaded: LoadedModel, options: ExtractionOptions,
-            job: ExtractionJob, result: ExtractionResult, mlflow: MlflowTracker, started: float) -> tuple[dict, str]:
+def _report(
+    context,
+    settings: Settings,
+    variant: str,
+    loaded: LoadedModel,
+    options: ExtractionOptions,
+    job: ExtractionJob,
+    result: ExtractionResult,
+    mlflow: MlflowTracker,
+    started: float,
+) -> tuple[dict, str]:
     """Log one written partition (MLflow, Dagster log); return (its metadata, its input fingerprint).
 
     `started` is when the model's forward stream began: the emotions of one stream are computed together."""
@@ -107,16 +125,35 @@ def _report(context, settings: Settings, variant: str, loaded: LoadedModel, opti
     sources = [source.path for source in reuse.sources]
     status = mlflow.log_run(
         f"{variant}/{loaded.slug}/{emotion}",
-        params={"stage": "extraction", "task": "activation_extraction", "dataset": variant, "model": loaded.model_id,
-                "emotion": emotion, "dtype": result.storage_dtype, "batch_size": options.batch_size,
-                "model_revision": loaded.revision, "dataset_sha256": dataset_sha256, "reuse": options.reuse,
-                "reuse_sources": ", ".join(sources) or "none"},
-        metrics={"file_size_mb": size / 2**20, "n_samples": result.n_sentences, "samples_per_s": result.samples_per_s,
-                 "n_tokens": result.n_tokens, "wall_seconds": result.wall_seconds,
-                 "n_computed": reuse.computed, "n_reused": reuse.reused},
-        tags={"dagster.run_id": context.run.run_id, "dagster.partition_key": key,
-              "dagster.asset_key": activations_key(variant).to_user_string()},
-        log=context.log, started=started,
+        params={
+            "stage": "extraction",
+            "task": "activation_extraction",
+            "dataset": variant,
+            "model": loaded.model_id,
+            "emotion": emotion,
+            "dtype": result.storage_dtype,
+            "batch_size": options.batch_size,
+            "model_revision": loaded.revision,
+            "dataset_sha256": dataset_sha256,
+            "reuse": options.reuse,
+            "reuse_sources": ", ".join(sources) or "none",
+        },
+        metrics={
+            "file_size_mb": size / 2**20,
+            "n_samples": result.n_sentences,
+            "samples_per_s": result.samples_per_s,
+            "n_tokens": result.n_tokens,
+            "wall_seconds": result.wall_seconds,
+            "n_computed": reuse.computed,
+            "n_reused": reuse.reused,
+        },
+        tags={
+            "dagster.run_id": context.run.run_id,
+            "dagster.partition_key": key,
+            "dagster.asset_key": activations_key(variant).to_user_string(),
+        },
+        log=context.log,
+        started=started,
         datasets=[TrackedDataset(variant, Path(job.source.path), dataset_sha256)],
     )
     context.log.info(
@@ -150,8 +187,9 @@ def _report(context, settings: Settings, variant: str, loaded: LoadedModel, opti
     return metadata, inputs
 
 
-def _extract_model(context, settings: Settings, variant: str, slug: str, emotions, model_cache: ModelCache,
-                   mlflow: MlflowTracker) -> dict[str, str]:
+def _extract_model(
+    context, settings: Settings, variant: str, slug: str, emotions, model_cache: ModelCache, mlflow: MlflowTracker
+) -> dict[str, str]:
     """Extract every emotion of one model in one forward stream (the model loaded once); return {partition key:
     input fingerprint}."""
     parts = partitions_for(settings)

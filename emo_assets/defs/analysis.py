@@ -23,16 +23,21 @@ happened). The per-model assets use a single-run backfill policy: a run over sev
 
 Every analysis asset is automated (`automation.py`): with the daemon running, it is requested once all of its
 inputs exist and one of them was updated, e.g. a model's analysis after the last of its activation partitions.
+
+The module is longer than the other stages because it holds the table and the five asset factories it drives;
+each factory is a thin wrapper, and keeping them beside the table is what makes a half-registered asset
+impossible to write.
 """
 
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import dagster as dg
 import polars as pl
 
+from emo_assets.core.activations import ActivationFileError
 from emo_assets.core.analysis.comparisons import cross_model_alignment_step, vector_stability_step
 from emo_assets.core.analysis.inputs import AnalysisInputError, ModelActivations, token_strings
 from emo_assets.core.analysis.model_analysis import (
@@ -47,7 +52,6 @@ from emo_assets.core.analysis.report import PROBE_COLUMNS, markdown_table
 from emo_assets.core.analysis.variant_report import analysis_report_step
 from emo_assets.core.config import AnalysisSettings, Settings
 from emo_assets.core.datasets import DatasetError
-from emo_assets.core.activations import ActivationFileError
 from emo_assets.core.models import corpus_texts
 from emo_assets.defs.activations import activations_key
 from emo_assets.defs.analysis_metadata import image_markdown, log_mlflow, step_metadata
@@ -121,23 +125,43 @@ def _per_model_asset(settings: Settings, variant: str, spec: AnalysisSpec) -> dg
             started, began = time.perf_counter(), time.time()
             try:
                 dataset = settings.datasets[variant] if spec.needs_texts else None
-                acts = ModelActivations.load(settings.results_dir, variant, slug, settings.emotions, dataset_path=dataset)
+                acts = ModelActivations.load(
+                    settings.results_dir, variant, slug, settings.emotions, dataset_path=dataset
+                )
                 result = spec.compute(acts, settings, config)
             except (AnalysisInputError, ActivationFileError, DatasetError, FileNotFoundError) as exc:
                 raise dg.Failure(description=f"{variant}/{name}[{slug}]: {exc}") from exc
             seconds = time.perf_counter() - started
             for note in result.notes:
                 context.log.warning(f"{variant}/{name}[{slug}]: {note}")
-            params = {"stage": "analysis", "task": name, "dataset": variant, "model": acts.model_id,
-                      "model_revision": acts.model_revision, "dataset_sha256": acts.dataset_sha256, **config.numbers()}
+            params = {
+                "stage": "analysis",
+                "task": name,
+                "dataset": variant,
+                "model": acts.model_id,
+                "model_revision": acts.model_revision,
+                "dataset_sha256": acts.dataset_sha256,
+                **config.numbers(),
+            }
             metrics = {**result.summary, "wall_seconds": seconds}
-            status = log_mlflow(context, mlflow, f"{variant}/{slug}/{name}", params=params, metrics=metrics,
-                                files=result.paths(), started=began,
-                                datasets=[TrackedDataset(variant, settings.datasets[variant], acts.dataset_sha256)])
+            status = log_mlflow(
+                context,
+                mlflow,
+                f"{variant}/{slug}/{name}",
+                params=params,
+                metrics=metrics,
+                files=result.paths(),
+                started=began,
+                datasets=[TrackedDataset(variant, settings.datasets[variant], acts.dataset_sha256)],
+            )
             meta = step_metadata(result, spec.main_table, partitioned=True)
-            meta.update(model_id=acts.model_id, n_sentences=acts.n_sentences, wall_seconds=round(seconds, 3), mlflow=status)
+            meta.update(
+                model_id=acts.model_id, n_sentences=acts.n_sentences, wall_seconds=round(seconds, 3), mlflow=status
+            )
             versions[slug] = _inputs_version(acts, config)
-            context.log.info(f"{variant}/{name}[{slug}]: {len(result.paths())} files in {seconds:.1f}s; mlflow {status}")
+            context.log.info(
+                f"{variant}/{name}[{slug}]: {len(result.paths())} files in {seconds:.1f}s; mlflow {status}"
+            )
             context.add_asset_metadata(meta, partition_key=slug)
         return dg.MaterializeResult(data_version=step_data_version(versions))
 
@@ -168,9 +192,16 @@ def _plots_asset(settings: Settings, variant: str, spec: AnalysisSpec) -> dg.Ass
             except FileNotFoundError as exc:
                 raise dg.Failure(description=f"{variant}/analysis_plots[{slug}]: {exc}") from exc
             params = {"stage": "analysis", "task": "plots", "dataset": variant, "model": slug}
-            status = log_mlflow(context, mlflow, f"{variant}/{slug}/analysis_plots", params=params,
-                                metrics=result.summary, files=list(result.files.values()), started=started,
-                                datasets=[TrackedDataset(variant, settings.datasets[variant])])
+            status = log_mlflow(
+                context,
+                mlflow,
+                f"{variant}/{slug}/analysis_plots",
+                params=params,
+                metrics=result.summary,
+                files=list(result.files.values()),
+                started=started,
+                datasets=[TrackedDataset(variant, settings.datasets[variant])],
+            )
             meta = step_metadata(result, None, partitioned=True)
             meta["layer_profile"] = image_markdown(result.files["layer_profile"], f"{slug}: layer profile")
             meta["cosine_heatmap"] = image_markdown(result.files["cosine_heatmap"], f"{slug}: cosines at best layer")
@@ -212,12 +243,23 @@ def _cross_model_asset(settings: Settings, variant: str, spec: AnalysisSpec) -> 
         for note in result.notes:
             context.log.info(note)
         files = list(result.paths())
-        params = {"stage": "analysis", "task": "cross_model_alignment", "dataset": variant,
-                  "models": list(settings.model_slugs), "pca_components": config.pca_components}
-        status = log_mlflow(context, mlflow, f"{variant}/cross_model_alignment", params=params,
-                            metrics=result.summary, files=files, started=began,
-                            datasets=[TrackedDataset(variant, settings.datasets[variant],
-                                                     next(iter(models.values())).dataset_sha256)])
+        params = {
+            "stage": "analysis",
+            "task": "cross_model_alignment",
+            "dataset": variant,
+            "models": list(settings.model_slugs),
+            "pca_components": config.pca_components,
+        }
+        status = log_mlflow(
+            context,
+            mlflow,
+            f"{variant}/cross_model_alignment",
+            params=params,
+            metrics=result.summary,
+            files=files,
+            started=began,
+            datasets=[TrackedDataset(variant, settings.datasets[variant], next(iter(models.values())).dataset_sha256)],
+        )
         meta = step_metadata(result, "cka", partitioned=False)
         if "cka_heatmap" in result.files:
             meta["cka_heatmap"] = image_markdown(result.files["cka_heatmap"], "debiased linear CKA")
@@ -233,7 +275,10 @@ def _stability_asset(settings: Settings) -> dg.AssetsDefinition:
 
     @dg.asset(
         key=STABILITY_KEY,
-        deps=[dg.AssetDep(analysis_key(v, "emotion_vectors"), partition_mapping=dg.AllPartitionMapping()) for v in variants],
+        deps=[
+            dg.AssetDep(analysis_key(v, "emotion_vectors"), partition_mapping=dg.AllPartitionMapping())
+            for v in variants
+        ],
         group_name="analysis",
         kinds={"numpy", "parquet", "mlflow"},
         code_version=CODE_VERSION,
@@ -247,11 +292,22 @@ def _stability_asset(settings: Settings) -> dg.AssetsDefinition:
             result = vector_stability_step(settings.results_dir, variants, list(settings.model_slugs))
         except (FileNotFoundError, ValueError) as exc:
             raise dg.Failure(description=f"vector_stability: {exc}") from exc
-        params = {"stage": "analysis", "task": "vector_stability", "datasets": variants,
-                  "models": list(settings.model_slugs)}
-        status = log_mlflow(context, mlflow, "vector_stability", params=params, metrics=result.summary,
-                            files=result.paths(), started=started,
-                            datasets=[TrackedDataset(v, settings.datasets[v]) for v in variants])
+        params = {
+            "stage": "analysis",
+            "task": "vector_stability",
+            "datasets": variants,
+            "models": list(settings.model_slugs),
+        }
+        status = log_mlflow(
+            context,
+            mlflow,
+            "vector_stability",
+            params=params,
+            metrics=result.summary,
+            files=result.paths(),
+            started=started,
+            datasets=[TrackedDataset(v, settings.datasets[v]) for v in variants],
+        )
         meta = step_metadata(result, "vector_stability", partitioned=False)
         meta["mlflow"] = status
         return dg.MaterializeResult(metadata=meta)
@@ -319,7 +375,6 @@ def _report_asset(settings: Settings, variant: str, spec: AnalysisSpec) -> dg.As
     return analysis_report
 
 
-
 # -- compute functions of the per-model assets that read the activations ---------------------------------
 def _emotion_vectors(acts: ModelActivations, settings: Settings, config: AnalysisSettings) -> StepResult:
     return emotion_vectors_step(acts, settings.results_dir)
@@ -345,27 +400,45 @@ def _linear_probes(acts: ModelActivations, settings: Settings, config: AnalysisS
 # The analysis assets of a variant, in dependency order (a spec reads only the specs above it).
 ANALYSES = (
     AnalysisSpec(
-        "emotion_vectors", MODEL, _per_model_asset, compute=_emotion_vectors, main_table="emotion_vectors",
+        "emotion_vectors",
+        MODEL,
+        _per_model_asset,
+        compute=_emotion_vectors,
+        main_table="emotion_vectors",
         kinds=frozenset({"numpy", "safetensors", "parquet"}),
         description="Emotion vectors ({variant}): per model, layer and kind, the mean sentence-end activation per "
         "emotion, differences vs neutral and vs the grand mean (raw and unit), norms, centred cosine matrix, "
         "separation score. emotion_vectors.safetensors + Parquet tables.",
     ),
     AnalysisSpec(
-        "token_vectors", MODEL, _per_model_asset, compute=_token_vectors, main_table="token_vectors",
-        needs_texts=True, kinds=frozenset({"numpy", "safetensors", "parquet"}),
+        "token_vectors",
+        MODEL,
+        _per_model_asset,
+        compute=_token_vectors,
+        main_table="token_vectors",
+        needs_texts=True,
+        kinds=frozenset({"numpy", "safetensors", "parquet"}),
         description="Token vectors ({variant}): first-token-free sentence means and emotion-word token vectors "
         "(lexicon from settings) per layer, with their cosine to the sentence-end vectors.",
     ),
     AnalysisSpec(
-        "emotion_subspaces", MODEL, _per_model_asset, compute=_emotion_subspaces, main_table="subspaces",
+        "emotion_subspaces",
+        MODEL,
+        _per_model_asset,
+        compute=_emotion_subspaces,
+        main_table="subspaces",
         kinds=frozenset({"scikit-learn", "safetensors", "parquet"}),
         description="Emotion subspaces ({variant}): per emotion and layer, the top-{config.pca_components} PCA "
         "subspace of centred sentence-end activations; explained variance; principal angles and overlap between "
         "emotions vs random subspaces.",
     ),
     AnalysisSpec(
-        "linear_probes", MODEL, _per_model_asset, compute=_linear_probes, main_table="probes", needs_texts=True,
+        "linear_probes",
+        MODEL,
+        _per_model_asset,
+        compute=_linear_probes,
+        main_table="probes",
+        needs_texts=True,
         kinds=frozenset({"scikit-learn", "parquet"}),
         description="Probes ({variant}): per layer and kind, 4-way L2 logistic regression with stratified "
         "{config.cv_folds}-fold CV, bag-of-words baseline on the same folds, shuffled-label control, selectivity.",

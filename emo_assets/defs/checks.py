@@ -12,7 +12,7 @@ revision than `language_model` last recorded. The freshness schedule runs it (se
 """
 
 import time
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import dagster as dg
 import numpy as np
@@ -54,14 +54,19 @@ def _results(asset_key: dg.AssetKey, checks: dict, problems: dict[str, dict[str,
             passed=not bad,
             severity=severity,
             description=f"failed for {len(bad)} of {len(keys)} partitions: {description}" if bad else None,
-            metadata={"partitions_checked": len(keys), "failed_partitions": dg.MetadataValue.json(sorted(bad)),
-                      "problems": dg.MetadataValue.md("\n".join(f"- `{k}`: {r}" for k, r in sorted(bad.items())))},
+            metadata={
+                "partitions_checked": len(keys),
+                "failed_partitions": dg.MetadataValue.json(sorted(bad)),
+                "problems": dg.MetadataValue.md("\n".join(f"- `{k}`: {r}" for k, r in sorted(bad.items()))),
+            },
         )
 
 
 def _specs(asset_key: dg.AssetKey, checks: dict, blocking: bool) -> list[dg.AssetCheckSpec]:
-    return [dg.AssetCheckSpec(name, asset=asset_key, blocking=blocking, description=text)
-            for name, (_, text) in checks.items()]
+    return [
+        dg.AssetCheckSpec(name, asset=asset_key, blocking=blocking, description=text)
+        for name, (_, text) in checks.items()
+    ]
 
 
 def _dataset_problems(settings: Settings, variant: str, emotions: Iterable[str]) -> dict[str, dict[str, str]]:
@@ -111,8 +116,9 @@ def _activation_problems(context, settings: Settings, variant: str, keys: list[s
         expected = pl.scan_parquet(rows).select(pl.len()).collect().item() if rows.is_file() else None
         if expected != file.n_sentences:
             problems["sample_count"][key] = f"{file.n_sentences} sentences, emotion_dataset[{emotion}] has {expected}"
-        nonfinite = sum(int((~np.isfinite(file.layer(kind, layer))).sum())
-                        for kind in file.kinds for layer in range(file.n_layers))
+        nonfinite = sum(
+            int((~np.isfinite(file.layer(kind, layer))).sum()) for kind in file.kinds for layer in range(file.n_layers)
+        )
         if nonfinite:
             problems["values_finite"][key] = f"{nonfinite} non-finite values"
         facts = model_facts(context.instance, slug)
@@ -169,8 +175,9 @@ def _variant_checks(settings: Settings, variant: str) -> list[dg.AssetChecksDefi
     @dg.multi_asset_check(specs=_specs(act_key, ACTIVATION_CHECKS, blocking=True), name=f"{variant}_activations_checks")
     def activations_checks(context: dg.AssetCheckExecutionContext) -> Iterator[dg.AssetCheckResult]:
         # on their own, the integrity checks look at the files that exist (partitions_fresh reports the others)
-        keys = run_partition_keys(context, parts.activations,
-                                  keep=lambda key: activation_path(settings, variant, *parts.split(key)).is_file())
+        keys = run_partition_keys(
+            context, parts.activations, keep=lambda key: activation_path(settings, variant, *parts.split(key)).is_file()
+        )
         yield from _results(act_key, ACTIVATION_CHECKS, _activation_problems(context, settings, variant, keys), keys)
 
     @dg.asset_check(

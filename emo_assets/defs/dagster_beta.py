@@ -11,7 +11,7 @@ warning, still reaches the user.
 import contextlib
 import re
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
 
 import dagster as dg
 

@@ -88,7 +88,9 @@ def _variant_assets(settings: Settings, variant: str) -> list:
         return dg.ObserveResult(
             data_version=dg.DataVersion(sha256),
             metadata={
-                "path": dg.MetadataValue.path(str(path)), "sha256": sha256, "file_size_bytes": path.stat().st_size
+                "path": dg.MetadataValue.path(str(path)),
+                "sha256": sha256,
+                "file_size_bytes": path.stat().st_size,
             },
         )
 
@@ -108,8 +110,10 @@ def _variant_assets(settings: Settings, variant: str) -> list:
         for warning in shown:
             context.log.warning(str(warning))
         if hidden:
-            context.log.warning(f"{path}: {hidden} more warnings not logged ({len(dataset.warnings)} in all); "
-                                f"`python -m emo_assets.validate {path} --all-warnings` lists every one")
+            context.log.warning(
+                f"{path}: {hidden} more warnings not logged ({len(dataset.warnings)} in all); "
+                f"`python -m emo_assets.validate {path} --all-warnings` lists every one"
+            )
         for emotion in context.partition_keys:
             frame = samples_frame(dataset, emotion)
             target = emotion_parquet_path(settings, variant, emotion)

@@ -16,11 +16,12 @@ model once for all of them.
 """
 
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 import dagster as dg
 
-DEPLOYMENTS = ("local", "cluster", "kubernetes")
+from emo_assets.core.config import DEPLOYMENTS
+
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 
 # Steps that load a model: on celery they go to the `torch` queue (workers on GPU machines listen to it), on

@@ -15,7 +15,7 @@ which reads every variant's emotion vectors: `<V>_comparisons` therefore come af
 Dagster's partition tags).
 """
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import dagster as dg
 

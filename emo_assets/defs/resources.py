@@ -13,18 +13,17 @@ import os
 import time
 import weakref
 from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
 
 import dagster as dg
 from pydantic import PrivateAttr
 
 from emo_assets.core.config import Settings
 from emo_assets.core.datasets import file_sha256
-from emo_assets.core.models import LoadedModel
+from emo_assets.core.models import LoadedModel, load_configured_model
 from emo_assets.core.paths import model_slug
-from emo_assets.core.models import load_configured_model
 
 # MLflow 3's experiment kind (the UI's "experiment type"): this project's runs are model development.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -160,10 +159,13 @@ class MlflowTracker(dg.ConfigurableResource):
         ended = time.time() if ended is None else ended
         if self._failure is not None:
             return f"not logged ({self._failure}; not retried in this run)"
-        fast = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(self.request_timeout_s),
-                # no usage reports to MLflow's servers from a research data pipeline (and no waiting for them
-                # offline) unless the user opts in by setting the variable
-                "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true")}
+        fast = {
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+            "MLFLOW_HTTP_REQUEST_TIMEOUT": str(self.request_timeout_s),
+            # no usage reports to MLflow's servers from a research data pipeline (and no waiting for them
+            # offline) unless the user opts in by setting the variable
+            "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true"),
+        }
         try:
             with _environment(fast):
                 run_id = self._log(name, params, metrics, tags, files, (started, ended), datasets)
@@ -211,7 +213,8 @@ class MlflowTracker(dg.ConfigurableResource):
         start_ms, end_ms = math.floor(times[0] * 1000), math.ceil(times[1] * 1000)
         run = client.create_run(self._experiment_id(client), start_time=start_ms, run_name=name, tags=dict(tags))
         numeric = {
-            _mlflow_key(k): float(v) for k, v in metrics.items()
+            _mlflow_key(k): float(v)
+            for k, v in metrics.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
         }
         try:

@@ -48,8 +48,16 @@ def file_table(settings: Settings, variant: str) -> list[dict]:
                 continue
             size = path.stat().st_size
             samples = ActivationFile(path, verify=False).n_sentences  # verified by the blocking checks
-            rows.append({"model": slug, "emotion": emotion, "samples": samples, "size_bytes": size,
-                         "size_mb": size / 2**20, "path": str(path)})
+            rows.append(
+                {
+                    "model": slug,
+                    "emotion": emotion,
+                    "samples": samples,
+                    "size_bytes": size,
+                    "size_mb": size / 2**20,
+                    "path": str(path),
+                }
+            )
     if missing:
         raise dg.Failure(description=f"{variant}: no activation file for partitions {missing}; materialize them first")
     return rows
@@ -77,21 +85,41 @@ def _variant_summary(settings: Settings, variant: str) -> dg.AssetsDefinition:
         rows = file_table(settings, variant)
         total_files, total_mb = len(rows), sum(r["size_mb"] for r in rows)
         report = variant_dir(settings.results_dir, variant, "summary") / "activations_summary.json"
-        write_bytes_atomic(report, json.dumps({"variant": variant, "files": rows, "total_files": total_files,
-                                               "total_size_mb": total_mb}, indent=1).encode())
+        write_bytes_atomic(
+            report,
+            json.dumps(
+                {"variant": variant, "files": rows, "total_files": total_files, "total_size_mb": total_mb}, indent=1
+            ).encode(),
+        )
         status = mlflow.log_run(
             f"{variant}/activations_summary",
-            params={"stage": "extraction", "task": "activations_summary", "dataset": variant,
-                    "models": list(settings.model_slugs), "emotions": list(settings.emotions)},
-            metrics={**{f"{r['model']}_{r['emotion']}_size_mb": r["size_mb"] for r in rows},
-                     f"{variant}_total_files": total_files, f"{variant}_total_size_mb": total_mb},
+            params={
+                "stage": "extraction",
+                "task": "activations_summary",
+                "dataset": variant,
+                "models": list(settings.model_slugs),
+                "emotions": list(settings.emotions),
+            },
+            metrics={
+                **{f"{r['model']}_{r['emotion']}_size_mb": r["size_mb"] for r in rows},
+                f"{variant}_total_files": total_files,
+                f"{variant}_total_size_mb": total_mb,
+            },
             tags={"dagster.run_id": context.run.run_id, "dagster.asset_key": summary_key(variant).to_user_string()},
-            log=context.log, started=started, datasets=[TrackedDataset(variant, settings.datasets[variant])],
+            log=context.log,
+            started=started,
+            datasets=[TrackedDataset(variant, settings.datasets[variant])],
         )
         context.log.info(f"{variant}: {total_files} activation files, {total_mb:.2f} MB; mlflow {status}")
         records = [
-            dg.TableRecord({"model": r["model"], "emotion": r["emotion"], "samples": r["samples"],
-                            "size_mb": round(r["size_mb"], 4)})
+            dg.TableRecord(
+                {
+                    "model": r["model"],
+                    "emotion": r["emotion"],
+                    "samples": r["samples"],
+                    "size_mb": round(r["size_mb"], 4),
+                }
+            )
             for r in rows
         ]
         return dg.MaterializeResult(

@@ -32,9 +32,17 @@ def test_version_1_file_is_read():
     header = stored.header
     assert header.format_version == 1 and raw_meta["format_version"] == "1"
     assert (header.model_id, header.architecture, header.emotion, header.dataset_variant) == (
-        "tiny-gpt2", "GPT2Model", "gratitude", "baseline")
+        "tiny-gpt2",
+        "GPT2Model",
+        "gratitude",
+        "baseline",
+    )
     assert (header.storage_dtype, header.compute_dtype, header.prepend_bos, header.truncated_to_context) == (
-        "float16", "float32", True, False)
+        "float16",
+        "float32",
+        True,
+        False,
+    )
     assert (header.n_layers, header.d_model, header.kinds) == (4, 64, ("resid_post", "mlp_out"))
     assert header.hook_points["mlp_out"] == ["h.0.mlp", "h.1.mlp", "h.2.mlp", "h.3.mlp"]
     assert header.model_revision == raw_meta["model_revision"] and len(header.model_revision) == 64
@@ -51,22 +59,32 @@ def test_version_1_file_is_read():
         for layer in range(header.n_layers):
             np.testing.assert_array_equal(stored.layer(kind, layer), expected[layer])
             np.testing.assert_array_equal(stored.sentence_end(kind, layer), expected[layer, stored.offsets[1:] - 1])
-            np.testing.assert_array_equal(stored.sentence(kind, layer, 1), expected[layer, stored.offsets[1]:])
+            np.testing.assert_array_equal(stored.sentence(kind, layer, 1), expected[layer, stored.offsets[1] :])
 
 
 def test_version_1_file_is_written_back_byte_for_byte(tmp_path):
     """Header through `ActivationHeader` and data through the writer: the same bytes as the old writer's."""
     stored = ActivationFile(VERSION_1)
     arrays = {kind: stored.raw(kind) for kind in stored.kinds}
-    again = write_activation_file(tmp_path / VERSION_1.name, arrays, offsets=stored.offsets,
-                                  input_ids=stored.input_ids, header=stored.header)
+    again = write_activation_file(
+        tmp_path / VERSION_1.name, arrays, offsets=stored.offsets, input_ids=stored.input_ids, header=stored.header
+    )
     assert hashlib.sha256(again.read_bytes()).digest() == hashlib.sha256(VERSION_1.read_bytes()).digest()
 
 
 def test_header_round_trips_through_metadata():
     header = ActivationHeader(
-        n_layers=2, d_model=3, kinds=("resid_post", "mlp_out", "attn_out"), storage_dtype="bfloat16", n_sentences=2,
-        n_tokens=5, model_id="m", model_revision="r", prepend_bos=False, sentence_ids=("é", "b"), emotion="anger",
+        n_layers=2,
+        d_model=3,
+        kinds=("resid_post", "mlp_out", "attn_out"),
+        storage_dtype="bfloat16",
+        n_sentences=2,
+        n_tokens=5,
+        model_id="m",
+        model_revision="r",
+        prepend_bos=False,
+        sentence_ids=("é", "b"),
+        emotion="anger",
         hook_points={"resid_post": ["h.0", "h.1"]},
         reuse=ReuseRecord(computed=1, reused=1, sources=(ReuseSource("a/b.safetensors", "f" * 32, 1),)),
     )
@@ -80,14 +98,18 @@ def test_header_round_trips_through_metadata():
 def _file_with_metadata(path: Path, **changes: str) -> Path:
     meta = ActivationHeader(n_layers=1, d_model=2, kinds=("resid_post",), n_sentences=1, n_tokens=1).to_metadata()
     meta.update(changes)
-    tensors = {"input_ids": np.zeros(1, np.int64), "offsets": np.array([0, 1], np.int64),
-               "resid_post": np.zeros((1, 1, 2), np.float32)}
+    tensors = {
+        "input_ids": np.zeros(1, np.int64),
+        "offsets": np.array([0, 1], np.int64),
+        "resid_post": np.zeros((1, 1, 2), np.float32),
+    }
     save_file(tensors, str(path), metadata=meta)
     return path
 
 
-@pytest.mark.parametrize(("version", "reason"), [("2", "newer than this emo_assets reads"), ("x", "is unknown"),
-                                                 ("0", "is unknown")])
+@pytest.mark.parametrize(
+    ("version", "reason"), [("2", "newer than this emo_assets reads"), ("x", "is unknown"), ("0", "is unknown")]
+)
 def test_unknown_or_newer_format_version_is_refused_naming_the_file(tmp_path, version, reason):
     path = _file_with_metadata(tmp_path / "future.safetensors", format_version=version)
     with pytest.raises(ActivationFileError, match=reason) as caught:

@@ -125,12 +125,10 @@ def test_raw_encoding_and_line_format(name):
             pytest.fail(f"{path.name}:{lineno}: invalid JSON ({exc}): {line!r}")
         assert isinstance(obj, dict), f"{path.name}:{lineno}: line is not a JSON object"
         assert list(obj) == KEY_ORDER, (
-            f"{path.name}:{lineno}: keys must be exactly {KEY_ORDER} in that order, "
-            f"got {list(obj)}"
+            f"{path.name}:{lineno}: keys must be exactly {KEY_ORDER} in that order, got {list(obj)}"
         )
         assert line == json.dumps(obj, ensure_ascii=False), (
-            f"{path.name}:{lineno}: line is not in json.dumps(obj, ensure_ascii=False) "
-            f"form: {line!r}"
+            f"{path.name}:{lineno}: line is not in json.dumps(obj, ensure_ascii=False) form: {line!r}"
         )
 
 
@@ -164,9 +162,7 @@ def test_grouped_in_emotion_order(dataset):
     name, path, per_emotion, records = dataset
     order = [rec["emotion"] for rec in records]
     expected = [e for e in EMOTIONS for _ in range(per_emotion)]
-    assert order == expected, (
-        f"{path.name}: lines must be grouped by emotion in the order {list(EMOTIONS)}"
-    )
+    assert order == expected, f"{path.name}: lines must be grouped by emotion in the order {list(EMOTIONS)}"
 
 
 def test_ids_are_sequential_and_match_emotion(dataset):
@@ -177,9 +173,7 @@ def test_ids_are_sequential_and_match_emotion(dataset):
     for emotion, recs in by_emotion(records).items():
         got = [rec["id"] for rec in recs]
         expected = [f"{emotion}-{n:03d}" for n in range(1, per_emotion + 1)]
-        mismatch = next(
-            ((g, x) for g, x in zip(got, expected) if g != x), "count differs"
-        )
+        mismatch = next(((g, x) for g, x in zip(got, expected) if g != x), "count differs")
         assert got == expected, (
             f"{path.name}: '{emotion}' ids must run {expected[0]}..{expected[-1]} in order; "
             f"first mismatch (got, expected): {mismatch}"
@@ -199,9 +193,7 @@ def test_no_duplicate_texts(dataset):
     seen: dict[str, str] = {}
     for rec in records:
         key = normalise(rec["text"])
-        assert key not in seen, (
-            f"{path.name}: duplicate text in {rec['id']} and {seen[key]}: {rec['text']!r}"
-        )
+        assert key not in seen, f"{path.name}: duplicate text in {rec['id']} and {seen[key]}: {rec['text']!r}"
         seen[key] = rec["id"]
 
 
@@ -212,9 +204,7 @@ def test_no_one_word_near_duplicates(dataset):
         if len(a) != len(b):
             continue
         diff = sum(x != y for x, y in zip(a, b))
-        assert diff > 1, (
-            f"{path.name}: near-duplicate texts {id_a} and {id_b} differ in only {diff} word(s)"
-        )
+        assert diff > 1, f"{path.name}: near-duplicate texts {id_a} and {id_b} differ in only {diff} word(s)"
 
 
 def test_keyword_free_share(dataset):
@@ -233,10 +223,7 @@ def test_keyword_free_share(dataset):
 def test_mean_token_length_balanced(dataset):
     name, path, per_emotion, records = dataset
     for label, groups in slices(records, per_emotion):
-        means = {
-            e: sum(token_length(r["text"]) for r in recs) / len(recs)
-            for e, recs in groups.items()
-        }
+        means = {e: sum(token_length(r["text"]) for r in recs) / len(recs) for e, recs in groups.items()}
         for (e1, m1), (e2, m2) in combinations(means.items(), 2):
             ratio = max(m1, m2) / min(m1, m2)
             assert ratio <= MAX_MEAN_LENGTH_RATIO, (
@@ -287,8 +274,7 @@ def test_most_sentences_end_with_punctuation(dataset):
         ended = sum(1 for r in recs if r["text"].rstrip()[-1:] in {".", "!", "?"})
         share = ended / len(recs)
         assert share >= MIN_FINAL_PUNCT, (
-            f"{path.name}: only {share:.0%} of '{emotion}' sentences end with . ! or ?; "
-            f"need >= {MIN_FINAL_PUNCT:.0%}"
+            f"{path.name}: only {share:.0%} of '{emotion}' sentences end with . ! or ?; need >= {MIN_FINAL_PUNCT:.0%}"
         )
 
 
@@ -302,8 +288,7 @@ def test_baseline_is_subset_of_extended():
     for rec in base:
         assert rec["id"] in ext_by_id, f"baseline record {rec['id']} missing from extended file"
         assert ext_by_id[rec["id"]] == rec, (
-            f"baseline record {rec['id']} differs in extended file: "
-            f"{rec!r} vs {ext_by_id[rec['id']]!r}"
+            f"baseline record {rec['id']} differs in extended file: {rec!r} vs {ext_by_id[rec['id']]!r}"
         )
 
 

@@ -98,8 +98,7 @@ def test_dataset_error_lists_errors_before_warnings(tmp_path):
     lines = str(caught.value).splitlines()
     assert lines == [
         f"{path}:6: emotion: unknown emotion 'joy' (allowed: gratitude, anger, apology, neutral) [error]",
-        f"{path}:5: text: duplicate text of line 1 (compared after collapsing whitespace, case-sensitive)"
-        " [warning]",
+        f"{path}:5: text: duplicate text of line 1 (compared after collapsing whitespace, case-sensitive) [warning]",
     ]
     assert len(caught.value.issues) == 2
 
@@ -107,7 +106,7 @@ def test_dataset_error_lists_errors_before_warnings(tmp_path):
 def test_many_warnings_are_condensed_and_every_error_kept(tmp_path):
     copies = [{**RECORDS[0], "id": f"copy-{i}"} for i in range(WARNINGS_SHOWN + 4)]
     unknown = [{"text": f"joy {i}", "emotion": "joy"} for i in range(WARNINGS_SHOWN + 2)]
-    lines = [*RECORDS, *[row for pair in zip(copies, unknown) for row in pair], *copies[len(unknown):]]
+    lines = [*RECORDS, *[row for pair in zip(copies, unknown) for row in pair], *copies[len(unknown) :]]
     path = write_lines(tmp_path / "d.jsonl", lines)
     _, issues = validate_dataset(path)
     warning_lines = [n for n, line in enumerate(lines, 1) if line.get("id", "").startswith("copy-")]

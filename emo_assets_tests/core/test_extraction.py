@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
+from emo_assets.core.activations import ActivationFile, DatasetSource
 from emo_assets.core.extraction import ExtractionOptions, extract_to_file, length_sorted_batches
 from emo_assets.core.layers import find_hook_points, first_tensor
-from emo_assets.core.activations import ActivationFile, DatasetSource
 from emo_assets_tests.conftest import OFFLINE_MODELS
 
 FINAL_NORMS = ("ln_f", "final_layer_norm")
@@ -72,7 +72,11 @@ def extracted(offline_models, tmp_path_factory):
     folder = tmp_path_factory.mktemp("extracted")
     return {
         name: extract_to_file(
-            loaded, TEXTS, IDS, folder / f"{name}.safetensors", ExtractionOptions(batch_size=4, attention=True),
+            loaded,
+            TEXTS,
+            IDS,
+            folder / f"{name}.safetensors",
+            ExtractionOptions(batch_size=4, attention=True),
             source=DatasetSource(emotion="mixed", path="inline", sha256="0" * 64),
         )
         for name, loaded in offline_models.items()
@@ -89,8 +93,13 @@ def test_stored_activations_equal_independent_forward(name, offline_models, extr
         for kind in ("resid_post", "mlp_out"):
             for layer in range(loaded.n_layers):
                 got = stored.sentence(kind, layer, index)
-                np.testing.assert_allclose(got, reference[kind][layer], atol=1e-5, rtol=1e-5,
-                                           err_msg=f"{name} {kind} layer {layer} sentence {index}")
+                np.testing.assert_allclose(
+                    got,
+                    reference[kind][layer],
+                    atol=1e-5,
+                    rtol=1e-5,
+                    err_msg=f"{name} {kind} layer {layer} sentence {index}",
+                )
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-pythia", "tiny-gpt-neo"])
@@ -129,8 +138,21 @@ def test_round_trip_metadata_and_sentence_ends(offline_models, extracted):
     loaded = offline_models["tiny-gpt2"]
     stored = ActivationFile(extracted["tiny-gpt2"].path)
     meta = stored.metadata
-    for key in ("format_version", "model_id", "model_revision", "emotion", "dataset_path", "dataset_sha256",
-                "sentence_ids", "prepend_bos", "dtype", "n_layers", "d_model", "package_version", "hook_points"):
+    for key in (
+        "format_version",
+        "model_id",
+        "model_revision",
+        "emotion",
+        "dataset_path",
+        "dataset_sha256",
+        "sentence_ids",
+        "prepend_bos",
+        "dtype",
+        "n_layers",
+        "d_model",
+        "package_version",
+        "hook_points",
+    ):
         assert meta.get(key), f"metadata {key} missing"
     assert meta["model_revision"] == loaded.revision and meta["model_id"] == "tiny-gpt2"
     assert json.loads(meta["sentence_ids"]) == IDS == stored.sentence_ids
@@ -150,14 +172,18 @@ def test_same_inputs_give_byte_identical_files(offline_models, tmp_path):
     loaded = offline_models["tiny-pythia"]
     digests = []
     for run in range(2):
-        result = extract_to_file(loaded, TEXTS, IDS, tmp_path / f"run{run}" / "a.safetensors", ExtractionOptions(batch_size=3))
+        result = extract_to_file(
+            loaded, TEXTS, IDS, tmp_path / f"run{run}" / "a.safetensors", ExtractionOptions(batch_size=3)
+        )
         digests.append(hashlib.sha256(result.path.read_bytes()).hexdigest())
     assert digests[0] == digests[1]
 
 
 def test_prepend_bos_is_applied_and_recorded(offline_models, tmp_path):
     loaded = offline_models["tiny-gpt2"]
-    result = extract_to_file(loaded, TEXTS[:3], IDS[:3], tmp_path / "bos.safetensors", ExtractionOptions(prepend_bos=True))
+    result = extract_to_file(
+        loaded, TEXTS[:3], IDS[:3], tmp_path / "bos.safetensors", ExtractionOptions(prepend_bos=True)
+    )
     stored = ActivationFile(result.path)
     assert stored.metadata["prepend_bos"] == "true"
     assert stored.input_ids[stored.offsets[:-1]].tolist() == [loaded.tokenizer.bos_token_id] * 3
@@ -166,7 +192,9 @@ def test_prepend_bos_is_applied_and_recorded(offline_models, tmp_path):
 @pytest.mark.parametrize("storage_dtype, tolerance", [("float16", 2e-3), ("bfloat16", 1e-2)])
 def test_reduced_storage_dtype(storage_dtype, tolerance, offline_models, extracted, tmp_path):
     loaded = offline_models["minilm"]
-    result = extract_to_file(loaded, TEXTS, IDS, tmp_path / "low.safetensors", ExtractionOptions(storage_dtype=storage_dtype))
+    result = extract_to_file(
+        loaded, TEXTS, IDS, tmp_path / "low.safetensors", ExtractionOptions(storage_dtype=storage_dtype)
+    )
     low, full = ActivationFile(result.path), ActivationFile(extracted["minilm"].path)
     assert low.metadata["dtype"] == storage_dtype
     for layer in range(low.n_layers):

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from emo_assets.core.activations import ActivationFile
 from emo_assets.core.extraction import ExtractionOptions, extract_to_file
 from emo_assets.core.models import load_model
-from emo_assets.core.activations import ActivationFile
 
 pytestmark = [
     pytest.mark.gpu,
@@ -25,7 +25,9 @@ def test_cuda_extraction_matches_cpu(name, small_texts, tmp_path):
         loaded = load_model(name, device=device, training_texts=lambda: small_texts)
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-        result = extract_to_file(loaded, small_texts, ids, tmp_path / f"{device}.safetensors", ExtractionOptions(batch_size=8))
+        result = extract_to_file(
+            loaded, small_texts, ids, tmp_path / f"{device}.safetensors", ExtractionOptions(batch_size=8)
+        )
         files[device] = ActivationFile(result.path)
     for kind in ("resid_post", "mlp_out"):
         cpu, gpu = files["cpu"].raw(kind), files["cuda"].raw(kind)

@@ -40,8 +40,9 @@ def fake_hub_cache(home: Path, texts: list[str]) -> dict[str, str]:
 
 
 def run_python(code: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_paper_hub_ids_load_from_the_hf_cache_offline(tmp_path, small_texts):
@@ -59,8 +60,20 @@ def test_paper_hub_ids_load_from_the_hf_cache_offline(tmp_path, small_texts):
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
     assert loaded == {
         "gpt2": ["gpt2", "hub", commits["gpt2"], "GPT2Model", 4],
-        "EleutherAI/pythia-160m": ["EleutherAI-pythia-160m", "hub", commits["EleutherAI/pythia-160m"], "GPTNeoXModel", 4],
-        "EleutherAI/gpt-neo-125M": ["EleutherAI-gpt-neo-125M", "hub", commits["EleutherAI/gpt-neo-125M"], "GPTNeoModel", 4],
+        "EleutherAI/pythia-160m": [
+            "EleutherAI-pythia-160m",
+            "hub",
+            commits["EleutherAI/pythia-160m"],
+            "GPTNeoXModel",
+            4,
+        ],
+        "EleutherAI/gpt-neo-125M": [
+            "EleutherAI-gpt-neo-125M",
+            "hub",
+            commits["EleutherAI/gpt-neo-125M"],
+            "GPTNeoModel",
+            4,
+        ],
     }
 
 
@@ -90,8 +103,9 @@ def test_remote_code_is_not_run_by_default(tmp_path):
     marker = tmp_path / "remote_code_ran"
     model_dir = tmp_path / "evil"
     model_dir.mkdir()
-    (model_dir / "config.json").write_text(json.dumps(
-        {"model_type": "evil", "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"}}))
+    (model_dir / "config.json").write_text(
+        json.dumps({"model_type": "evil", "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"}})
+    )
     (model_dir / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
     with pytest.raises(ModelLoadError):
         load_model(str(model_dir), device="cpu")
@@ -115,8 +129,15 @@ def test_layer_discovery_on_llama_style_decoders(family):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[family]
-    model = _tiny(config_cls, vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2)
+    model = _tiny(
+        config_cls,
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     points = find_hook_points(model)
     assert points.names["resid_post"] == ["layers.0", "layers.1", "layers.2"]
     assert points.names["mlp_out"] == ["layers.0.mlp", "layers.1.mlp", "layers.2.mlp"]
@@ -197,8 +218,9 @@ def test_other_load_problems_keep_the_transformers_report(tmp_path, small_texts,
 
 
 def test_a_failed_load_keeps_the_transformers_report(tmp_path, small_texts, caplog, transformers_warnings_shown):
-    model_dir = _lm_head_checkpoint(tmp_path / "pythia-bad", small_texts,
-                                    extra_key="gpt_neox.final_layer_norm.weight")  # wrong shape: load fails
+    model_dir = _lm_head_checkpoint(
+        tmp_path / "pythia-bad", small_texts, extra_key="gpt_neox.final_layer_norm.weight"
+    )  # wrong shape: load fails
     with caplog.at_level(logging.INFO), pytest.raises(ModelLoadError, match="pythia-bad"):
         load_model(str(model_dir), device="cpu")
     reports = [m for m in _messages(caplog, "transformers.modeling_utils") if "LOAD REPORT" in m]

@@ -47,7 +47,7 @@ class Forwards:
         self.calls += 1
         self.sentences += int(kwargs["input_ids"].shape[0])
 
-    def __enter__(self) -> "Forwards":
+    def __enter__(self) -> Forwards:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -73,16 +73,31 @@ def test_appending_ten_sentences_forwards_only_those_ten(tiny, sentences, tmp_pa
     assert len(texts) >= 30
     first = extract_to_file(tiny, texts[:20], ids[:20], tmp_path / "v1.safetensors", ExtractionOptions(batch_size=8))
     with Forwards(tiny.model) as forwards:
-        grown = extract_to_file(tiny, texts[:30], ids[:30], tmp_path / "v2.safetensors", ExtractionOptions(batch_size=8),
-                                reuse_from=[first.path])
+        grown = extract_to_file(
+            tiny,
+            texts[:30],
+            ids[:30],
+            tmp_path / "v2.safetensors",
+            ExtractionOptions(batch_size=8),
+            reuse_from=[first.path],
+        )
     assert forwards.sentences == 10 and forwards.calls == math.ceil(10 / 8)
     assert (grown.reuse.computed, grown.reuse.reused) == (10, 20)
     (source,) = grown.reuse.sources
-    assert (source.path, source.checksum, source.sentences) == ("v1.safetensors",
-                                                                 ActivationFile(first.path).header.checksum, 20)
+    assert (source.path, source.checksum, source.sentences) == (
+        "v1.safetensors",
+        ActivationFile(first.path).header.checksum,
+        20,
+    )
     assert ActivationFile(grown.path).header.reuse == grown.reuse  # recorded in the file
-    scratch = extract_to_file(tiny, texts[:30], ids[:30], tmp_path / "scratch.safetensors",
-                              ExtractionOptions(batch_size=8, reuse=False), reuse_from=[first.path])
+    scratch = extract_to_file(
+        tiny,
+        texts[:30],
+        ids[:30],
+        tmp_path / "scratch.safetensors",
+        ExtractionOptions(batch_size=8, reuse=False),
+        reuse_from=[first.path],
+    )
     assert scratch.reuse.reused == 0 and ActivationFile(scratch.path).header.reuse is None
     assert_same_rows(grown.path, scratch.path)
     # the reused sentences' rows are the source's, bit for bit
@@ -94,8 +109,14 @@ def test_appending_ten_sentences_forwards_only_those_ten(tiny, sentences, tmp_pa
 def test_no_reuse_is_byte_identical_to_scratch(tiny, sentences, tmp_path):
     texts, ids = sentences
     first = extract_to_file(tiny, texts[:20], ids[:20], tmp_path / "a.safetensors", ExtractionOptions(batch_size=8))
-    again = extract_to_file(tiny, texts[:20], ids[:20], tmp_path / "b.safetensors",
-                            ExtractionOptions(batch_size=8, reuse=False), reuse_from=[first.path])
+    again = extract_to_file(
+        tiny,
+        texts[:20],
+        ids[:20],
+        tmp_path / "b.safetensors",
+        ExtractionOptions(batch_size=8, reuse=False),
+        reuse_from=[first.path],
+    )
     assert again.reuse.reused == 0 and _sha(again.path) == _sha(first.path)
 
 
@@ -105,13 +126,20 @@ def test_rerun_keeps_an_up_to_date_file_byte_for_byte(tiny, sentences, tmp_path)
     before = first.path.read_bytes()
     os.utime(first.path, (1, 1))
     with Forwards(tiny.model) as forwards:
-        again = extract_to_file(tiny, texts[:12], ids[:12], first.path, ExtractionOptions(batch_size=8),
-                                reuse_from=[first.path])
+        again = extract_to_file(
+            tiny, texts[:12], ids[:12], first.path, ExtractionOptions(batch_size=8), reuse_from=[first.path]
+        )
     assert forwards.calls == 0 and (again.reuse.computed, again.reuse.reused) == (0, 12)
     assert first.path.read_bytes() == before and first.path.stat().st_mtime > 1  # kept, its age renewed
     with Forwards(tiny.model) as forwards:  # one sentence id differs: rewritten, every row copied from the old file
-        renamed = extract_to_file(tiny, texts[:12], [*ids[:11], "new-id"], first.path,
-                                  ExtractionOptions(batch_size=8), reuse_from=[first.path])
+        renamed = extract_to_file(
+            tiny,
+            texts[:12],
+            [*ids[:11], "new-id"],
+            first.path,
+            ExtractionOptions(batch_size=8),
+            reuse_from=[first.path],
+        )
     assert forwards.calls == 0 and renamed.reuse.reused == 12
     assert ActivationFile(first.path).sentence_ids[-1] == "new-id"
 
@@ -123,13 +151,23 @@ def test_moved_and_reordered_sentences_are_found(tiny, sentences, tmp_path):
     b = extract_to_file(tiny, texts[10:20], ids[10:20], tmp_path / "b.safetensors", ExtractionOptions(batch_size=4))
     order = [15, 3, 7, 12, 0, 20]
     with Forwards(tiny.model) as forwards:
-        mixed = extract_to_file(tiny, [texts[i] for i in order], [ids[i] for i in order], tmp_path / "m.safetensors",
-                                ExtractionOptions(batch_size=4), reuse_from=[tmp_path / "missing.safetensors", a.path,
-                                                                             b.path])
+        mixed = extract_to_file(
+            tiny,
+            [texts[i] for i in order],
+            [ids[i] for i in order],
+            tmp_path / "m.safetensors",
+            ExtractionOptions(batch_size=4),
+            reuse_from=[tmp_path / "missing.safetensors", a.path, b.path],
+        )
     assert forwards.sentences == 1 and mixed.reuse.reused == 5
     assert {s.path: s.sentences for s in mixed.reuse.sources} == {"a.safetensors": 3, "b.safetensors": 2}
-    scratch = extract_to_file(tiny, [texts[i] for i in order], [ids[i] for i in order], tmp_path / "s.safetensors",
-                              ExtractionOptions(batch_size=4, reuse=False))
+    scratch = extract_to_file(
+        tiny,
+        [texts[i] for i in order],
+        [ids[i] for i in order],
+        tmp_path / "s.safetensors",
+        ExtractionOptions(batch_size=4, reuse=False),
+    )
     assert_same_rows(mixed.path, scratch.path)
 
 
@@ -162,8 +200,11 @@ def test_changed_tokenizer_is_never_reused(tiny, sentences, source_file, tmp_pat
     _never_reused(replace(tiny, tokenizer=other), texts[:16], ids[:16], source_file.path, tmp_path)
 
 
-@pytest.mark.parametrize("change", [{"prepend_bos": True}, {"storage_dtype": "float16"}, {"attention": True}],
-                         ids=["prepend_bos", "storage_dtype", "attention"])
+@pytest.mark.parametrize(
+    "change",
+    [{"prepend_bos": True}, {"storage_dtype": "float16"}, {"attention": True}],
+    ids=["prepend_bos", "storage_dtype", "attention"],
+)
 def test_changed_option_is_never_reused(tiny, sentences, source_file, tmp_path, change):
     texts, ids = sentences
     _never_reused(tiny, texts[:16], ids[:16], source_file.path, tmp_path, ExtractionOptions(batch_size=8, **change))
@@ -184,11 +225,18 @@ def test_changed_text_is_never_reused(tiny, sentences, source_file, tmp_path):
     for i in (2, 9, 13):
         edited[i] = edited[i] + " Really."
     with Forwards(tiny.model) as forwards:
-        result = extract_to_file(tiny, edited, ids[:16], tmp_path / "edited.safetensors",
-                                 ExtractionOptions(batch_size=8), reuse_from=[source_file.path])
+        result = extract_to_file(
+            tiny,
+            edited,
+            ids[:16],
+            tmp_path / "edited.safetensors",
+            ExtractionOptions(batch_size=8),
+            reuse_from=[source_file.path],
+        )
     assert forwards.sentences == 3 and (result.reuse.computed, result.reuse.reused) == (3, 13)
-    scratch = extract_to_file(tiny, edited, ids[:16], tmp_path / "scratch.safetensors",
-                              ExtractionOptions(batch_size=8, reuse=False))
+    scratch = extract_to_file(
+        tiny, edited, ids[:16], tmp_path / "scratch.safetensors", ExtractionOptions(batch_size=8, reuse=False)
+    )
     assert_same_rows(result.path, scratch.path)
 
 
@@ -208,10 +256,12 @@ def test_one_stream_over_several_files(tiny, sentences, tmp_path, monkeypatch, o
     sizes, batch = (7, 5, 9), 4
     parts, start = [], 0
     for n in sizes:
-        parts.append((texts[start:start + n], ids[start:start + n]))
+        parts.append((texts[start : start + n], ids[start : start + n]))
         start += n
-    singles = [extract_to_file(tiny, t, i, tmp_path / f"single{k}.safetensors", ExtractionOptions(batch_size=batch))
-               for k, (t, i) in enumerate(parts)]
+    singles = [
+        extract_to_file(tiny, t, i, tmp_path / f"single{k}.safetensors", ExtractionOptions(batch_size=batch))
+        for k, (t, i) in enumerate(parts)
+    ]
     if not on_host:
         monkeypatch.setattr(extraction, "HOST_DEVICES", ())
     jobs = [ExtractionJob(t, i, tmp_path / f"stream{k}.safetensors") for k, (t, i) in enumerate(parts)]

@@ -9,7 +9,6 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-from emo_assets.core.atomic import atomic_path, remove_stale_temps, temp_path_for
 from emo_assets.core.activations import (
     ActivationFile,
     ActivationFileError,
@@ -17,6 +16,7 @@ from emo_assets.core.activations import (
     ActivationWriter,
     write_activation_file,
 )
+from emo_assets.core.atomic import atomic_path, remove_stale_temps, temp_path_for
 
 OFFSETS = np.array([0, 3, 4, 9, 11])
 IDS = np.arange(11) + 100
@@ -32,8 +32,13 @@ def arrays():
 @pytest.fixture
 def written(tmp_path, arrays):
     return write_activation_file(
-        tmp_path / "activations_anger.safetensors", arrays, offsets=OFFSETS, input_ids=IDS,
-        header=ActivationHeader(n_layers=3, d_model=8, kinds=tuple(arrays), emotion="anger", sentence_ids=tuple("abcd")),
+        tmp_path / "activations_anger.safetensors",
+        arrays,
+        offsets=OFFSETS,
+        input_ids=IDS,
+        header=ActivationHeader(
+            n_layers=3, d_model=8, kinds=tuple(arrays), emotion="anger", sentence_ids=tuple("abcd")
+        ),
     )
 
 

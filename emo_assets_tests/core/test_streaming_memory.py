@@ -21,10 +21,10 @@ import pytest
 import torch
 
 from emo_assets.core import extraction
+from emo_assets.core.activations import ActivationFile, ActivationHeader, ActivationWriteError, ActivationWriter
 from emo_assets.core.extraction import ExtractionOptions, extract_to_file
 from emo_assets.core.layers import find_hook_points
 from emo_assets.core.models import load_model
-from emo_assets.core.activations import ActivationFile, ActivationHeader, ActivationWriter, ActivationWriteError
 
 BATCH = 8
 REPEAT = 8
@@ -70,11 +70,18 @@ def recorded(monkeypatch):
         arrays = _arrays_of(activations, padded)
         still_alive = sum(any(ref() is not None for ref in refs) for refs in alive_refs)
         lengths = list(lengths)
-        calls.append({
-            "sentences": len(lengths), "max_len": max(lengths), "rows": sum(lengths), "padded": padded,
-            "nbytes": sum(a.nbytes for a in arrays), "max_array_rows": max(a.size // a.shape[-1] for a in arrays),
-            "earlier_alive": still_alive, "queue_depth": self._queue_depth if self._background else 0,
-        })
+        calls.append(
+            {
+                "sentences": len(lengths),
+                "max_len": max(lengths),
+                "rows": sum(lengths),
+                "padded": padded,
+                "nbytes": sum(a.nbytes for a in arrays),
+                "max_array_rows": max(a.size // a.shape[-1] for a in arrays),
+                "earlier_alive": still_alive,
+                "queue_depth": self._queue_depth if self._background else 0,
+            }
+        )
         alive_refs.append([weakref.ref(_owner(a)) for a in arrays])
         return original(self, activations, sentence_indices, lengths, **kwargs)
 
@@ -92,8 +99,9 @@ def _owner(array: np.ndarray):
 @pytest.mark.parametrize("background", [True, False])
 def test_8x_dataset_is_written_batch_by_batch(tiny, dataset_8x, recorded, tmp_path, background):
     texts, ids = dataset_8x
-    result = extract_to_file(tiny, texts, ids, tmp_path / "big.safetensors",
-                             ExtractionOptions(batch_size=BATCH, background_write=background))
+    result = extract_to_file(
+        tiny, texts, ids, tmp_path / "big.safetensors", ExtractionOptions(batch_size=BATCH, background_write=background)
+    )
     lengths = np.diff(ActivationFile(result.path).offsets)
     max_len = int(lengths.max())
     assert len(recorded) == math.ceil(len(texts) / BATCH) >= 50
@@ -144,16 +152,23 @@ def test_zero_copy_capture_falls_back_when_the_model_writes_in_place(tiny, small
 
 
 @pytest.mark.parametrize("storage_dtype, write_threads", [("float32", 0), ("bfloat16", 3), ("float16", 2)])
-def test_device_path_on_cpu_writes_the_same_bytes(tiny, small_texts, tmp_path, monkeypatch, storage_dtype,
-                                                  write_threads):
+def test_device_path_on_cpu_writes_the_same_bytes(
+    tiny, small_texts, tmp_path, monkeypatch, storage_dtype, write_threads
+):
     """The accelerator path (gather on the device, host buffer pool, writer threads) gives the same file."""
     texts, ids = small_texts, [f"s{i}" for i in range(len(small_texts))]
     options = ExtractionOptions(batch_size=5, storage_dtype=storage_dtype, attention=True)
     host = extract_to_file(tiny, texts, ids, tmp_path / "host.safetensors", options)
     monkeypatch.setattr(extraction, "HOST_DEVICES", ())
-    device = extract_to_file(tiny, texts, ids, tmp_path / "device.safetensors",
-                             ExtractionOptions(batch_size=5, storage_dtype=storage_dtype, attention=True,
-                                               write_threads=write_threads, length_sorted=True))
+    device = extract_to_file(
+        tiny,
+        texts,
+        ids,
+        tmp_path / "device.safetensors",
+        ExtractionOptions(
+            batch_size=5, storage_dtype=storage_dtype, attention=True, write_threads=write_threads, length_sorted=True
+        ),
+    )
     assert device.n_nonfinite == host.n_nonfinite == 0
     assert _sha(device.path) == _sha(host.path)
 
@@ -171,8 +186,9 @@ def test_dataset_order_batches_write_one_run_per_layer(tiny, small_texts, tmp_pa
     runs = []
     real = fileio.write_unit
     monkeypatch.setattr(fileio, "write_unit", lambda fd, unit: (runs.append(len(unit)), real(fd, unit)))
-    ordered = extract_to_file(tiny, texts, ids, tmp_path / "ordered.safetensors",
-                              ExtractionOptions(batch_size=6, length_sorted=False))
+    ordered = extract_to_file(
+        tiny, texts, ids, tmp_path / "ordered.safetensors", ExtractionOptions(batch_size=6, length_sorted=False)
+    )
     assert len(runs) == math.ceil(len(texts) / 6) * 2 * tiny.n_layers and set(runs) == {1}
     a, b = ActivationFile(sorted_file.path), ActivationFile(ordered.path)
     np.testing.assert_array_equal(a.input_ids, b.input_ids)
@@ -209,8 +225,13 @@ def test_nonfinite_values_are_counted(tiny, small_texts, tmp_path):
 
     handle = mlp0.register_forward_hook(poison, prepend=True)
     try:
-        result = extract_to_file(tiny, small_texts[:10], [f"s{i}" for i in range(10)], tmp_path / "nan.safetensors",
-                                 ExtractionOptions(batch_size=4))
+        result = extract_to_file(
+            tiny,
+            small_texts[:10],
+            [f"s{i}" for i in range(10)],
+            tmp_path / "nan.safetensors",
+            ExtractionOptions(batch_size=4),
+        )
     finally:
         handle.remove()
     # 3 NaNs in row 0 of each of the 3 batches' mlp_out[0]; they propagate into later layers, so count >= 9

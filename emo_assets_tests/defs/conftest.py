@@ -61,7 +61,8 @@ def partition_metadata(result: dg.ExecuteInProcessResult, key: dg.AssetKey) -> d
     """partition (or None) -> {metadata key: value} of the run's materializations of `key`."""
     return {
         m.partition: {name: entry.value for name, entry in m.metadata.items()}
-        for m in (e.materialization for e in result.get_asset_materialization_events()) if m.asset_key == key
+        for m in (e.materialization for e in result.get_asset_materialization_events())
+        if m.asset_key == key
     }
 
 
@@ -69,5 +70,6 @@ def check_results(result: dg.ExecuteInProcessResult) -> dict[str, object]:
     """`<asset>:<check>` -> the run's asset check evaluation."""
     return {
         f"{e.event_specific_data.asset_key.to_user_string()}:{e.event_specific_data.check_name}": e.event_specific_data
-        for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"
+        for e in result.all_events
+        if e.event_type_value == "ASSET_CHECK_EVALUATION"
     }

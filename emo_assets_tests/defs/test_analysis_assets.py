@@ -76,7 +76,7 @@ def test_every_analysis_asset_materializes_per_model(pipeline):
         for name in PER_MODEL:
             partitions = events.get(f"{variant}/{name}", {})
             assert sorted(partitions) == sorted(SLUGS), (variant, name, "\n".join(lines))
-            for slug, meta in partitions.items():
+            for _slug, meta in partitions.items():
                 _check_metadata(meta)
                 if name != "analysis_plots":
                     assert meta["dagster/partition_row_count"] == pl.read_parquet(meta["dagster/uri"][7:]).height
@@ -90,7 +90,7 @@ def test_every_analysis_asset_materializes_per_model(pipeline):
 @pytest.mark.slow
 def test_probe_metadata_matches_its_table(pipeline):
     _, events, _ = pipeline
-    for slug, meta in events["baseline/linear_probes"].items():
+    for _slug, meta in events["baseline/linear_probes"].items():
         table = pl.read_parquet(meta["probes_path"])
         assert table.height == 2 * table["layer"].n_unique() and set(table["kind"]) == {"resid_post", "mlp_out"}
         resid = table.filter(pl.col("kind") == "resid_post")
@@ -104,7 +104,7 @@ def test_probe_metadata_matches_its_table(pipeline):
 def test_plots_are_valid_pngs_and_shown_inline(pipeline):
     _, events, _ = pipeline
     for variant in VARIANTS:
-        for slug, meta in events[f"{variant}/analysis_plots"].items():
+        for _slug, meta in events[f"{variant}/analysis_plots"].items():
             for name in ("layer_profile", "cosine_heatmap"):
                 _check_png(Path(meta[f"{name}_path"]))
                 assert "data:image/png;base64," in meta[name]

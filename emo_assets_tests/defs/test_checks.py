@@ -74,8 +74,9 @@ def test_invalid_dataset_fails_with_file_and_line(tmp_path, own_datasets, mlflow
     records[5]["text"] = ""
     write_records(own_datasets["baseline"], records)
     settings = make_settings(tmp_path, {"baseline": own_datasets["baseline"]}, mlflow_uri)
-    result = materialize(build_defs(settings), [emotion_dataset_key("baseline")], instance,
-                         partition_range(settings.emotions))
+    result = materialize(
+        build_defs(settings), [emotion_dataset_key("baseline")], instance, partition_range(settings.emotions)
+    )
     assert not result.success
     failure = next(e for e in result.all_events if e.is_step_failure).step_failure_data
     message = failure.user_failure_data.description
@@ -90,8 +91,9 @@ def test_duplicate_texts_warn_without_blocking(tmp_path, own_datasets, mlflow_ur
     records.append({**copy, "id": "copy-of-an-anger-sentence"})
     write_records(own_datasets["baseline"], records)
     settings = make_settings(tmp_path, {"baseline": own_datasets["baseline"]}, mlflow_uri)
-    result = materialize(build_defs(settings), [emotion_dataset_key("baseline")], instance,
-                         partition_range(settings.emotions))
+    result = materialize(
+        build_defs(settings), [emotion_dataset_key("baseline")], instance, partition_range(settings.emotions)
+    )
     assert result.success
     checks = check_results(result)
     texts = checks["baseline/emotion_dataset:unique_texts"]

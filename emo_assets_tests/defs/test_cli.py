@@ -68,18 +68,26 @@ def _dead_pid() -> int:
     return dead.pid
 
 
-@pytest.mark.parametrize("owner, released", [
-    (lambda: f"{_dead_pid()}:123", True),
-    # an earlier process with this pid (a restarted container's entry point is PID 1 again)
-    (lambda: f"{os.getpid()}:1", True),
-    (lambda: process_identity(), False),
-], ids=["dead-process", "reused-pid", "this-process"])
+@pytest.mark.parametrize(
+    "owner, released",
+    [
+        (lambda: f"{_dead_pid()}:123", True),
+        # an earlier process with this pid (a restarted container's entry point is PID 1 again)
+        (lambda: f"{os.getpid()}:1", True),
+        (lambda: process_identity(), False),
+    ],
+    ids=["dead-process", "reused-pid", "this-process"],
+)
 def test_runs_of_a_killed_process_release_their_pool_slot(owner, released):
     """Otherwise the next `emo-assets materialize` would wait forever for the `torch` slot."""
     owner = owner()
     with dg.instance_for_test(overrides={"concurrency": {"pools": {"default_limit": 1}}}) as instance:
-        run = dg.DagsterRun(job_name="__ephemeral_asset_job__", run_id=make_new_run_id(),
-                            status=dg.DagsterRunStatus.STARTED, tags={cli.PROCESS_TAG: owner})
+        run = dg.DagsterRun(
+            job_name="__ephemeral_asset_job__",
+            run_id=make_new_run_id(),
+            status=dg.DagsterRunStatus.STARTED,
+            tags={cli.PROCESS_TAG: owner},
+        )
         instance.add_run(run)
         instance.event_log_storage.set_concurrency_slots("torch", 1)
         claim = instance.event_log_storage.claim_concurrency_slot("torch", run.run_id, "baseline__activations")
@@ -109,8 +117,11 @@ def test_extraction_only_stops_before_the_analysis(env, monkeypatch, capsys, fla
     assert names == stage_order(settings, list(settings.datasets), extraction_only=bool(flags))
     assert names[-1] == "extended_activations" if flags else "extended_comparisons"
     deprecation = [line for line in capsys.readouterr().err.splitlines() if "deprecated" in line]
-    assert deprecation == (["warning: --phase2-only is deprecated and will be removed; use --extraction-only"]
-                           if flags == ["--phase2-only"] else [])
+    assert deprecation == (
+        ["warning: --phase2-only is deprecated and will be removed; use --extraction-only"]
+        if flags == ["--phase2-only"]
+        else []
+    )
 
 
 def test_only_the_program_freezes_its_heap(env, monkeypatch):
@@ -136,5 +147,6 @@ def test_cluster_deployment_needs_the_deployment_instance(env, monkeypatch, caps
     monkeypatch.setenv("EMO_ASSETS_DEPLOYMENT", "cluster")
     assert cli.main(["materialize"]) == 2
     assert "--deployment cluster reads the runs from the deployment's instance: set DAGSTER_HOME" in (
-        capsys.readouterr().err)
+        capsys.readouterr().err
+    )
     assert not (env / "dagster_home").exists()

@@ -39,7 +39,14 @@ def test_schedule_runs_the_freshness_checks(baseline_ready, tmp_path, own_datase
     assert "older than its dataset file" in stale.description
 
     os.utime(own_datasets["baseline"], (later - 3600, later - 3600))
-    no_age = build_defs(make_settings(tmp_path, {"baseline": own_datasets["baseline"]}, mlflow_uri,
-                                      EMO_ASSETS_MODELS="tiny-gpt2,tiny-pythia", EMO_ASSETS_MAX_AGE_HOURS="0"))
+    no_age = build_defs(
+        make_settings(
+            tmp_path,
+            {"baseline": own_datasets["baseline"]},
+            mlflow_uri,
+            EMO_ASSETS_MODELS="tiny-gpt2,tiny-pythia",
+            EMO_ASSETS_MAX_AGE_HOURS="0",
+        )
+    )
     too_old = check_results(_run_schedule(no_age, instance))["baseline/activations:partitions_fresh"]
     assert not too_old.passed and "the limit is 0.0 h" in too_old.description

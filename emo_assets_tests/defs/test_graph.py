@@ -36,14 +36,16 @@ EXPECTED = {
             f"{v}/dataset_file": (None, {}),
             f"{v}/emotion_dataset": (EMOTIONS, {f"{v}/dataset_file": "AllPartitionMapping"}),
             f"{v}/activations": (
-                MODEL_X_EMOTION, {f"{v}/emotion_dataset": ONE_DIMENSION, "language_model": ONE_DIMENSION}
+                MODEL_X_EMOTION,
+                {f"{v}/emotion_dataset": ONE_DIMENSION, "language_model": ONE_DIMENSION},
             ),
             f"{v}/activations_summary": (None, {f"{v}/activations": ALL}),
             **{f"{v}/{name}": (SLUGS, {f"{v}/activations": ONE_DIMENSION}) for name in PER_MODEL[:4]},
             f"{v}/analysis_plots": (SLUGS, {f"{v}/emotion_vectors": SAME, f"{v}/linear_probes": SAME}),
             f"{v}/cross_model_alignment": (None, {f"{v}/activations": ALL}),
             f"{v}/analysis_report": (
-                None, {**{f"{v}/{name}": ALL for name in (*PER_MODEL, "cross_model_alignment")}, "vector_stability": ALL}
+                None,
+                {**{f"{v}/{name}": ALL for name in (*PER_MODEL, "cross_model_alignment")}, "vector_stability": ALL},
             ),
         }.items()
     },
@@ -54,8 +56,14 @@ EXPECTED_CHECKS = {
     for v in ("baseline", "extended")
     for asset, names in {
         "emotion_dataset": ["schema", "row_count", "unique_ids", "unique_texts"],
-        "activations": ["file_verifies", "sample_count", "values_finite", "shape_matches_model", "offsets_valid",
-                        "partitions_fresh"],
+        "activations": [
+            "file_verifies",
+            "sample_count",
+            "values_finite",
+            "shape_matches_model",
+            "offsets_valid",
+            "partitions_fresh",
+        ],
     }.items()
     for name in names
 }
@@ -75,8 +83,10 @@ def graph_snapshot(defs: dg.Definitions) -> dict:
     return {
         key.to_user_string(): (
             _partitions(graph.get(key)),
-            {p.to_user_string(): type(graph.get_partition_mapping(key, p)).__name__
-             for p in graph.get(key).parent_keys},
+            {
+                p.to_user_string(): type(graph.get_partition_mapping(key, p)).__name__
+                for p in graph.get(key).parent_keys
+            },
         )
         for key in graph.get_all_asset_keys()
     }
@@ -89,8 +99,11 @@ def test_offline_graph_matches_the_expected_structure(tmp_path, small_datasets, 
     # the inferred one-dimension mappings pick the right dimension
     child = dg.AssetKey(["baseline", "activations"])
     mapped = {
-        parent.to_user_string(): list(graph.get_parent_partition_keys_for_child("anger|tiny-gpt2", parent, child)
-                                      .partitions_subset.get_partition_keys())
+        parent.to_user_string(): list(
+            graph.get_parent_partition_keys_for_child(
+                "anger|tiny-gpt2", parent, child
+            ).partitions_subset.get_partition_keys()
+        )
         for parent in graph.get(child).parent_keys
     }
     assert mapped == {"baseline/emotion_dataset": ["anger"], "language_model": ["tiny-gpt2"]}
@@ -117,7 +130,8 @@ def test_profiles_and_variants_are_configuration(tmp_path, small_datasets, mlflo
     three = {**small_datasets, "held_out": small_datasets["baseline"]}
     snapshot = graph_snapshot(build_defs(make_settings(tmp_path, three, mlflow_uri)))
     assert {key for key in snapshot if key.startswith("held_out/")} == {
-        key.replace("baseline/", "held_out/") for key in EXPECTED if key.startswith("baseline/")}
+        key.replace("baseline/", "held_out/") for key in EXPECTED if key.startswith("baseline/")
+    }
     settings = make_settings(tmp_path, three, mlflow_uri)
     assert len(freshness_check_keys(settings)) == 3
 
@@ -127,7 +141,11 @@ def test_dagster_definitions_validate_passes():
     dagster = Path(sys.executable).with_name("dagster")
     completed = subprocess.run(
         [str(dagster), "definitions", "validate", "-m", "emo_assets.definitions"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=180,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert "Validation successful" in completed.stdout + completed.stderr
@@ -151,13 +169,20 @@ def test_stage_jobs_cover_every_asset_once(tmp_path, small_datasets, mlflow_uri)
             "comparisons": ([f"{v}/analysis_report", f"{v}/cross_model_alignment"], ["unpartitioned"]),
         }.items()
     }
-    assert jobs == {"load_models": (["language_model"], SLUGS), **per_variant,
-                    "cross_variant_analysis": (["vector_stability"], ["unpartitioned"])}
+    assert jobs == {
+        "load_models": (["language_model"], SLUGS),
+        **per_variant,
+        "cross_variant_analysis": (["vector_stability"], ["unpartitioned"]),
+    }
     covered = sorted(key for keys, _ in jobs.values() for key in keys)
     assert covered == sorted(EXPECTED)  # every asset in exactly one job
     sensor = defs.resolve_sensor_def(SENSOR)
     assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
     graph = defs.resolve_asset_graph()
     automated = {k.to_user_string() for k in graph.get_all_asset_keys() if graph.get(k).automation_condition}
-    assert automated == {key for key in EXPECTED if key.split("/")[-1] in (
-        *PER_MODEL, "activations_summary", "cross_model_alignment", "analysis_report", "vector_stability")}
+    assert automated == {
+        key
+        for key in EXPECTED
+        if key.split("/")[-1]
+        in (*PER_MODEL, "activations_summary", "cross_model_alignment", "analysis_report", "vector_stability")
+    }

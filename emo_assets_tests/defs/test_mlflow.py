@@ -10,6 +10,8 @@ import sqlite3
 import time
 import uuid
 
+import pytest
+
 from emo_assets.defs.activations import activation_path, activations_key
 from emo_assets.defs.jobs import partition_range
 from emo_assets.defs.partitions import partitions_for
@@ -19,13 +21,25 @@ from emo_assets_tests.defs.conftest import partition_metadata
 from emo_assets_tests.pipeline import materialize
 
 
+@pytest.fixture
+def mlflow_uri(tmp_path) -> str:
+    """A store of this test's own: MLflow keeps one dataset row per experiment, name and digest, so a dataset of
+    equal content logged by an earlier test from another path would show that path here."""
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
 def test_unreachable_mlflow_is_reported_not_fatal(baseline_ready):
     settings, defs, instance = baseline_ready
     keys = partitions_for(settings).activations.get_partition_keys()
     down = MlflowTracker(tracking_uri="http://127.0.0.1:9", experiment="emo_assets")
     started = time.perf_counter()
-    result = materialize(defs, [activations_key("baseline"), summary_key("baseline")], instance,
-                         partition_range(keys), resources={"mlflow": down})
+    result = materialize(
+        defs,
+        [activations_key("baseline"), summary_key("baseline")],
+        instance,
+        partition_range(keys),
+        resources={"mlflow": down},
+    )
     elapsed = time.perf_counter() - started
 
     assert result.success
@@ -35,8 +49,9 @@ def test_unreachable_mlflow_is_reported_not_fatal(baseline_ready):
     assert sum("127.0.0.1" in s or "Connection" in s for s in statuses) >= 1
     assert sum(s.endswith("not retried in this run)") for s in statuses) == 7  # one attempt per run
     assert partition_metadata(result, summary_key("baseline"))[None]["mlflow"].startswith("not logged (")
-    warnings = [e.user_message for e in instance.all_logs(result.run_id)
-                if e.level == 30 and "MLflow" in (e.user_message or "")]
+    warnings = [
+        e.user_message for e in instance.all_logs(result.run_id) if e.level == 30 and "MLflow" in (e.user_message or "")
+    ]
     assert len(warnings) == 1
 
 
@@ -52,13 +67,15 @@ def test_runs_record_the_work_times_and_datasets(baseline_ready, mlflow_uri):
     sha256 = hashlib.sha256(dataset.read_bytes()).hexdigest()
     store = sqlite3.connect(mlflow_uri.removeprefix("sqlite:///"))
     (experiment_id,) = store.execute("SELECT experiment_id FROM experiments WHERE name = 'emo_assets'").fetchone()
-    kind = store.execute("SELECT value FROM experiment_tags WHERE experiment_id = ? AND key = ?",
-                         (experiment_id, EXPERIMENT_KIND_TAG)).fetchone()
+    kind = store.execute(
+        "SELECT value FROM experiment_tags WHERE experiment_id = ? AND key = ?", (experiment_id, EXPERIMENT_KIND_TAG)
+    ).fetchone()
     assert kind == ("custom_model_development",)
     runs = store.execute(
         "SELECT r.run_uuid, r.name, r.start_time, r.end_time, r.status FROM runs r"
         " JOIN tags t ON t.run_uuid = r.run_uuid WHERE t.key = 'dagster.run_id' AND t.value = ?",
-        (result.run_id,)).fetchall()
+        (result.run_id,),
+    ).fetchall()
     assert len(runs) == len(keys) + 1  # every partition and the summary
     by_name = {name: (run_id, start, end, status) for run_id, name, start, end, status in runs}
     metadata = partition_metadata(result, activations_key("baseline"))
@@ -72,13 +89,15 @@ def test_runs_record_the_work_times_and_datasets(baseline_ready, mlflow_uri):
         inputs = store.execute(
             "SELECT d.name, d.digest, d.dataset_source_type, d.dataset_source FROM inputs i JOIN datasets d"
             " ON d.dataset_uuid = i.source_id WHERE i.destination_id = ? AND i.source_type = 'DATASET'",
-            (run_id,)).fetchall()
+            (run_id,),
+        ).fetchall()
         assert len(inputs) == 1
         name, digest, source_type, source = inputs[0]
         assert (name, source_type, json.loads(source)) == ("baseline", "local", {"uri": str(dataset.resolve())})
         assert digest == sha256[:36]  # MLflow stores at most 36 characters of a digest
-        (input_uuid,) = store.execute("SELECT input_uuid FROM inputs WHERE destination_id = ? AND source_type = ?",
-                                      (run_id, "DATASET")).fetchone()
+        (input_uuid,) = store.execute(
+            "SELECT input_uuid FROM inputs WHERE destination_id = ? AND source_type = ?", (run_id, "DATASET")
+        ).fetchone()
         tags = dict(store.execute("SELECT name, value FROM input_tags WHERE input_uuid = ?", (input_uuid,)))
         assert tags["sha256"] == sha256
     _, start, end, _ = by_name["baseline/activations_summary"]
@@ -96,8 +115,9 @@ def test_an_existing_experiment_gets_the_model_development_kind(mlflow_uri):
     assert EXPERIMENT_KIND_TAG not in client.get_experiment(experiment_id).tags
     tracker = MlflowTracker(tracking_uri=mlflow_uri, experiment=name)
     started = time.time() - 2.5
-    status = tracker.log_run("work", params={}, metrics={"x": 1}, tags={}, log=logging.getLogger(__name__),
-                             started=started)
+    status = tracker.log_run(
+        "work", params={}, metrics={"x": 1}, tags={}, log=logging.getLogger(__name__), started=started
+    )
     assert status.startswith("logged (run ")
     assert client.get_experiment(experiment_id).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
     (run,) = client.search_runs([experiment_id])

@@ -60,9 +60,18 @@ def test_command_succeeds_on_a_persistent_instance(pipeline):
     settings, instance, code, output = pipeline
     assert code == 0, output
     names = stage_order(settings, VARIANTS)
-    assert names == ["load_models", "baseline_datasets", "baseline_activations", "extended_datasets",
-                     "extended_activations", "baseline_analysis", "extended_analysis", "cross_variant_analysis",
-                     "baseline_comparisons", "extended_comparisons"]
+    assert names == [
+        "load_models",
+        "baseline_datasets",
+        "baseline_activations",
+        "extended_datasets",
+        "extended_activations",
+        "baseline_analysis",
+        "extended_analysis",
+        "cross_variant_analysis",
+        "baseline_comparisons",
+        "extended_comparisons",
+    ]
     records = instance.get_run_records(ascending=True)
     # in order, all in this process: one run per model for the model loads (each partition records its own
     # revision as data version), one run over all partitions for every other job
@@ -96,8 +105,11 @@ def test_metadata_matches_the_files(pipeline, small_datasets):
     settings, instance, _, _ = pipeline
     parts = partitions_for(settings)
     assert len(parts.activations.get_partition_keys()) == 16
-    texts = {(v, e): {r["text"] for r in read_records(small_datasets[v]) if r["emotion"] == e}
-             for v in VARIANTS for e in settings.emotions}
+    texts = {
+        (v, e): {r["text"] for r in read_records(small_datasets[v]) if r["emotion"] == e}
+        for v in VARIANTS
+        for e in settings.emotions
+    }
     for variant in VARIANTS:
         counts = {e: sum(r["emotion"] == e for r in read_records(small_datasets[variant])) for e in settings.emotions}
         for emotion in settings.emotions:
@@ -123,7 +135,7 @@ def test_metadata_matches_the_files(pipeline, small_datasets):
             assert (meta["n_reused"], meta["n_computed"]) == (shared, counts[emotion] - shared)
             assert (file.header.reuse.reused if file.header.reuse else 0) == shared
             assert meta["mlflow"].startswith("logged (run ")
-            assert meta["model_loads_in_run"] == {s: 1 for s in settings.model_slugs}  # one load per model per run
+            assert meta["model_loads_in_run"] == dict.fromkeys(settings.model_slugs, 1)  # one load per model per run
         summary = _metadata(_latest(instance, dg.AssetKey([variant, "activations_summary"])))
         keys = parts.activations.get_partition_keys()
         sizes = [os.stat(activation_path(settings, variant, *parts.split(k))).st_size for k in keys]
@@ -131,7 +143,8 @@ def test_metadata_matches_the_files(pipeline, small_datasets):
         assert summary[f"{variant}_total_size_mb"] == pytest.approx(sum(sizes) / 2**20)
         table = summary["dagster/table"]
         assert [(r.data["model"], r.data["emotion"], r.data["samples"]) for r in table.records] == [
-            (slug, e, counts[e]) for slug in settings.model_slugs for e in settings.emotions]
+            (slug, e, counts[e]) for slug in settings.model_slugs for e in settings.emotions
+        ]
         report = json.loads((settings.results_dir / variant / "summary" / "activations_summary.json").read_text())
         assert report["total_files"] == 16
 

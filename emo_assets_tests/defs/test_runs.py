@@ -39,8 +39,11 @@ def test_a_partition_range_loads_each_model_once_and_releases_it(baseline_ready,
     written = partition_metadata(result, activations_key("baseline"))
     assert sorted(written) == sorted(keys)
     assert all(meta["model_loads_in_run"] == {"tiny-gpt2": 1, "tiny-pythia": 1} for meta in written.values())
-    on_disk = {k for k in parts.activations.get_partition_keys()
-               if activation_path(settings, "baseline", *parts.split(k)).is_file()}
+    on_disk = {
+        k
+        for k in parts.activations.get_partition_keys()
+        if activation_path(settings, "baseline", *parts.split(k)).is_file()
+    }
     assert on_disk == set(keys)
     checks = check_results(result)
     assert all(c.passed for c in checks.values())

@@ -6,12 +6,12 @@ import warnings
 
 import dagster as dg
 
-from emo_assets.defs.jobs import partition_range
 from emo_assets.core.datasets import WARNINGS_SHOWN
+from emo_assets.definitions import build_defs
 from emo_assets.defs.dagster_beta import USED_BETA_APIS, accepted_beta
 from emo_assets.defs.datasets import dataset_file_key, emotion_dataset_key
+from emo_assets.defs.jobs import partition_range
 from emo_assets.defs.partitions import partitions_for
-from emo_assets.definitions import build_defs
 from emo_assets_tests.conftest import read_records, write_records
 from emo_assets_tests.defs.conftest import make_settings
 from emo_assets_tests.pipeline import materialize
@@ -44,7 +44,7 @@ def test_only_the_used_apis_are_silenced_and_only_inside_the_block():
         with accepted_beta(*USED_BETA_APIS):
             dg.observable_source_asset(name="silenced")(_observe)
             dg.multi_observable_source_asset(specs=[spec])(_observe_many)  # another beta API: still reported
-            warnings.warn("an unrelated warning", UserWarning)
+            warnings.warn("an unrelated warning", UserWarning, stacklevel=2)
         dg.observable_source_asset(name="after_the_block")(_observe)
     messages = [(w.category, str(w.message).split(" is currently")[0]) for w in caught]
     assert messages == [

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import dagster as dg
 
+from emo_assets.core.activations import ActivationFile
 from emo_assets.core.config import Settings
-from emo_assets.core.storage import ActivationFile
 from emo_assets.defs.activations import activation_path, activations_key
 from emo_assets.defs.partitions import partitions_for
 from emo_assets_tests.conftest import read_records

@@ -42,14 +42,31 @@ class Cluster:
 
     def worker_pids(self) -> dict[str, int]:
         """worker name -> pid of its `dagster-celery worker start` process (the leader of its process group)."""
-        return {key[len("PROC_"):]: int(pid) for key, pid in self.state.items() if key.startswith("PROC_worker")}
+        return {key[len("PROC_") :]: int(pid) for key, pid in self.state.items() if key.startswith("PROC_worker")}
 
     def psql(self, sql: str) -> list[list[str]]:
         """Rows of `sql` run by PostgreSQL's own client on the instance database (tab-separated fields)."""
         out = subprocess.run(
-            ["psql", "-h", "127.0.0.1", "-p", self.env["EMO_ASSETS_PG_PORT"], "-U", "postgres", "-d", "dagster",
-             "-tA", "-F", "\t", "-c", sql],
-            check=True, capture_output=True, text=True, timeout=60,
+            [
+                "psql",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                self.env["EMO_ASSETS_PG_PORT"],
+                "-U",
+                "postgres",
+                "-d",
+                "dagster",
+                "-tA",
+                "-F",
+                "\t",
+                "-c",
+                sql,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
         ).stdout
         return [line.split("\t") for line in out.splitlines() if line]
 
@@ -88,8 +105,12 @@ class Cluster:
         data = self.graphql(
             """mutation($params: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $params) {
                  __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message stack } } }""",
-            params={"assetSelection": [{"path": path} for path in asset_paths], "fromFailure": False, "tags": [],
-                    **params},
+            params={
+                "assetSelection": [{"path": path} for path in asset_paths],
+                "fromFailure": False,
+                "tags": [],
+                **params,
+            },
         )["launchPartitionBackfill"]
         assert data["__typename"] == "LaunchBackfillSuccess", data
         return data["backfillId"]
@@ -98,20 +119,29 @@ class Cluster:
         """The backfill's final status (after its runs ended)."""
         query = """query($id: String!) { partitionBackfillOrError(backfillId: $id) {
                      ... on PartitionBackfill { status } ... on PythonError { message } } }"""
-        return self._wait(lambda: self.graphql(query, id=backfill_id)["partitionBackfillOrError"]["status"],
-                          BACKFILL_DONE, timeout_s, f"backfill {backfill_id}")
+        return self._wait(
+            lambda: self.graphql(query, id=backfill_id)["partitionBackfillOrError"]["status"],
+            BACKFILL_DONE,
+            timeout_s,
+            f"backfill {backfill_id}",
+        )
 
     def launch_run(self, tags: dict[str, str], asset_paths: list[list[str]] | None = None, job: str = "") -> str:
         """Launch one run of `job`, or of the implicit asset job over `asset_paths` (as the UI's Materialize
         button does)."""
-        selector = {**LOCATION, "jobName": job} if job else {
-            **LOCATION, "jobName": "__ASSET_JOB", "assetSelection": [{"path": path} for path in asset_paths]}
+        selector = (
+            {**LOCATION, "jobName": job}
+            if job
+            else {**LOCATION, "jobName": "__ASSET_JOB", "assetSelection": [{"path": path} for path in asset_paths]}
+        )
         data = self.graphql(
             """mutation($params: ExecutionParams!) { launchRun(executionParams: $params) {
                  __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message stack }
                  ... on InvalidSubsetError { message } ... on RunConfigValidationInvalid { errors { message } } } }""",
-            params={"selector": selector,
-                    "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in tags.items()]}},
+            params={
+                "selector": selector,
+                "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in tags.items()]},
+            },
         )["launchRun"]
         assert data["__typename"] == "LaunchRunSuccess", data
         return data["run"]["runId"]
@@ -129,19 +159,29 @@ class Cluster:
         """Turn a sensor on or off as the UI's toggle does; return its new status."""
         selector = {**LOCATION, "sensorName": name}
         if running:
-            data = self.graphql("""mutation($s: SensorSelector!) { startSensor(sensorSelector: $s) {
-                                     ... on Sensor { sensorState { status } } } }""", s=selector)["startSensor"]
+            data = self.graphql(
+                """mutation($s: SensorSelector!) { startSensor(sensorSelector: $s) {
+                                     ... on Sensor { sensorState { status } } } }""",
+                s=selector,
+            )["startSensor"]
             return data["sensorState"]["status"]
-        sensor_id = self.graphql("""query($s: SensorSelector!) { sensorOrError(sensorSelector: $s) {
-                                      ... on Sensor { id } } }""", s=selector)["sensorOrError"]["id"]
-        data = self.graphql("""mutation($id: String!) { stopSensor(id: $id) {
-                                 ... on StopSensorMutationResult { instigationState { status } } } }""", id=sensor_id)
+        sensor_id = self.graphql(
+            """query($s: SensorSelector!) { sensorOrError(sensorSelector: $s) {
+                                      ... on Sensor { id } } }""",
+            s=selector,
+        )["sensorOrError"]["id"]
+        data = self.graphql(
+            """mutation($id: String!) { stopSensor(id: $id) {
+                                 ... on StopSensorMutationResult { instigationState { status } } } }""",
+            id=sensor_id,
+        )
         return data["stopSensor"]["instigationState"]["status"]
 
     def wait_run(self, run_id: str, timeout_s: float) -> str:
         query = """query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }"""
-        return self._wait(lambda: self.graphql(query, id=run_id)["runOrError"]["status"], RUN_DONE, timeout_s,
-                          f"run {run_id}")
+        return self._wait(
+            lambda: self.graphql(query, id=run_id)["runOrError"]["status"], RUN_DONE, timeout_s, f"run {run_id}"
+        )
 
     def _wait(self, poll, done: set[str], timeout_s: float, what: str) -> str:
         deadline = time.monotonic() + timeout_s
@@ -159,12 +199,18 @@ def start_cluster(folder: Path, env: dict[str, str]) -> Cluster:
     env = {**env, "EMO_ASSETS_CLUSTER_DIR": str(folder)}
     result = subprocess.run(["bash", str(UP)], env=env, capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
-        logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2000:]}"
-                         for p in sorted((folder / "logs").glob("*.log")))
+        logs = "\n".join(
+            f"--- {p.name}\n{p.read_text(errors='replace')[-2000:]}" for p in sorted((folder / "logs").glob("*.log"))
+        )
         raise RuntimeError(f"up.sh failed ({result.returncode}): {result.stdout}{result.stderr}\n{logs}")
     return Cluster(folder, {**env, **read_pairs(folder / "env")})
 
 
 def stop_cluster(folder: Path) -> None:
-    subprocess.run(["bash", str(DOWN)], env={**os.environ, "EMO_ASSETS_CLUSTER_DIR": str(folder)},
-                   check=True, capture_output=True, timeout=180)
+    subprocess.run(
+        ["bash", str(DOWN)],
+        env={**os.environ, "EMO_ASSETS_CLUSTER_DIR": str(folder)},
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )

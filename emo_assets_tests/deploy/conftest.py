@@ -29,8 +29,14 @@ MODELS = ("tiny-gpt2", "tiny-pythia")
 
 
 def _require_services() -> None:
-    missing = [name for name, found in (("postgresql", glob.glob("/usr/lib/postgresql/*/bin/initdb")),
-                                        ("redis-server", shutil.which("redis-server"))) if not found]
+    missing = [
+        name
+        for name, found in (
+            ("postgresql", glob.glob("/usr/lib/postgresql/*/bin/initdb")),
+            ("redis-server", shutil.which("redis-server")),
+        )
+        if not found
+    ]
     if missing:
         message = f"{', '.join(missing)} not installed (apt-get install -y postgresql redis-server)"
         if os.environ.get("CI"):

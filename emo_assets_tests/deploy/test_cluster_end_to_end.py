@@ -77,8 +77,17 @@ def test_backfill_of_the_extended_lineage_runs_on_two_workers(cluster):
 
     artifacts = Path(os.environ.get("EMO_ASSETS_TEST_ARTIFACTS", REPO_ROOT / "test-artifacts"))
     artifacts.mkdir(parents=True, exist_ok=True)
-    (artifacts / "cluster-end-to-end.json").write_text(json.dumps({
-        "wall_seconds": round(wall_s, 1), "runs": len(runs), "steps": len(steps),
-        "steps_per_worker": dict(sorted(workers.items())), "worker_processes": len({pid for _, _, pid in steps}),
-        "models": list(settings.model_slugs), "assets": [key.to_user_string() for key in lineage],
-    }, indent=2))
+    (artifacts / "cluster-end-to-end.json").write_text(
+        json.dumps(
+            {
+                "wall_seconds": round(wall_s, 1),
+                "runs": len(runs),
+                "steps": len(steps),
+                "steps_per_worker": dict(sorted(workers.items())),
+                "worker_processes": len({pid for _, _, pid in steps}),
+                "models": list(settings.model_slugs),
+                "assets": [key.to_user_string() for key in lineage],
+            },
+            indent=2,
+        )
+    )

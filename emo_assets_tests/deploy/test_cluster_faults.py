@@ -87,10 +87,26 @@ def test_postgres_restart_during_a_backfill_then_relaunch_completes(cluster, bas
             assert time.monotonic() < deadline, "the backfill launched no run"
             time.sleep(0.5)
     pg_dir = os.path.dirname(state["PG_DATA"])  # the server's output goes to its log: no pipe held open
-    pg_ctl = [f"{state['PG_BIN']}/pg_ctl", "-D", state["PG_DATA"], "-l", f"{pg_dir}/postgres.log", "-m", "fast",
-              "-w", "restart", "-o", f"-k {pg_dir} -p {state['PG_PORT']} -c listen_addresses=127.0.0.1"]
-    subprocess.run(["runuser", "-u", "postgres", "--", *pg_ctl] if os.getuid() == 0 else pg_ctl,
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+    pg_ctl = [
+        f"{state['PG_BIN']}/pg_ctl",
+        "-D",
+        state["PG_DATA"],
+        "-l",
+        f"{pg_dir}/postgres.log",
+        "-m",
+        "fast",
+        "-w",
+        "restart",
+        "-o",
+        f"-k {pg_dir} -p {state['PG_PORT']} -c listen_addresses=127.0.0.1",
+    ]
+    subprocess.run(
+        ["runuser", "-u", "postgres", "--", *pg_ctl] if os.getuid() == 0 else pg_ctl,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=120,
+    )
 
     status = cluster.wait_backfill(backfill, timeout_s=600)
     if status != "COMPLETED_SUCCESS":  # failed cleanly: a relaunch of what failed completes
@@ -104,22 +120,48 @@ def test_unreachable_broker_fails_the_run_naming_it_and_writes_nothing(cluster, 
     settings, state = baseline_inputs, cluster.state
     broker = cluster.env["EMO_ASSETS_CELERY_BROKER"]
     target = Path(settings.results_dir) / VARIANT / "analysis"  # where emotion_vectors would write
-    subprocess.run(["redis-cli", "-h", "127.0.0.1", "-p", state["REDIS_PORT"], "shutdown", "nosave"],
-                   capture_output=True, timeout=30)
+    subprocess.run(
+        ["redis-cli", "-h", "127.0.0.1", "-p", state["REDIS_PORT"], "shutdown", "nosave"],
+        capture_output=True,
+        timeout=30,
+    )
     try:
         run_id = cluster.launch_run({PARTITION_NAME_TAG: "tiny-gpt2"}, [["baseline", "emotion_vectors"]])
         assert cluster.wait_run(run_id, timeout_s=300) == "FAILURE"
         with cluster.instance() as instance:
             logs = instance.all_logs(run_id)
-            text = " ".join(e.message + str(getattr(e.dagster_event, "event_specific_data", "")) for e in logs
-                            if e.dagster_event is not None)
+            text = " ".join(
+                e.message + str(getattr(e.dagster_event, "event_specific_data", ""))
+                for e in logs
+                if e.dagster_event is not None
+            )
             assert not [e for e in logs if e.dagster_event and e.dagster_event.is_step_start]
             assert not instance.fetch_materializations(
-                dg.AssetRecordsFilter(asset_key=dg.AssetKey(["baseline", "emotion_vectors"])), limit=1).records
+                dg.AssetRecordsFilter(asset_key=dg.AssetKey(["baseline", "emotion_vectors"])), limit=1
+            ).records
         assert broker in text and "not reachable" in text, text
         assert not target.exists()
     finally:  # the same port again, so the workers reconnect and later tests find the broker
-        subprocess.run(["redis-server", "--port", state["REDIS_PORT"], "--bind", "127.0.0.1", "--daemonize", "yes",
-                        "--save", "", "--appendonly", "no", "--dir", str(cluster.folder / "redis"),
-                        "--pidfile", str(cluster.folder / "redis" / "redis.pid"),
-                        "--logfile", str(cluster.folder / "logs" / "redis.log")], check=True, timeout=30)
+        subprocess.run(
+            [
+                "redis-server",
+                "--port",
+                state["REDIS_PORT"],
+                "--bind",
+                "127.0.0.1",
+                "--daemonize",
+                "yes",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(cluster.folder / "redis"),
+                "--pidfile",
+                str(cluster.folder / "redis" / "redis.pid"),
+                "--logfile",
+                str(cluster.folder / "logs" / "redis.log"),
+            ],
+            check=True,
+            timeout=30,
+        )

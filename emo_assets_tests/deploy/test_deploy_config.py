@@ -25,9 +25,17 @@ from emo_assets_tests.conftest import REPO_ROOT
 from emo_assets_tests.pipeline import pipeline_env
 
 DEPLOY = REPO_ROOT / "deploy"
-PG_ENV = {"DAGSTER_PG_HOST": "db", "DAGSTER_PG_USER": "dagster", "DAGSTER_PG_PASSWORD": "x", "DAGSTER_PG_DB": "dagster",
-          "EMO_ASSETS_PG_HOST": "127.0.0.1", "EMO_ASSETS_PG_PORT": "5432", "EMO_ASSETS_PG_USER": "postgres",
-          "EMO_ASSETS_PG_PASSWORD": "", "EMO_ASSETS_PG_DB": "dagster"}
+PG_ENV = {
+    "DAGSTER_PG_HOST": "db",
+    "DAGSTER_PG_USER": "dagster",
+    "DAGSTER_PG_PASSWORD": "x",
+    "DAGSTER_PG_DB": "dagster",
+    "EMO_ASSETS_PG_HOST": "127.0.0.1",
+    "EMO_ASSETS_PG_PORT": "5432",
+    "EMO_ASSETS_PG_USER": "postgres",
+    "EMO_ASSETS_PG_PASSWORD": "",
+    "EMO_ASSETS_PG_DB": "dagster",
+}
 
 
 def _assert_valid(schema, value, what: str) -> None:
@@ -129,8 +137,9 @@ def test_dockerfile_chooses_the_torch_build_with_a_build_arg():
     assert torch_install < project_install  # torch first, so the project's install finds it satisfied
 
 
-@pytest.mark.parametrize(("name", "executor_name"), [("local", "in_process"), ("cluster", "celery"),
-                                                     ("kubernetes", "k8s")])
+@pytest.mark.parametrize(
+    ("name", "executor_name"), [("local", "in_process"), ("cluster", "celery"), ("kubernetes", "k8s")]
+)
 def test_the_deployment_switch_chooses_the_executor(name, executor_name):
     assert deployment.executor({"EMO_ASSETS_DEPLOYMENT": name}).name == executor_name
     if name == "local":

@@ -67,8 +67,9 @@ def extraction_twice(tmp_path_factory, small_datasets) -> TwoRuns:
     """Two complete extractions (stage jobs up to the summaries), run concurrently in two processes."""
     here, there = tmp_path_factory.mktemp("run_here"), tmp_path_factory.mktemp("run_there")
     child_env = {**os.environ, **dagster_env(there, small_datasets)}
-    child = subprocess.Popen([PYTHON, "-c", EXTRACTION_CHILD], env=child_env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+    child = subprocess.Popen(
+        [PYTHON, "-c", EXTRACTION_CHILD], env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         _run_extraction_here(dagster_env(here, small_datasets))
         output, _ = child.communicate(timeout=600)
@@ -76,5 +77,3 @@ def extraction_twice(tmp_path_factory, small_datasets) -> TwoRuns:
         child.kill()
     assert child.returncode == 0, output[-5000:]
     return TwoRuns(here, there, files_with_hashes(here / "results"), files_with_hashes(there / "results"))
-
-

@@ -12,8 +12,8 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from emo_assets_tests.conftest import REPO_ROOT
 from emo_assets_tests.pipeline import pipeline_env
@@ -51,15 +51,33 @@ def dataset_env(datasets: Mapping[str, Path], **extra: str) -> dict[str, str]:
     return env
 
 
-def run_python(code: str, env: Mapping[str, str], *args: str, timeout: float = 300,
-               cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-c", code, *args], env=dict(env), capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd or REPO_ROOT)
+def run_python(
+    code: str, env: Mapping[str, str], *args: str, timeout: float = 300, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [PYTHON, "-c", code, *args],
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd or REPO_ROOT,
+    )
 
 
 def extract_command(model: str, dataset: Path, output: Path, *extra: str) -> list[str]:
-    return [PYTHON, "-m", "emo_assets.extract", "--model", model, "--dataset", str(dataset), "--output",
-            str(output), "--no-progress", *extra]
+    return [
+        PYTHON,
+        "-m",
+        "emo_assets.extract",
+        "--model",
+        model,
+        "--dataset",
+        str(dataset),
+        "--output",
+        str(output),
+        "--no-progress",
+        *extra,
+    ]
 
 
 # Runs `emo_assets.extract.main(sys.argv[1:])` in a child after `PRELUDE` (Python code) has run: the place to

@@ -12,8 +12,8 @@ import subprocess
 
 import pytest
 
-from emo_assets.core.atomic import temp_path_for, write_bytes_atomic
 from emo_assets.core.activations import ActivationFile, ActivationWriter
+from emo_assets.core.atomic import temp_path_for, write_bytes_atomic
 from emo_assets.extract import main as extract_main
 from emo_assets_tests.reliability.helpers import (
     CLI_WRAPPER,
@@ -35,10 +35,7 @@ def test_interleaved_writers_in_one_process_do_not_mix(tmp_path):
     for seed in (1, 2):
         write_good(tmp_path / f"ref{seed}.safetensors", seed=seed, lengths=lengths)
         reference[seed] = (tmp_path / f"ref{seed}.safetensors").read_bytes()
-    writers = {
-        seed: ActivationWriter(final, header(seed), offsets=offsets, input_ids=ids)
-        for seed in (1, 2)
-    }
+    writers = {seed: ActivationWriter(final, header(seed), offsets=offsets, input_ids=ids) for seed in (1, 2)}
     data = {seed: arrays(seed, lengths) for seed in (1, 2)}
     for writer in writers.values():
         writer.__enter__()
@@ -46,7 +43,7 @@ def test_interleaved_writers_in_one_process_do_not_mix(tmp_path):
     for index, length in enumerate(lengths):
         start = int(offsets[index])
         for seed, writer in writers.items():
-            writer.write_batch({k: a[:, start:start + length] for k, a in data[seed].items()}, [index], [length])
+            writer.write_batch({k: a[:, start : start + length] for k, a in data[seed].items()}, [index], [length])
     writers[1].commit()
     assert final.read_bytes() == reference[1]
     assert len(temp_files(tmp_path)) == 1, "the first publish removed the live writer's temp file"
@@ -91,16 +88,38 @@ def test_two_concurrent_cli_runs_on_one_output(tmp_path, small_datasets, offline
     monkeypatch.setenv("EMO_ASSETS_DATASETS", env["EMO_ASSETS_DATASETS"])
     dataset = small_datasets["extended"]
     single = tmp_path / "single"
-    assert extract_main(["--model", "tiny-pythia", "--dataset", str(dataset), "--output", str(single),
-                         "--batch-size", "2", "--no-progress"]) == 0
+    assert (
+        extract_main(
+            [
+                "--model",
+                "tiny-pythia",
+                "--dataset",
+                str(dataset),
+                "--output",
+                str(single),
+                "--batch-size",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
 
     shared = tmp_path / "shared"
     env["RELIABILITY_BARRIER"] = str(tmp_path / "barrier")
     (tmp_path / "barrier").mkdir()
     command = extract_command("tiny-pythia", dataset, shared, "--batch-size", "2")
-    racing = [subprocess.Popen([PYTHON, "-c", CLI_WRAPPER.format(prelude=BARRIER), *command[3:]], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    racing = [
+        subprocess.Popen(
+            [PYTHON, "-c", CLI_WRAPPER.format(prelude=BARRIER), *command[3:]],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     for process in racing:
         _, err = process.communicate(timeout=300)
         assert process.returncode == 0, err
@@ -150,8 +169,16 @@ def test_two_concurrent_dagster_materializations_of_one_partition(tmp_path, smal
 
     def run():
         with dg.DagsterInstance.ephemeral() as instance:
-            results.append(dg.materialize(defs.assets, selection=[activations_key("baseline")], instance=instance,
-                                          resources=defs.resources, tags=partition, raise_on_error=False))
+            results.append(
+                dg.materialize(
+                    defs.assets,
+                    selection=[activations_key("baseline")],
+                    instance=instance,
+                    resources=defs.resources,
+                    tags=partition,
+                    raise_on_error=False,
+                )
+            )
 
     threads = [threading.Thread(target=run) for _ in range(2)]
     for thread in threads:

@@ -39,9 +39,17 @@ from emo_assets_tests.pipeline import materialize, run_jobs
 from emo_assets_tests.reliability.helpers import dagster_settings, step_failures, temp_files, tree
 
 BAD = REPO_ROOT / "emo_assets_tests" / "data" / "bad"
-BAD_KINDS = ["invalid_json.jsonl", "top_level_array.jsonl", "unknown_emotion.jsonl", "duplicate_id.jsonl",
-             "invalid_utf8.jsonl", "unpaired_surrogate_text.jsonl", "zero_samples_for_an_emotion.jsonl",
-             "empty_file.jsonl", "directory_not_a_file.jsonl"]
+BAD_KINDS = [
+    "invalid_json.jsonl",
+    "top_level_array.jsonl",
+    "unknown_emotion.jsonl",
+    "duplicate_id.jsonl",
+    "invalid_utf8.jsonl",
+    "unpaired_surrogate_text.jsonl",
+    "zero_samples_for_an_emotion.jsonl",
+    "empty_file.jsonl",
+    "directory_not_a_file.jsonl",
+]
 
 
 def _fifty_mb_line(folder):
@@ -65,7 +73,7 @@ def bad_graph(tmp_path_factory):
     """One graph whose dataset variants are the bad files (`v<i>` is KINDS[i]); one instance for all runs."""
     root = tmp_path_factory.mktemp("bad_inputs")
     special = {"50mb_line": lambda: _fifty_mb_line(root), "missing_file": lambda: root / "absent.jsonl"}
-    paths = {f"v{i}": special.get(kind, lambda: BAD / kind)() for i, kind in enumerate(KINDS)}
+    paths = {f"v{i}": special[kind]() if kind in special else BAD / kind for i, kind in enumerate(KINDS)}
     settings = dagster_settings(root / "pipeline", paths, EMO_ASSETS_MODELS="tiny-gpt2")
     with dg.DagsterInstance.ephemeral() as instance:  # in memory: no sqlite commits, ~10x faster runs
         yield settings, build_defs(settings), instance, paths
@@ -97,8 +105,9 @@ def _unavailable_model_run(tmp_path, small_datasets, monkeypatch):
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "empty_hf_cache"))
     settings = dagster_settings(tmp_path, small_datasets, EMO_ASSETS_MODELS="EleutherAI/pythia-160m")
     with dg.DagsterInstance.ephemeral() as instance:
-        result = materialize(build_defs(settings), [LANGUAGE_MODEL], instance,
-                             {"dagster/partition": "EleutherAI-pythia-160m"})
+        result = materialize(
+            build_defs(settings), [LANGUAGE_MODEL], instance, {"dagster/partition": "EleutherAI-pythia-160m"}
+        )
     assert not result.success
     assert not (tmp_path / "results").exists()
     return result
@@ -110,8 +119,7 @@ def _names_model_and_remedies(message: str) -> None:
         assert remedy in message, message
 
 
-def test_unavailable_model_fails_language_model_naming_the_model_and_remedies(tmp_path, small_datasets,
-                                                                               monkeypatch):
+def test_unavailable_model_fails_language_model_naming_the_model_and_remedies(tmp_path, small_datasets, monkeypatch):
     result = _unavailable_model_run(tmp_path, small_datasets, monkeypatch)
     _names_model_and_remedies(step_failures(result)["language_model"])
 
@@ -133,18 +141,23 @@ def hung_server():
 
 @pytest.mark.slow
 def test_hung_mlflow_server_costs_one_timeout_and_is_reported(tmp_path, small_datasets, hung_server):
-    settings = dagster_settings(tmp_path, small_datasets, EMO_ASSETS_MODELS="tiny-gpt2",
-                                EMO_ASSETS_MLFLOW_URI=hung_server)
+    settings = dagster_settings(
+        tmp_path, small_datasets, EMO_ASSETS_MODELS="tiny-gpt2", EMO_ASSETS_MLFLOW_URI=hung_server
+    )
     defs = build_defs(settings)
     keys = partitions_for(settings).activations.get_partition_keys()
     with dg.DagsterInstance.ephemeral() as instance:
         assert run_jobs(defs, [LOAD_MODELS, datasets_job("baseline")], instance)
         started = time.perf_counter()
-        result = materialize(defs, [activations_key("baseline"), summary_key("baseline")], instance,
-                             partition_range(keys))
+        result = materialize(
+            defs, [activations_key("baseline"), summary_key("baseline")], instance, partition_range(keys)
+        )
         elapsed = time.perf_counter() - started
-        warnings = [e.user_message for e in instance.all_logs(result.run_id)
-                    if e.level == 30 and "MLflow" in (e.user_message or "")]
+        warnings = [
+            e.user_message
+            for e in instance.all_logs(result.run_id)
+            if e.level == 30 and "MLflow" in (e.user_message or "")
+        ]
     assert result.success
     timeout = MlflowTracker.model_fields["request_timeout_s"].default
     assert elapsed < timeout + 25, f"{elapsed:.1f}s: the hung server was waited for more than once"
@@ -191,8 +204,7 @@ def test_truncated_activation_file_stops_the_pipeline_before_analysis(tmp_path, 
 
         analysis = defs.resolve_job_def(analysis_job("baseline"))
         ((_, tags),) = job_runs(analysis)  # one run over every model
-        result = analysis.execute_in_process(instance=instance, tags=tags,
-                                             raise_on_error=False)
+        result = analysis.execute_in_process(instance=instance, tags=tags, raise_on_error=False)
     assert not result.success
     bad = activation_path(settings, "baseline", "tiny-gpt2", "anger")
     messages = step_failures(result)

@@ -60,20 +60,30 @@ from emo_assets.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
+
 def _published(results: Path) -> dict[str, str]:
     """sha256 of every published (non-temp) file under results, but the activations summaries: the killed runs
     cover one model, so their (completed, atomic) summary step legitimately rewrites them for that model."""
     temps = {str(p.relative_to(results)) for p in temp_files(results)}
-    return {name: digest for name, digest in files_with_hashes(results).items()
-            if name not in temps and "/summary/" not in f"/{name}"}
+    return {
+        name: digest
+        for name, digest in files_with_hashes(results).items()
+        if name not in temps and "/summary/" not in f"/{name}"
+    }
 
 
 def _kill_at(root: Path, env: dict[str, str], what: str, args: list[str]) -> Path:
     """Start the hanging CLI, wait until it hangs in the `what` write, SIGKILL its process group."""
     marker = root / f"hanging-in-{what}"
     env = {**env, "RELIABILITY_HANG": what, "RELIABILITY_MARKER": str(marker)}
-    process = subprocess.Popen([PYTHON, "-c", HANGING_CLI, *args], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        [PYTHON, "-c", HANGING_CLI, *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 300
         while not marker.exists():
@@ -115,12 +125,14 @@ def test_sigkill_mid_write_then_rerun(extraction_twice, small_datasets):
     assert activations.is_file()
     assert _published(results) == good
     assert sorted(p.name.split(".tmp-")[0] for p in temp_files(results)) == sorted(
-        [f".{analysis.name}", f".{activations.name}"])
+        [f".{analysis.name}", f".{activations.name}"]
+    )
 
     # 4. a plain rerun on the same instance
     try:
-        rerun = subprocess.run([PYTHON, "-m", "emo_assets.cli", *args], env=env, capture_output=True, text=True,
-                               timeout=300)
+        rerun = subprocess.run(
+            [PYTHON, "-m", "emo_assets.cli", *args], env=env, capture_output=True, text=True, timeout=300
+        )
     except subprocess.TimeoutExpired:
         pytest.fail("the rerun hung (a killed run's `torch` pool slot was never released?)")
     assert rerun.returncode == 0, rerun.stdout[-5000:] + rerun.stderr[-5000:]

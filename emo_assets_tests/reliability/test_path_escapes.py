@@ -19,10 +19,40 @@ from emo_assets.core.paths import UnsafeNameError, activation_dir, activation_fi
 from emo_assets.extract import main as extract_main
 from emo_assets_tests.reliability.helpers import tree
 
-HOSTILE = ["../escape", "../../etc", "/tmp/abs", "a/b", "a\\b", "..", ".", "", ".hidden", "-rf", "x/../../y",
-           "~", "~/x", "con\x00nul", "a\nb", "…/x", "ok/", " lead"]
-HOSTILE_MODELS = ["a/b/c", "..", ".", "./..", "x/..", "../..", "a\\..\\b", "org/..", "/", "~\x00x", "a\x00/b",
-                  "~no-such-user-here"]
+HOSTILE = [
+    "../escape",
+    "../../etc",
+    "/tmp/abs",
+    "a/b",
+    "a\\b",
+    "..",
+    ".",
+    "",
+    ".hidden",
+    "-rf",
+    "x/../../y",
+    "~",
+    "~/x",
+    "con\x00nul",
+    "a\nb",
+    "…/x",
+    "ok/",
+    " lead",
+]
+HOSTILE_MODELS = [
+    "a/b/c",
+    "..",
+    ".",
+    "./..",
+    "x/..",
+    "../..",
+    "a\\..\\b",
+    "org/..",
+    "/",
+    "~\x00x",
+    "a\x00/b",
+    "~no-such-user-here",
+]
 
 
 @pytest.mark.parametrize("value", HOSTILE)
@@ -64,8 +94,9 @@ def test_path_helpers_never_leave_the_results_dir(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("model_id", ["../../outside-model", "/abs/path/to/my-model", "~/models/mine", "gpt2",
-                                      "EleutherAI/pythia-160m"])
+@pytest.mark.parametrize(
+    "model_id", ["../../outside-model", "/abs/path/to/my-model", "~/models/mine", "gpt2", "EleutherAI/pythia-160m"]
+)
 def test_model_ids_that_are_paths_get_a_single_component_slug(tmp_path, model_id):
     slug = model_slug(model_id)
     folder = activation_dir(tmp_path / "results", "baseline", slug)
@@ -116,8 +147,9 @@ def _sandbox(tmp_path, monkeypatch, small_datasets, variable, value):
 
 
 @pytest.mark.parametrize(("variable", "value"), OVERRIDES)
-def test_emo_assets_materialize_rejects_them_before_touching_anything(tmp_path, monkeypatch, small_datasets,
-                                                                     capsys, variable, value):
+def test_emo_assets_materialize_rejects_them_before_touching_anything(
+    tmp_path, monkeypatch, small_datasets, capsys, variable, value
+):
     watched = _sandbox(tmp_path, monkeypatch, small_datasets, variable, value)
     before = tree(watched)
     assert cli.main(["materialize"]) == 2
@@ -126,12 +158,22 @@ def test_emo_assets_materialize_rejects_them_before_touching_anything(tmp_path, 
 
 
 @pytest.mark.parametrize(("variable", "value"), [o for o in OVERRIDES if o[0] != "EMO_ASSETS_MODELS"])
-def test_extract_cli_rejects_them_before_touching_anything(tmp_path, monkeypatch, small_datasets, capsys,
-                                                           variable, value):
+def test_extract_cli_rejects_them_before_touching_anything(
+    tmp_path, monkeypatch, small_datasets, capsys, variable, value
+):
     watched = _sandbox(tmp_path, monkeypatch, small_datasets, variable, value)
     before = tree(watched)
-    code = extract_main(["--model", "tiny-gpt2", "--dataset", str(small_datasets["baseline"]), "--output",
-                         str(tmp_path / "out"), "--no-progress"])
+    code = extract_main(
+        [
+            "--model",
+            "tiny-gpt2",
+            "--dataset",
+            str(small_datasets["baseline"]),
+            "--output",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ]
+    )
     assert code == 2
     assert "error: invalid " in capsys.readouterr().err
     assert tree(watched) == before
@@ -141,8 +183,19 @@ def test_extract_cli_rejects_them_before_touching_anything(tmp_path, monkeypatch
 def test_extract_cli_rejects_a_hostile_emotion_argument(tmp_path, monkeypatch, small_datasets, capsys, emotion):
     watched = _sandbox(tmp_path, monkeypatch, small_datasets, "EMO_ASSETS_PROFILE", "offline")
     before = tree(watched)
-    code = extract_main(["--model", "tiny-gpt2", "--dataset", str(small_datasets["baseline"]), "--output",
-                         str(tmp_path / "out"), "--emotion", emotion, "--no-progress"])
+    code = extract_main(
+        [
+            "--model",
+            "tiny-gpt2",
+            "--dataset",
+            str(small_datasets["baseline"]),
+            "--output",
+            str(tmp_path / "out"),
+            "--emotion",
+            emotion,
+            "--no-progress",
+        ]
+    )
     assert code == 2 and "invalid emotion" in capsys.readouterr().err
     assert tree(watched) == before
 

@@ -87,21 +87,33 @@ def _sources() -> list[Path]:
 
 
 def test_no_pickle_or_unsafe_torch_load_in_the_sources():
-    problems = [f"{path.relative_to(REPO_ROOT)}:{hit}" for path in _sources()
-                for hit in unsafe_patterns(path.read_text(encoding="utf-8"),
-                                           model_loading=path.is_relative_to(REPO_ROOT / "emo_assets"))]
+    problems = [
+        f"{path.relative_to(REPO_ROOT)}:{hit}"
+        for path in _sources()
+        for hit in unsafe_patterns(
+            path.read_text(encoding="utf-8"), model_loading=path.is_relative_to(REPO_ROOT / "emo_assets")
+        )
+    ]
     assert problems == [], "unsafe deserialisation:\n" + "\n".join(problems)
 
 
 @pytest.mark.parametrize(
     "snippet",
     [
-        "import pickle", "import joblib as jl", "from dill import loads", "import cloudpickle",
-        "import torch\ntorch.load(path)", "import torch\ntorch.load(path, weights_only=False)",
-        "import torch as t\nt.load(path)", "from torch import load\nload(path)",
-        "import numpy as np\nnp.load(path, allow_pickle=True)", "import numpy\nnumpy.load(p, allow_pickle=flag)",
-        "frame.to_pickle(path)", "import pandas as pd\npd.read_pickle(path)",
-        "AutoModel.from_pretrained(path)", "AutoModel.from_pretrained(path, use_safetensors=False)",
+        "import pickle",
+        "import joblib as jl",
+        "from dill import loads",
+        "import cloudpickle",
+        "import torch\ntorch.load(path)",
+        "import torch\ntorch.load(path, weights_only=False)",
+        "import torch as t\nt.load(path)",
+        "from torch import load\nload(path)",
+        "import numpy as np\nnp.load(path, allow_pickle=True)",
+        "import numpy\nnumpy.load(p, allow_pickle=flag)",
+        "frame.to_pickle(path)",
+        "import pandas as pd\npd.read_pickle(path)",
+        "AutoModel.from_pretrained(path)",
+        "AutoModel.from_pretrained(path, use_safetensors=False)",
     ],
 )
 def test_scanner_catches_every_pattern(snippet):
@@ -111,9 +123,12 @@ def test_scanner_catches_every_pattern(snippet):
 @pytest.mark.parametrize(
     "snippet",
     [
-        "import torch\ntorch.load(path, weights_only=True)", "import numpy as np\nnp.load(path)",
-        "np.load(path, allow_pickle=False)", "AutoModel.from_pretrained(path, use_safetensors=True)",
-        "AutoTokenizer.from_pretrained(path)", "# import pickle\ntext = 'torch.load(x)'",
+        "import torch\ntorch.load(path, weights_only=True)",
+        "import numpy as np\nnp.load(path)",
+        "np.load(path, allow_pickle=False)",
+        "AutoModel.from_pretrained(path, use_safetensors=True)",
+        "AutoTokenizer.from_pretrained(path)",
+        "# import pickle\ntext = 'torch.load(x)'",
     ],
 )
 def test_scanner_accepts_safe_code(snippet):

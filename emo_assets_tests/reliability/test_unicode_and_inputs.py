@@ -17,9 +17,8 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from emo_assets.core.models import load_model
 from emo_assets.core.activations import ActivationFile
-from emo_assets.core.models import corpus_texts
+from emo_assets.core.models import corpus_texts, load_model
 from emo_assets.definitions import build_defs
 from emo_assets.defs.activations import activation_path
 from emo_assets.defs.datasets import emotion_parquet_path
@@ -46,15 +45,14 @@ def _assert_round_trip(file: ActivationFile, records: list[dict], tokenizer) -> 
     for index, record in enumerate(records):
         rows = file.sentence("resid_post", -1, index)
         assert rows.shape[0] > 0
-        ids = file.input_ids[file.offsets[index]:file.offsets[index + 1]].tolist()
+        ids = file.input_ids[file.offsets[index] : file.offsets[index + 1]].tolist()
         assert tokenizer.decode(ids) == record["text"]
 
 
 def test_extract_cli_round_trips_unicode(tmp_path, small_datasets, offline_models, monkeypatch, capsys):
     monkeypatch.setenv("EMO_ASSETS_DATASETS", ",".join(f"{k}={v}" for k, v in small_datasets.items()))
     out = tmp_path / "out"
-    assert extract_main(["--model", "tiny-gpt2", "--dataset", str(UNICODE), "--output", str(out),
-                         "--no-progress"]) == 0
+    assert extract_main(["--model", "tiny-gpt2", "--dataset", str(UNICODE), "--output", str(out), "--no-progress"]) == 0
     capsys.readouterr()
     tokenizer = offline_models["tiny-gpt2"].tokenizer  # the same model: trained on the same corpus
     for emotion in ("gratitude", "anger", "apology", "neutral"):
@@ -76,5 +74,6 @@ def test_dagster_graph_round_trips_unicode(tmp_path):
         assert frame["id"].to_list() == [r["id"] for r in records]
         assert frame["text"].to_list() == [r["text"] for r in records]  # no normalisation, no stripping
         assert [json.loads(e) for e in frame["extra"]] == [{"lang": r["lang"]} for r in records]
-        _assert_round_trip(ActivationFile(activation_path(settings, "unicode", "tiny-gpt2", emotion)),
-                           records, tokenizer)
+        _assert_round_trip(
+            ActivationFile(activation_path(settings, "unicode", "tiny-gpt2", emotion)), records, tokenizer
+        )

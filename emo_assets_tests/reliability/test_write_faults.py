@@ -17,16 +17,16 @@ import os
 import numpy as np
 import pytest
 
-from emo_assets.core.activations import fileio
-from emo_assets.core.atomic import atomic_path, temp_path_for, write_bytes_atomic
-from emo_assets.core.extraction import ExtractionOptions, extract_to_file
 from emo_assets.core.activations import (
     ActivationFile,
     ActivationHeader,
     ActivationWriteError,
     ActivationWriter,
+    fileio,
     write_activation_file,
 )
+from emo_assets.core.atomic import atomic_path, temp_path_for, write_bytes_atomic
+from emo_assets.core.extraction import ExtractionOptions, extract_to_file
 from emo_assets.extract import main as extract_main
 from emo_assets_tests.reliability.helpers import dataset_env, run_cli_with, run_python, temp_files
 
@@ -274,8 +274,19 @@ def test_cli_write_failure_exits_1_naming_the_path(tmp_path, small_datasets, off
     env = dataset_env(small_datasets)
     monkeypatch.setenv("EMO_ASSETS_DATASETS", env["EMO_ASSETS_DATASETS"])
     out = tmp_path / "out"
-    args = ["--model", "tiny-gpt2", "--dataset", str(small_datasets["baseline"]), "--output", str(out),
-            "--emotion", "anger", "--batch-size", "1", "--no-progress"]
+    args = [
+        "--model",
+        "tiny-gpt2",
+        "--dataset",
+        str(small_datasets["baseline"]),
+        "--output",
+        str(out),
+        "--emotion",
+        "anger",
+        "--batch-size",
+        "1",
+        "--no-progress",
+    ]
     assert extract_main(args) == 0
     capsys.readouterr()
     final = out / "activations_anger.safetensors"

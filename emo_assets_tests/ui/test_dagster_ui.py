@@ -24,9 +24,16 @@ from emo_assets_tests.conftest import REPO_ROOT
 pytestmark = [pytest.mark.ui, pytest.mark.slow]
 
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-dev-shm-usage", "--hide-scrollbars",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
 ]
 
 
@@ -77,10 +84,20 @@ def dagster_server(tmp_path, small_datasets):
     bin_dir = Path(sys.executable).parent
     logs = [open(tmp_path / "webserver.log", "wb"), open(tmp_path / "daemon.log", "wb")]
     processes = [
-        subprocess.Popen([str(bin_dir / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), "-w", "workspace.yaml"],
-                         cwd=REPO_ROOT, env=env, stdout=logs[0], stderr=subprocess.STDOUT),
-        subprocess.Popen([str(bin_dir / "dagster-daemon"), "run", "-w", "workspace.yaml"],
-                         cwd=REPO_ROOT, env=env, stdout=logs[1], stderr=subprocess.STDOUT),
+        subprocess.Popen(
+            [str(bin_dir / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), "-w", "workspace.yaml"],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=logs[0],
+            stderr=subprocess.STDOUT,
+        ),
+        subprocess.Popen(
+            [str(bin_dir / "dagster-daemon"), "run", "-w", "workspace.yaml"],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=logs[1],
+            stderr=subprocess.STDOUT,
+        ),
     ]
     try:
         _wait_for(f"http://127.0.0.1:{port}/server_info", 120)
@@ -98,13 +115,19 @@ def dagster_server(tmp_path, small_datasets):
 
 
 def _render(chromium: str, url: str, tmp_path: Path, screenshot: Path | None = None) -> str:
-    flags = [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1600,1000",
-             "--virtual-time-budget=20000"]
+    flags = [
+        *CHROMIUM_FLAGS,
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        "--window-size=1600,1000",
+        "--virtual-time-budget=20000",
+    ]
     if screenshot is not None:
-        subprocess.run([chromium, *flags, f"--screenshot={screenshot}", url], check=True, capture_output=True,
-                       timeout=120)
-    return subprocess.run([chromium, *flags, "--dump-dom", url], check=True, capture_output=True, text=True,
-                          timeout=120).stdout
+        subprocess.run(
+            [chromium, *flags, f"--screenshot={screenshot}", url], check=True, capture_output=True, timeout=120
+        )
+    return subprocess.run(
+        [chromium, *flags, "--dump-dom", url], check=True, capture_output=True, text=True, timeout=120
+    ).stdout
 
 
 def test_launch_materialization_and_see_the_asset_graph(dagster_server):
@@ -142,7 +165,8 @@ def test_launch_materialization_and_see_the_asset_graph(dagster_server):
 def _dismiss_welcome_dialog(port: int) -> None:
     """What clicking "Skip" on the first-visit community dialog does, so it does not cover the screenshot."""
     request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/graphql", data=json.dumps({"query": "mutation { setNuxSeen }"}).encode(),
+        f"http://127.0.0.1:{port}/graphql",
+        data=json.dumps({"query": "mutation { setNuxSeen }"}).encode(),
         headers={"Content-Type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=10) as response:

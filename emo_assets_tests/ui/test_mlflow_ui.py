@@ -32,9 +32,20 @@ def mlflow_server(tmp_path):
     port = _free_port()
     log = open(tmp_path / "mlflow-ui.log", "wb")
     server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-         "--port", str(port)],
-        cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # uvicorn and job workers too
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "ui",
+            "--backend-store-uri",
+            uri,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=tmp_path,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # uvicorn and job workers too
     )
     try:
         _wait_for(f"http://127.0.0.1:{port}/health", 300)
@@ -53,9 +64,15 @@ def test_experiment_opens_on_runs_with_their_dataset(mlflow_server, small_datase
     port, uri = mlflow_server
     dataset = small_datasets["baseline"]
     tracker = MlflowTracker(tracking_uri=uri, experiment="emo_assets", artifact_root=str(tmp_path / "artifacts"))
-    status = tracker.log_run("baseline/tiny-gpt2/anger", params={"model": "tiny-gpt2"}, metrics={"n_samples": 6},
-                             tags={}, log=logging.getLogger(__name__), started=time.time() - 3,
-                             datasets=[TrackedDataset("baseline", dataset)])
+    status = tracker.log_run(
+        "baseline/tiny-gpt2/anger",
+        params={"model": "tiny-gpt2"},
+        metrics={"n_samples": 6},
+        tags={},
+        log=logging.getLogger(__name__),
+        started=time.time() - 3,
+        datasets=[TrackedDataset("baseline", dataset)],
+    )
     assert status.startswith("logged (run ")
     from mlflow import MlflowClient
 

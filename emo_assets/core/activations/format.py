@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Mapping
 
 import numpy as np
 
@@ -68,13 +68,17 @@ class ReuseRecord:
 
     def to_json(self) -> str:
         return json.dumps(
-            {"computed": self.computed, "reused": self.reused,
-             "sources": [source.as_dict() for source in self.sources]},
-            sort_keys=True, ensure_ascii=False,
+            {
+                "computed": self.computed,
+                "reused": self.reused,
+                "sources": [source.as_dict() for source in self.sources],
+            },
+            sort_keys=True,
+            ensure_ascii=False,
         )
 
     @classmethod
-    def from_json(cls, text: str) -> "ReuseRecord":
+    def from_json(cls, text: str) -> ReuseRecord:
         raw = json.loads(text)
         sources = tuple(ReuseSource(s["path"], s["data_xxh3_128"], int(s["sentences"])) for s in raw["sources"])
         return cls(computed=int(raw["computed"]), reused=int(raw["reused"]), sources=sources)
@@ -143,12 +147,14 @@ class ActivationHeader:
             elif encoding == _INT:
                 meta[key] = str(int(value))
             else:
-                plain = list(value) if isinstance(value, tuple) else dict(value) if isinstance(value, Mapping) else value
+                plain = (
+                    list(value) if isinstance(value, tuple) else dict(value) if isinstance(value, Mapping) else value
+                )
                 meta[key] = json.dumps(plain, ensure_ascii=encoding != _JSON_UNICODE)
         return meta
 
     @classmethod
-    def from_metadata(cls, metadata: Mapping[str, str], source: object = "activation file") -> "ActivationHeader":
+    def from_metadata(cls, metadata: Mapping[str, str], source: object = "activation file") -> ActivationHeader:
         """Parse `__metadata__`; `ActivationFileError` naming `source` for another format, an unknown or newer
         version, or a missing or malformed field."""
         if metadata.get("format") != FORMAT_NAME:
@@ -193,16 +199,32 @@ class ActivationHeader:
         hooked modules, compute and storage dtype, kinds, BOS and truncation, format version. Two files with equal
         `row_inputs` hold interchangeable rows for equal token ids (the tokenizer, the text, the BOS choice and
         truncation all act through the ids). None when a file does not record enough to tell."""
-        values = (self.format_version, self.model_id, self.model_revision, self.architecture, self.compute_dtype,
-                  self.storage_dtype, self.kinds, self.n_layers, self.d_model, self.prepend_bos,
-                  self.truncated_to_context, json.dumps(self.hook_points, sort_keys=True))
+        values = (
+            self.format_version,
+            self.model_id,
+            self.model_revision,
+            self.architecture,
+            self.compute_dtype,
+            self.storage_dtype,
+            self.kinds,
+            self.n_layers,
+            self.d_model,
+            self.prepend_bos,
+            self.truncated_to_context,
+            json.dumps(self.hook_points, sort_keys=True),
+        )
         return None if any(v is None for v in values) or self.hook_points is None else values
 
-    def with_source(self, source: DatasetSource) -> "ActivationHeader":
-        return replace(self, emotion=source.emotion, dataset_variant=source.variant, dataset_path=source.path,
-                       dataset_sha256=source.sha256)
+    def with_source(self, source: DatasetSource) -> ActivationHeader:
+        return replace(
+            self,
+            emotion=source.emotion,
+            dataset_variant=source.variant,
+            dataset_path=source.path,
+            dataset_sha256=source.sha256,
+        )
 
-    def with_shape(self, n_sentences: int, n_tokens: int) -> "ActivationHeader":
+    def with_shape(self, n_sentences: int, n_tokens: int) -> ActivationHeader:
         return replace(self, n_sentences=n_sentences, n_tokens=n_tokens)
 
 
@@ -256,8 +278,10 @@ def layout(header: ActivationHeader) -> dict[str, TensorEntry]:
     """Tensor placement: the int64 index tensors first (8-byte aligned), then the activations by kind."""
     stored = dtype(header.storage_dtype)
     specs = [("input_ids", "I64", (header.n_tokens,), 8), ("offsets", "I64", (header.n_sentences + 1,), 8)]
-    specs += [(kind, stored.safetensors, (header.n_layers, header.n_tokens, header.d_model), stored.itemsize)
-              for kind in header.kinds]
+    specs += [
+        (kind, stored.safetensors, (header.n_layers, header.n_tokens, header.d_model), stored.itemsize)
+        for kind in header.kinds
+    ]
     entries, start = {}, 0
     for name, code, shape, size in specs:
         entries[name] = TensorEntry(name, code, shape, start, size)

@@ -53,7 +53,9 @@ class ActivationFile:
         self.header = ActivationHeader.from_metadata(self.metadata, self.path)
         expected = {"input_ids", "offsets", *self.header.kinds}
         if names != expected:
-            raise ActivationFileError(f"{self.path}: tensors {sorted(names)} do not match the header's {sorted(expected)}")
+            raise ActivationFileError(
+                f"{self.path}: tensors {sorted(names)} do not match the header's {sorted(expected)}"
+            )
         self._torch_handle = None
         self.kinds = [k for k in ACTIVATION_KINDS if k in names]
         self.offsets = self._handle.get_tensor("offsets")
@@ -61,7 +63,9 @@ class ActivationFile:
         self.n_sentences = len(self.offsets) - 1
         self.n_tokens = int(self.offsets[-1]) if len(self.offsets) else 0
         if (
-            len(self.offsets) < 2 or self.offsets[0] != 0 or np.any(np.diff(self.offsets) <= 0)
+            len(self.offsets) < 2
+            or self.offsets[0] != 0
+            or np.any(np.diff(self.offsets) <= 0)
             or len(self.input_ids) != self.n_tokens
             or (self.n_sentences, self.n_tokens) != (self.header.n_sentences, self.header.n_tokens)
         ):

@@ -16,9 +16,9 @@ A source is used only if its checksum verifies; a file that does not open, does 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -93,8 +93,9 @@ class ReusePlan:
 
     def record(self, output_path: Path) -> ReuseRecord:
         """What the file at `output_path` holds: sentences computed now, copied, and their sources."""
-        return ReuseRecord(computed=self.n_sentences - self.reused, reused=self.reused,
-                           sources=self.sources(output_path.parent))
+        return ReuseRecord(
+            computed=self.n_sentences - self.reused, reused=self.reused, sources=self.sources(output_path.parent)
+        )
 
     def header(self, header: ActivationHeader, output_path: Path) -> ActivationHeader:
         """`header` with the reuse record, only when rows were copied (a from-scratch file carries none)."""
@@ -121,15 +122,19 @@ def unchanged_file(path: Path, header: ActivationHeader, offsets: np.ndarray, in
     except ActivationFileError:
         return False
     expected = replace(header.with_shape(len(offsets) - 1, int(offsets[-1])), checksum=existing.header.checksum)
-    return (existing.header == expected and np.array_equal(existing.offsets, offsets)
-            and np.array_equal(existing.input_ids, input_ids))
+    return (
+        existing.header == expected
+        and np.array_equal(existing.offsets, offsets)
+        and np.array_equal(existing.input_ids, input_ids)
+    )
 
 
 def kept_record(path: Path) -> ReuseRecord:
     """The record of a file kept as it is (`unchanged_file`): all its sentences, from itself."""
     header = ActivationFile(path, verify=False).header
-    return ReuseRecord(computed=0, reused=header.n_sentences,
-                       sources=(ReuseSource(path.name, header.checksum, header.n_sentences),))
+    return ReuseRecord(
+        computed=0, reused=header.n_sentences, sources=(ReuseSource(path.name, header.checksum, header.n_sentences),)
+    )
 
 
 def plan_reuse(index: RowIndex | None, input_ids: np.ndarray, offsets: np.ndarray) -> ReusePlan:

@@ -20,10 +20,10 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -86,7 +86,7 @@ class ActivationWriter:
         self._header = encode_header(self.entries, self.header)
         self._data_start = len(self._header)
         self._data_size = sum(e.nbytes for e in self.entries.values())
-        self._written = {kind: 0 for kind in self.kinds}
+        self._written = dict.fromkeys(self.kinds, 0)
         self._temp: Path | None = None
         self._fd: int | None = None
         self._input_ids = input_ids
@@ -104,7 +104,7 @@ class ActivationWriter:
         self.timings = {"write_s": 0.0, "hash_s": 0.0, "fsync_s": 0.0, "publish_s": 0.0, "queue_wait_s": 0.0}
 
     # -- lifecycle -------------------------------------------------------------------------------------
-    def __enter__(self) -> "ActivationWriter":
+    def __enter__(self) -> ActivationWriter:
         self.final_path.parent.mkdir(parents=True, exist_ok=True)
         self._temp = temp_path_for(self.final_path)
         self._fd = os.open(self._temp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
@@ -117,8 +117,9 @@ class ActivationWriter:
         if self._background:
             self._queue = queue.Queue()
             self._slots = threading.Semaphore(self._queue_depth)
-            self._thread = threading.Thread(target=self._run, name=f"ActivationWriter[{self.final_path.name}]",
-                                            daemon=True)
+            self._thread = threading.Thread(
+                target=self._run, name=f"ActivationWriter[{self.final_path.name}]", daemon=True
+            )
             self._thread.start()
         return self
 
@@ -254,14 +255,21 @@ class ActivationWriter:
             if padded:
                 layers = [array[layer] for layer in range(self.n_layers)] if len(array) == self.n_layers else None
                 if layers is None or any(
-                    a.ndim != 3 or a.shape[0] != len(lengths) or a.shape[1] < max(lengths, default=0)
-                    or a.shape[2] != self.d_model or a.itemsize * self.d_model != self._row_bytes or not _rows_contiguous(a)
+                    a.ndim != 3
+                    or a.shape[0] != len(lengths)
+                    or a.shape[1] < max(lengths, default=0)
+                    or a.shape[2] != self.d_model
+                    or a.itemsize * self.d_model != self._row_bytes
+                    or not _rows_contiguous(a)
                     for a in layers
                 ):
                     raise ValueError(f"{kind}: padded batch arrays do not fit the file")
                 arrays[kind] = layers
             else:
-                if array.shape != (self.n_layers, sum(lengths), self.d_model) or array.itemsize * self.d_model != self._row_bytes:
+                if (
+                    array.shape != (self.n_layers, sum(lengths), self.d_model)
+                    or array.itemsize * self.d_model != self._row_bytes
+                ):
                     raise ValueError(f"{kind}: batch array of shape {array.shape}/{array.dtype} does not fit the file")
                 # each layer's rows must be one run of memory; the layers need not be adjacent (a slice of a larger
                 # batch buffer qualifies, and must not be copied here: it may still be filled by a device copy)

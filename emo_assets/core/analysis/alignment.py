@@ -25,8 +25,8 @@ reported next to an empirical random baseline (random orthonormal bases, fixed s
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 

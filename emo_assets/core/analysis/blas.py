@@ -9,7 +9,8 @@ applied per call with threadpoolctl and restored afterwards, so nothing global i
 from __future__ import annotations
 
 import functools
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from threadpoolctl import threadpool_limits
 

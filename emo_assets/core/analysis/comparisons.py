@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import polars as pl
@@ -36,19 +36,42 @@ from emo_assets.core.analysis.subspaces import DEFAULT_K, emotion_subspaces_by_l
 from emo_assets.core.analysis.vectors import cosine_matrix, emotion_vectors
 
 CKA_SCHEMA = {
-    "model_a": pl.String, "model_b": pl.String, "kind": pl.String, "layer_a": pl.Int64, "layer_b": pl.Int64,
-    "matched_depth": pl.Boolean, "cka": pl.Float64, "cka_debiased": pl.Float64, "n_sentences": pl.Int64,
-}  # fmt: skip
+    "model_a": pl.String,
+    "model_b": pl.String,
+    "kind": pl.String,
+    "layer_a": pl.Int64,
+    "layer_b": pl.Int64,
+    "matched_depth": pl.Boolean,
+    "cka": pl.Float64,
+    "cka_debiased": pl.Float64,
+    "n_sentences": pl.Int64,
+}
 RSA_SCHEMA = {
-    "model_a": pl.String, "model_b": pl.String, "kind": pl.String, "layer_a": pl.Int64, "layer_b": pl.Int64,
-    "matched_depth": pl.Boolean, "rsa_pearson": pl.Float64, "rsa_spearman": pl.Float64, "n_pairs": pl.Int64,
-}  # fmt: skip
+    "model_a": pl.String,
+    "model_b": pl.String,
+    "kind": pl.String,
+    "layer_a": pl.Int64,
+    "layer_b": pl.Int64,
+    "matched_depth": pl.Boolean,
+    "rsa_pearson": pl.Float64,
+    "rsa_spearman": pl.Float64,
+    "n_pairs": pl.Int64,
+}
 OVERLAP_SCHEMA = {
-    "model_a": pl.String, "model_b": pl.String, "kind": pl.String, "layer_a": pl.Int64, "layer_b": pl.Int64,
-    "emotion": pl.String, "k": pl.Int64, "overlap": pl.Float64, "mean_angle_deg": pl.Float64,
-    "min_angle_deg": pl.Float64, "random_overlap_mean": pl.Float64, "random_overlap_std": pl.Float64,
+    "model_a": pl.String,
+    "model_b": pl.String,
+    "kind": pl.String,
+    "layer_a": pl.Int64,
+    "layer_b": pl.Int64,
+    "emotion": pl.String,
+    "k": pl.Int64,
+    "overlap": pl.Float64,
+    "mean_angle_deg": pl.Float64,
+    "min_angle_deg": pl.Float64,
+    "random_overlap_mean": pl.Float64,
+    "random_overlap_std": pl.Float64,
     "random_overlap_analytical": pl.Float64,
-}  # fmt: skip
+}
 
 
 def matched_layers(n_a: int, n_b: int) -> list[tuple[int, int]]:
@@ -89,7 +112,9 @@ def cross_model_alignment_step(
         raise ValueError(f"{variant}: the models share no sentence ids")
     for slug, acts in models.items():
         if len(ids) != acts.n_sentences:
-            result.notes.append(f"{slug}: {acts.n_sentences - len(ids)} sentences not seen by every model were left out")
+            result.notes.append(
+                f"{slug}: {acts.n_sentences - len(ids)} sentences not seen by every model were left out"
+            )
     rows_of = {slug: acts.subset(ids) for slug, acts in models.items()}
     labels = [models[slugs[0]].labels[i] for i in rows_of[slugs[0]]]
     emotions = models[slugs[0]].emotions
@@ -110,15 +135,33 @@ def cross_model_alignment_step(
                 debiased = cka_matrix(X[a], X[b], debiased=True)
                 matched = set(matched_layers(len(X[a]), len(X[b])))
                 for la, lb in itertools.product(range(len(X[a])), range(len(X[b]))):
-                    cka_rows.append(dict(
-                        model_a=a, model_b=b, kind=kind, layer_a=la, layer_b=lb, matched_depth=(la, lb) in matched,
-                        cka=float(plain[la, lb]), cka_debiased=float(debiased[la, lb]), n_sentences=len(ids),
-                    ))  # fmt: skip
+                    cka_rows.append(
+                        {
+                            "model_a": a,
+                            "model_b": b,
+                            "kind": kind,
+                            "layer_a": la,
+                            "layer_b": lb,
+                            "matched_depth": (la, lb) in matched,
+                            "cka": float(plain[la, lb]),
+                            "cka_debiased": float(debiased[la, lb]),
+                            "n_sentences": len(ids),
+                        }
+                    )
                     r = rsa(cos[a][la], cos[b][lb])
-                    rsa_rows.append(dict(
-                        model_a=a, model_b=b, kind=kind, layer_a=la, layer_b=lb, matched_depth=(la, lb) in matched,
-                        rsa_pearson=r.pearson, rsa_spearman=r.spearman, n_pairs=r.n_pairs,
-                    ))  # fmt: skip
+                    rsa_rows.append(
+                        {
+                            "model_a": a,
+                            "model_b": b,
+                            "kind": kind,
+                            "layer_a": la,
+                            "layer_b": lb,
+                            "matched_depth": (la, lb) in matched,
+                            "rsa_pearson": r.pearson,
+                            "rsa_spearman": r.spearman,
+                            "n_pairs": r.n_pairs,
+                        }
+                    )
                 if kind == kinds[0] and (a != b or len(slugs) == 1):
                     heatmap[(a, b)] = debiased
                 if a == b:
@@ -131,9 +174,15 @@ def cross_model_alignment_step(
                     if slug not in subspaces:
                         subspaces[slug] = emotion_subspaces_by_layer(X[slug], labels, emotions, k)
                 overlap_rows += cross_model_subspace_rows(
-                    subspaces[a], subspaces[b], matched_layers(len(X[a]), len(X[b])),
-                    n_random=n_random, seed=seed, model_a=a, model_b=b, kind=kind,
-                )  # fmt: skip
+                    subspaces[a],
+                    subspaces[b],
+                    matched_layers(len(X[a]), len(X[b])),
+                    n_random=n_random,
+                    seed=seed,
+                    model_a=a,
+                    model_b=b,
+                    kind=kind,
+                )
     cka, rsa_table = frame(cka_rows, CKA_SCHEMA), frame(rsa_rows, RSA_SCHEMA)
     overlap = frame(overlap_rows, OVERLAP_SCHEMA).select(list(OVERLAP_SCHEMA))
     meta = {"variant": variant, "models": json.dumps(slugs), "n_sentences": str(len(ids))}
@@ -143,9 +192,8 @@ def cross_model_alignment_step(
     skipped = sorted(set(skipped))
     if skipped:
         result.notes.append(
-            "subspace overlap needs equal widths; skipped pairs: " + "; ".join(skipped)
-            + " (CKA and RSA cover them)"
-        )  # fmt: skip
+            "subspace overlap needs equal widths; skipped pairs: " + "; ".join(skipped) + " (CKA and RSA cover them)"
+        )
     if heatmap:
         result.files["cka_heatmap"] = plot_cka_heatmaps(
             out / "cka_heatmap.png", heatmap, title=f"{variant}: debiased CKA ({kinds[0]})"
@@ -165,9 +213,15 @@ def cross_model_alignment_step(
 
 
 STABILITY_SCHEMA = {
-    "model": pl.String, "kind": pl.String, "layer": pl.Int64, "emotion": pl.String, "variant_a": pl.String,
-    "variant_b": pl.String, "cosine_centred": pl.Float64, "cosine_diff_vs_reference": pl.Float64,
-}  # fmt: skip
+    "model": pl.String,
+    "kind": pl.String,
+    "layer": pl.Int64,
+    "emotion": pl.String,
+    "variant_a": pl.String,
+    "variant_b": pl.String,
+    "cosine_centred": pl.Float64,
+    "cosine_diff_vs_reference": pl.Float64,
+}
 
 
 def _vectors(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
@@ -206,11 +260,22 @@ def vector_stability_step(results_dir: Path, variants: Sequence[str], slugs: Seq
                 for layer in range(ca.shape[0]):
                     for emotion in shared:
                         i, j = em_a.index(emotion), em_b.index(emotion)
-                        rows.append(dict(
-                            model=slug, kind=kind, layer=layer, emotion=emotion, variant_a=va, variant_b=vb,
-                            cosine_centred=float(cosine_matrix(ca[layer, i : i + 1], cb[layer, j : j + 1])[0, 0]),
-                            cosine_diff_vs_reference=float(cosine_matrix(da[layer, i : i + 1], db[layer, j : j + 1])[0, 0]),
-                        ))  # fmt: skip
+                        rows.append(
+                            {
+                                "model": slug,
+                                "kind": kind,
+                                "layer": layer,
+                                "emotion": emotion,
+                                "variant_a": va,
+                                "variant_b": vb,
+                                "cosine_centred": float(
+                                    cosine_matrix(ca[layer, i : i + 1], cb[layer, j : j + 1])[0, 0]
+                                ),
+                                "cosine_diff_vs_reference": float(
+                                    cosine_matrix(da[layer, i : i + 1], db[layer, j : j + 1])[0, 0]
+                                ),
+                            }
+                        )
     table = frame(rows, STABILITY_SCHEMA)
     result.table("vector_stability", table, stability_path(results_dir), {"variants": json.dumps(list(variants))})
     if table.height:

@@ -24,9 +24,9 @@ Folders that are not model slugs start with `_`, which no slug can (`paths.safe_
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import polars as pl
@@ -91,7 +91,9 @@ def write_safetensors(arrays: Mapping[str, np.ndarray], path: Path, metadata: Ma
 def frame(rows: Sequence[Mapping], schema: Mapping[str, pl.DataType] | None = None) -> pl.DataFrame:
     """Rows as a polars frame; with `schema` the columns are fixed even when `rows` is empty."""
     if schema is not None:
-        return pl.DataFrame(list(rows), schema=dict(schema), orient="row") if rows else pl.DataFrame(schema=dict(schema))
+        return (
+            pl.DataFrame(list(rows), schema=dict(schema), orient="row") if rows else pl.DataFrame(schema=dict(schema))
+        )
     return pl.DataFrame(list(rows), infer_schema_length=None)
 
 
@@ -139,7 +141,7 @@ class ModelActivations:
         *,
         dataset_path: Path | None = None,
         kinds: Sequence[str] = KINDS,
-    ) -> "ModelActivations":
+    ) -> ModelActivations:
         """Open `results/<variant>/activations/<slug>/activations_<emotion>.safetensors` for every emotion
         (checksums verified) and, with `dataset_path`, look up each sentence's text by its id."""
         folder = activation_dir(Path(results_dir), variant, slug)
@@ -162,7 +164,7 @@ class ModelActivations:
         *,
         dataset_path: Path | None = None,
         kinds: Sequence[str] = KINDS,
-    ) -> "ModelActivations":
+    ) -> ModelActivations:
         emotions = tuple(files)
         first = files[emotions[0]]
         facts = {}
@@ -220,7 +222,9 @@ class ModelActivations:
             )
         wrong = [sid for sid, label in zip(self.sentence_ids, self.labels) if by_id[sid].emotion != label]
         if wrong:
-            raise AnalysisInputError(f"{self.variant}/{self.slug}: sentences {wrong[:3]} changed emotion in {dataset_path}")
+            raise AnalysisInputError(
+                f"{self.variant}/{self.slug}: sentences {wrong[:3]} changed emotion in {dataset_path}"
+            )
         if self.dataset_sha256 and dataset.sha256 != self.dataset_sha256:
             self.notes.append(
                 f"{dataset_path} changed since extraction (sha256 {dataset.sha256[:12]} vs {self.dataset_sha256[:12]} "

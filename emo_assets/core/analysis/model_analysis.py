@@ -10,27 +10,38 @@ numbers and notes - what the asset puts in its metadata. Nothing here imports Da
 - `emotion_subspaces_step` per-emotion PCA subspaces, explained variance, principal angles, overlap
 - `linear_probes_step`    per-layer 4-way probes, bag-of-words baseline, shuffled-label control, selectivity
 - `model_plots_step`      layer profile (separation + probes) and the cosine heatmap at the best probe layer
+
+The module is longer than the math modules because it holds one step per per-model asset; each step is short,
+and together they are the single place that fixes the file layout of a model's analysis outputs.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import polars as pl
 
 from emo_assets.core.analysis.blas import one_blas_thread
-from emo_assets.core.analysis.inputs import ModelActivations, TokenStrings, frame, model_analysis_dir, reference_emotion
-from emo_assets.core.analysis.inputs import write_parquet, write_safetensors
+from emo_assets.core.analysis.inputs import (
+    ModelActivations,
+    TokenStrings,
+    frame,
+    model_analysis_dir,
+    reference_emotion,
+    write_parquet,
+    write_safetensors,
+)
 from emo_assets.core.analysis.plots import plot_cosine_heatmap, plot_layer_profile
 from emo_assets.core.analysis.probes import ProbeSettings, probe_layers
 from emo_assets.core.analysis.subspaces import (
     DEFAULT_K,
-    empirical_random_overlap,
     emotion_subspaces_by_layer,
+    empirical_random_overlap,
     expected_random_overlap,
     principal_angles,
     subspace_overlap,
@@ -81,14 +92,24 @@ def _out_dir(acts: ModelActivations, results_dir: Path) -> Path:
 
 
 def _vectors_by_layer(kind: str, acts: ModelActivations) -> list[EmotionVectors]:
-    return emotion_vectors_by_layer(acts.sentence_end(kind), acts.labels, acts.emotions, reference_emotion(acts.emotions))
+    return emotion_vectors_by_layer(
+        acts.sentence_end(kind), acts.labels, acts.emotions, reference_emotion(acts.emotions)
+    )
 
 
 # -- sentence-end emotion vectors --------------------------------------------------------------------------
 VECTOR_FIELDS = (
-    "means", "grand_mean", "diff_vs_reference", "diff_vs_reference_unit", "diff_vs_reference_norm",
-    "centred", "centred_unit", "centred_norm", "cosine", "cosine_raw",
-)  # fmt: skip
+    "means",
+    "grand_mean",
+    "diff_vs_reference",
+    "diff_vs_reference_unit",
+    "diff_vs_reference_norm",
+    "centred",
+    "centred_unit",
+    "centred_norm",
+    "cosine",
+    "cosine_raw",
+)
 
 
 def emotion_vectors_step(acts: ModelActivations, results_dir: Path) -> StepResult:
@@ -114,20 +135,37 @@ def emotion_vectors_step(acts: ModelActivations, results_dir: Path) -> StepResul
             for layer, vec in enumerate(by_layer):
                 diff_cos = cosine_matrix(vec.diff_vs_reference)
                 for e, emotion in enumerate(vec.emotions):
-                    vector_rows.append(dict(
-                        model=acts.slug, kind=kind, layer=layer, emotion=emotion, n_sentences=int(vec.counts[e]),
-                        norm_mean=float(np.linalg.norm(vec.means[e])),
-                        norm_diff_vs_reference=float(vec.diff_vs_reference_norm[e]),
-                        norm_centred=float(vec.centred_norm[e]),
-                    ))  # fmt: skip
+                    vector_rows.append(
+                        {
+                            "model": acts.slug,
+                            "kind": kind,
+                            "layer": layer,
+                            "emotion": emotion,
+                            "n_sentences": int(vec.counts[e]),
+                            "norm_mean": float(np.linalg.norm(vec.means[e])),
+                            "norm_diff_vs_reference": float(vec.diff_vs_reference_norm[e]),
+                            "norm_centred": float(vec.centred_norm[e]),
+                        }
+                    )
                     for f, other in enumerate(vec.emotions):
-                        cosine_rows.append(dict(
-                            model=acts.slug, kind=kind, layer=layer, emotion_a=emotion, emotion_b=other,
-                            cosine_centred=float(vec.cosine[e, f]), cosine_raw=float(vec.cosine_raw[e, f]),
-                            cosine_diff_vs_reference=float(diff_cos[e, f]),
-                        ))  # fmt: skip
-    meta = {**acts.keys(), "reference": reference_emotion(acts.emotions), "kinds": json.dumps(list(acts.kinds)),
-            "fields": json.dumps(list(VECTOR_FIELDS) + ["counts", "separation"])}  # fmt: skip
+                        cosine_rows.append(
+                            {
+                                "model": acts.slug,
+                                "kind": kind,
+                                "layer": layer,
+                                "emotion_a": emotion,
+                                "emotion_b": other,
+                                "cosine_centred": float(vec.cosine[e, f]),
+                                "cosine_raw": float(vec.cosine_raw[e, f]),
+                                "cosine_diff_vs_reference": float(diff_cos[e, f]),
+                            }
+                        )
+    meta = {
+        **acts.keys(),
+        "reference": reference_emotion(acts.emotions),
+        "kinds": json.dumps(list(acts.kinds)),
+        "fields": json.dumps(list(VECTOR_FIELDS) + ["counts", "separation"]),
+    }
     result.files["vectors"] = write_safetensors(tensors, out / "emotion_vectors.safetensors", meta)
     result.table("emotion_vectors", frame(vector_rows), out / "emotion_vectors.parquet")
     result.table("emotion_cosines", frame(cosine_rows), out / "emotion_cosines.parquet")
@@ -174,7 +212,9 @@ def token_vectors_step(
             for j in np.flatnonzero(matches[e]):
                 word = normalise_token(tokens.tokens[j])
                 found[word] = found.get(word, 0) + 1
-            lex_rows += [dict(model=acts.slug, emotion=emotion, token=t, count=c) for t, c in sorted(found.items())]
+            lex_rows += [
+                {"model": acts.slug, "emotion": emotion, "token": t, "count": c} for t, c in sorted(found.items())
+            ]
     else:
         result.notes.append(f"{acts.slug}: emotion-word vectors skipped: {tokens.status}")
     lengths = np.diff(acts.offsets)
@@ -207,25 +247,46 @@ def token_vectors_step(
                     word_counts.append(np.zeros(E, dtype=np.int64))
                 for e, emotion in enumerate(acts.emotions):
                     n_sent = int(cv.counts[e])
-                    rows.append(dict(
-                        model=acts.slug, kind=kind, layer=layer, emotion=emotion, source="content_mean",
-                        n_tokens=int(np.sum(np.where(lengths > 1, lengths - 1, 1)[np.asarray(acts.labels) == emotion])),
-                        n_sentences=n_sent, cosine_centred=float(c_cos[e]), cosine_raw=float(c_raw[e]),
-                        cosine_with_content_mean_centred=None,  # defined for emotion-word rows only
-                    ))  # fmt: skip
-                    rows.append(dict(
-                        model=acts.slug, kind=kind, layer=layer, emotion=emotion, source="emotion_word",
-                        n_tokens=int(tv.counts[e]) if tv else 0, n_sentences=int(tv.sentence_counts[e]) if tv else 0,
-                        cosine_centred=w_cos[emotion]["centred"] if tv else float("nan"),
-                        cosine_raw=w_cos[emotion]["raw"] if tv else float("nan"),
-                        cosine_with_content_mean_centred=float(w_vs_c[e]) if tv else float("nan"),
-                    ))  # fmt: skip
+                    rows.append(
+                        {
+                            "model": acts.slug,
+                            "kind": kind,
+                            "layer": layer,
+                            "emotion": emotion,
+                            "source": "content_mean",
+                            "n_tokens": int(
+                                np.sum(np.where(lengths > 1, lengths - 1, 1)[np.asarray(acts.labels) == emotion])
+                            ),
+                            "n_sentences": n_sent,
+                            "cosine_centred": float(c_cos[e]),
+                            "cosine_raw": float(c_raw[e]),
+                            "cosine_with_content_mean_centred": None,  # defined for emotion-word rows only
+                        }
+                    )
+                    rows.append(
+                        {
+                            "model": acts.slug,
+                            "kind": kind,
+                            "layer": layer,
+                            "emotion": emotion,
+                            "source": "emotion_word",
+                            "n_tokens": int(tv.counts[e]) if tv else 0,
+                            "n_sentences": int(tv.sentence_counts[e]) if tv else 0,
+                            "cosine_centred": w_cos[emotion]["centred"] if tv else float("nan"),
+                            "cosine_raw": w_cos[emotion]["raw"] if tv else float("nan"),
+                            "cosine_with_content_mean_centred": float(w_vs_c[e]) if tv else float("nan"),
+                        }
+                    )
             tensors[f"{kind}/content_centred"] = np.stack(content_centred)
             tensors[f"{kind}/word_vectors"] = np.stack(word_vectors)
             tensors[f"{kind}/word_centred"] = np.stack(word_centred)
             tensors[f"{kind}/word_counts"] = np.stack(word_counts).astype(np.int64)
-    meta = {**acts.keys(), "kinds": json.dumps(list(acts.kinds)), "lexicon": json.dumps(lexicon, sort_keys=True),
-            "token_status": tokens.status}  # fmt: skip
+    meta = {
+        **acts.keys(),
+        "kinds": json.dumps(list(acts.kinds)),
+        "lexicon": json.dumps(lexicon, sort_keys=True),
+        "token_status": tokens.status,
+    }
     result.files["vectors"] = write_safetensors(tensors, out / "token_vectors.safetensors", meta)
     table = frame(rows)
     result.table("token_vectors", table, out / "token_vectors.parquet")
@@ -273,8 +334,10 @@ def emotion_subspaces_step(
             by_layer = emotion_subspaces_by_layer(acts.sentence_end(kind), acts.labels, acts.emotions, k)
             for layer, subspaces in enumerate(by_layer):
                 if missing := [e for e in acts.emotions if e not in subspaces]:
-                    result.notes.append(f"{acts.slug}: {kind} layer {layer}: no variance at the sentence end for "
-                                        f"{', '.join(missing)} (every sentence gives the same vector): no subspace")
+                    result.notes.append(
+                        f"{acts.slug}: {kind} layer {layer}: no variance at the sentence end for "
+                        f"{', '.join(missing)} (every sentence gives the same vector): no subspace"
+                    )
             for row in subspace_rows(by_layer, model=acts.slug, kind=kind):
                 sub = by_layer[row["layer"]][row["emotion"]]
                 base = baseline(sub.d, sub.k, sub.k)
@@ -292,14 +355,23 @@ def emotion_subspaces_step(
                         sa, sb = subspaces[a], subspaces[b]
                         angles = principal_angles(sa, sb)
                         base = baseline(sa.d, sa.k, sb.k)
-                        pair_rows.append(dict(
-                            model=acts.slug, kind=kind, layer=layer, emotion_a=a, emotion_b=b,
-                            k=min(sa.k, sb.k), overlap=subspace_overlap(sa, sb),
-                            mean_angle_deg=float(angles.mean()), min_angle_deg=float(angles.min()),
-                            max_angle_deg=float(angles.max()), random_overlap_mean=base.mean,
-                            random_overlap_std=base.std,
-                            random_overlap_analytical=expected_random_overlap(sa.k, sa.d, sb.k),
-                        ))  # fmt: skip
+                        pair_rows.append(
+                            {
+                                "model": acts.slug,
+                                "kind": kind,
+                                "layer": layer,
+                                "emotion_a": a,
+                                "emotion_b": b,
+                                "k": min(sa.k, sb.k),
+                                "overlap": subspace_overlap(sa, sb),
+                                "mean_angle_deg": float(angles.mean()),
+                                "min_angle_deg": float(angles.min()),
+                                "max_angle_deg": float(angles.max()),
+                                "random_overlap_mean": base.mean,
+                                "random_overlap_std": base.std,
+                                "random_overlap_analytical": expected_random_overlap(sa.k, sa.d, sb.k),
+                            }
+                        )
     meta = {**acts.keys(), "k_requested": str(k), "kinds": json.dumps(list(acts.kinds))}
     result.files["bases"] = write_safetensors(tensors, out / "emotion_subspaces.safetensors", meta)
     table = frame(rows)
@@ -316,9 +388,7 @@ def emotion_subspaces_step(
 
 
 # -- probes -----------------------------------------------------------------------------------------------
-def linear_probes_step(
-    acts: ModelActivations, results_dir: Path, *, cv_folds: int = 5, seed: int = 0
-) -> StepResult:
+def linear_probes_step(acts: ModelActivations, results_dir: Path, *, cv_folds: int = 5, seed: int = 0) -> StepResult:
     """Per kind and layer: 4-way L2 logistic regression, stratified `cv_folds`-fold CV (mean, std), the
     bag-of-words baseline on the same folds (needs texts), the shuffled-label control and selectivity
     (`probes.probe_layers`). File: `probes.parquet` (its table plus a model column)."""
@@ -380,8 +450,10 @@ def model_plots_step(results_dir: Path, variant: str, slug: str) -> StepResult:
         emotions = json.loads(handle.metadata()["emotions"])
         cosine = handle.get_tensor(f"{kind}/cosine")[layer]
     result.files["cosine_heatmap"] = plot_cosine_heatmap(
-        out / "cosine_heatmap.png", cosine, emotions,
+        out / "cosine_heatmap.png",
+        cosine,
+        emotions,
         title=f"{slug} ({variant}) {kind} layer {layer}: centred cosines",
-    )  # fmt: skip
+    )
     result.summary.update(best_kind=kind, best_layer=layer)
     return result

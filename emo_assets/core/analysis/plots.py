@@ -9,8 +9,8 @@ same folder, fsync, rename; the temp file is removed on error) and returns the f
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import matplotlib
 
@@ -152,8 +152,15 @@ def plot_cka_heatmaps(
             for i in range(M.shape[0]):
                 for j in range(M.shape[1]):
                     if np.isfinite(M[i, j]):
-                        ax.text(j, i, f"{M[i, j]:.2f}", ha="center", va="center", fontsize=5,
-                                color="black" if M[i, j] > 0.6 else "white")  # fmt: skip
+                        ax.text(
+                            j,
+                            i,
+                            f"{M[i, j]:.2f}",
+                            ha="center",
+                            va="center",
+                            fontsize=5,
+                            color="black" if M[i, j] > 0.6 else "white",
+                        )
     fig.colorbar(im, ax=list(axes), label="linear CKA", shrink=0.85)
     if title:
         fig.suptitle(title)

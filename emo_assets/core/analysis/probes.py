@@ -30,8 +30,9 @@ BLAS is limited to one thread while probing (see `blas`): the fits are many smal
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
@@ -137,8 +138,9 @@ def cross_validate(make_model, X, y: np.ndarray, folds: Folds, settings: ProbeSe
 
 
 @single_blas_thread
-def cross_validate_features(features: list[tuple[np.ndarray, np.ndarray]], y: np.ndarray, folds: Folds,
-                            settings: ProbeSettings) -> CVScore:  # fmt: skip
+def cross_validate_features(
+    features: list[tuple[np.ndarray, np.ndarray]], y: np.ndarray, folds: Folds, settings: ProbeSettings
+) -> CVScore:
     """Accuracy of the activation probe on each fold, from the folds' (training, test) features."""
     accuracies, converged = [], True
     for (F_train, F_test), (train, test) in zip(features, folds):
@@ -195,29 +197,39 @@ def probe_layers(
                 score = cross_validate_features(features, y, folds, settings)
                 control = cross_validate_features(features, y_control, folds, settings)
                 rows.append(
-                    dict(
-                        kind=kind,
-                        layer=layer,
-                        accuracy_mean=score.mean,
-                        accuracy_std=score.std,
-                        control_mean=control.mean,
-                        control_std=control.std,
-                        selectivity=score.mean - control.mean,
-                        bow_mean=bow.mean if bow else None,
-                        bow_std=bow.std if bow else None,
-                        accuracy_minus_bow=score.mean - bow.mean if bow else None,
-                        chance=chance,
-                        n_samples=n,
-                        n_folds=len(folds),
-                        converged=score.converged and control.converged,
-                    )
+                    {
+                        "kind": kind,
+                        "layer": layer,
+                        "accuracy_mean": score.mean,
+                        "accuracy_std": score.std,
+                        "control_mean": control.mean,
+                        "control_std": control.std,
+                        "selectivity": score.mean - control.mean,
+                        "bow_mean": bow.mean if bow else None,
+                        "bow_std": bow.std if bow else None,
+                        "accuracy_minus_bow": score.mean - bow.mean if bow else None,
+                        "chance": chance,
+                        "n_samples": n,
+                        "n_folds": len(folds),
+                        "converged": score.converged and control.converged,
+                    }
                 )
     schema = {
-        "kind": pl.String, "layer": pl.Int64, "accuracy_mean": pl.Float64, "accuracy_std": pl.Float64,
-        "control_mean": pl.Float64, "control_std": pl.Float64, "selectivity": pl.Float64,
-        "bow_mean": pl.Float64, "bow_std": pl.Float64, "accuracy_minus_bow": pl.Float64,
-        "chance": pl.Float64, "n_samples": pl.Int64, "n_folds": pl.Int64, "converged": pl.Boolean,
-    }  # fmt: skip
+        "kind": pl.String,
+        "layer": pl.Int64,
+        "accuracy_mean": pl.Float64,
+        "accuracy_std": pl.Float64,
+        "control_mean": pl.Float64,
+        "control_std": pl.Float64,
+        "selectivity": pl.Float64,
+        "bow_mean": pl.Float64,
+        "bow_std": pl.Float64,
+        "accuracy_minus_bow": pl.Float64,
+        "chance": pl.Float64,
+        "n_samples": pl.Int64,
+        "n_folds": pl.Int64,
+        "converged": pl.Boolean,
+    }
     table = pl.DataFrame(rows, schema=schema, orient="row") if rows else pl.DataFrame(schema=schema)
     return ProbeResults(
         table=table,

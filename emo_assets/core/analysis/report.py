@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import PurePath
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from emo_assets.core.analysis.tables import Table, as_rows, columns_of
 
@@ -154,7 +155,11 @@ def render_report(
             markdown_table(separation_table, SEPARATION_COLUMNS, digits),
             "",
         ]
-    best = best_layers if best_layers is not None else (best_rows_from_probes(probe_table) if probe_table is not None else None)
+    best = (
+        best_layers
+        if best_layers is not None
+        else (best_rows_from_probes(probe_table) if probe_table is not None else None)
+    )
     if best is not None:
         out += ["## Best layers", "", markdown_table(best, BEST_COLUMNS, digits), ""]
     if stability_table is not None:

@@ -16,8 +16,8 @@ CCA-like comparisons of the full activation spaces are meaningless (Kornblith et
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -186,12 +186,17 @@ class RandomBaseline:
 
 
 @single_blas_thread
-def empirical_random_overlap(d: int, k: int, k2: int | None = None, n_draws: int = 200, seed: int = 0) -> RandomBaseline:
+def empirical_random_overlap(
+    d: int, k: int, k2: int | None = None, n_draws: int = 200, seed: int = 0
+) -> RandomBaseline:
     """Overlap of pairs of independent random subspaces (fixed seed): mean, std and the analytical value."""
     k2 = k if k2 is None else k2
     rng = np.random.default_rng(seed)
     values = np.array(
-        [subspace_overlap(random_orthonormal_basis(d, k, rng), random_orthonormal_basis(d, k2, rng)) for _ in range(n_draws)]
+        [
+            subspace_overlap(random_orthonormal_basis(d, k, rng), random_orthonormal_basis(d, k2, rng))
+            for _ in range(n_draws)
+        ]
     )
     return RandomBaseline(float(values.mean()), float(values.std()), expected_random_overlap(k, d, k2), n_draws)
 

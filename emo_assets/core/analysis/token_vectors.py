@@ -22,8 +22,8 @@ counts tell how much of the lexicon the tokenizer left visible.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 

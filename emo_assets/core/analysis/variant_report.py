@@ -9,14 +9,19 @@ the report's folder; a missing file is listed in the notes instead of producing 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import polars as pl
 
 from emo_assets.core.analysis.comparisons import stability_path
-from emo_assets.core.analysis.inputs import analysis_root, cross_model_dir, model_analysis_dir, read_parquet_if_exists
-from emo_assets.core.analysis.inputs import report_path
+from emo_assets.core.analysis.inputs import (
+    analysis_root,
+    cross_model_dir,
+    model_analysis_dir,
+    read_parquet_if_exists,
+    report_path,
+)
 from emo_assets.core.analysis.model_analysis import PRIMARY_KIND, StepResult, best_probe_layer
 from emo_assets.core.analysis.report import render_report
 from emo_assets.core.atomic import write_bytes_atomic
@@ -39,15 +44,19 @@ def _model_facts(results_dir: Path, variant: str, slug: str) -> str:
         return f"{slug}: no emotion vectors"
     with safe_open(str(path), framework="numpy") as handle:
         meta = handle.metadata()
-    return (f"`{slug}` ({meta.get('model_id')}): {meta.get('n_layers')} layers, d={meta.get('d_model')}, "
-            f"{meta.get('n_sentences')} sentences, revision {meta.get('model_revision', '')[:12]}")  # fmt: skip
+    return (
+        f"`{slug}` ({meta.get('model_id')}): {meta.get('n_layers')} layers, d={meta.get('d_model')}, "
+        f"{meta.get('n_sentences')} sentences, revision {meta.get('model_revision', '')[:12]}"
+    )
 
 
 def _at_best_layer(table: pl.DataFrame | None, best: dict[str, int], kind: str = PRIMARY_KIND) -> pl.DataFrame | None:
     if table is None:
         return None
-    parts = [table.filter((pl.col("model") == m) & (pl.col("kind") == kind) & (pl.col("layer") == layer))
-             for m, layer in best.items()]  # fmt: skip
+    parts = [
+        table.filter((pl.col("model") == m) & (pl.col("kind") == kind) & (pl.col("layer") == layer))
+        for m, layer in best.items()
+    ]
     parts = [p for p in parts if p.height]
     return pl.concat(parts, how="diagonal_relaxed") if parts else None
 
@@ -96,20 +105,28 @@ def analysis_report_step(
     sub_rows = _at_best_layer(subspaces, best)
     if sub_rows is not None:
         extra["Emotion subspaces (resid_post, best probe layer)"] = sub_rows.select(
-            "model", "layer", "emotion", "k", "explained_variance_total", "explained_variance_pc1",
-            "mean_overlap_other_emotions", "random_overlap_mean", "random_overlap_analytical",
-        )  # fmt: skip
+            "model",
+            "layer",
+            "emotion",
+            "k",
+            "explained_variance_total",
+            "explained_variance_pc1",
+            "mean_overlap_other_emotions",
+            "random_overlap_mean",
+            "random_overlap_analytical",
+        )
     lexicon = gather("lexicon_tokens.parquet")
     if lexicon is not None:
-        extra["Lexicon tokens matched (emotion-word vectors)"] = (
-            lexicon.group_by("model", "emotion", maintain_order=True)
-            .agg(pl.col("count").sum().alias("n_tokens"), pl.col("token").sort_by("count", descending=True)
-                 .head(8).str.join(", ").alias("most frequent"))
-        )  # fmt: skip
+        extra["Lexicon tokens matched (emotion-word vectors)"] = lexicon.group_by(
+            "model", "emotion", maintain_order=True
+        ).agg(
+            pl.col("count").sum().alias("n_tokens"),
+            pl.col("token").sort_by("count", descending=True).head(8).str.join(", ").alias("most frequent"),
+        )
     if lexicon is not None:
         facts.append(
             "emotion-word vectors skip each sentence's first token (attention sink), so sentences that open with "
-            "the emotion word (\"Thank you ...\") add no token; stems split by the tokenizer are not matched"
+            'the emotion word ("Thank you ...") add no token; stems split by the tokenizer are not matched'
         )
     for s in present:
         meta_path = model_analysis_dir(results_dir, variant, s) / "token_vectors.safetensors"
@@ -121,8 +138,10 @@ def analysis_report_step(
             (facts if status.startswith("verified") else notes).append(f"{s}: token strings {status}")
 
     cross = cross_model_dir(results_dir, variant)
-    cka, rsa_t, overlap = (pl.read_parquet(cross / name) if (cross / name).is_file() else None
-                           for name in ("cka.parquet", "rsa.parquet", "subspace_overlap.parquet"))  # fmt: skip
+    cka, rsa_t, overlap = (
+        pl.read_parquet(cross / name) if (cross / name).is_file() else None
+        for name in ("cka.parquet", "rsa.parquet", "subspace_overlap.parquet")
+    )
     if cka is not None and rsa_t is not None:
         keys = ["model_a", "model_b", "kind", "layer_a", "layer_b"]
         matched = (
@@ -130,36 +149,44 @@ def analysis_report_step(
             .filter(pl.col("model_a") != pl.col("model_b"))
             .join(rsa_t.select(*keys, "rsa_pearson", "rsa_spearman"), on=keys, how="left")
             .select(*keys, "cka", "cka_debiased", "rsa_pearson", "rsa_spearman")
-        )  # fmt: skip
+        )
         if matched.height:
             extra["Cross-model CKA and RSA at matched relative depth (resid_post)"] = matched
         elif len(present) < 2:
-            notes.append("cross-model comparison needs at least two models; only self-CKA (layer by layer) was computed")
+            notes.append(
+                "cross-model comparison needs at least two models; only self-CKA (layer by layer) was computed"
+            )
     if overlap is not None and overlap.height:
         extra["Cross-model subspace overlap (mean over emotions) vs random subspaces"] = (
             overlap.group_by("model_a", "model_b", "kind", "layer_a", "layer_b", maintain_order=True)
-            .agg(pl.col("k").first(), pl.col("overlap").mean(), pl.col("mean_angle_deg").mean(),
-                 pl.col("random_overlap_mean").first(), pl.col("random_overlap_analytical").first())
+            .agg(
+                pl.col("k").first(),
+                pl.col("overlap").mean(),
+                pl.col("mean_angle_deg").mean(),
+                pl.col("random_overlap_mean").first(),
+                pl.col("random_overlap_analytical").first(),
+            )
             .filter(pl.col("kind") == PRIMARY_KIND)
-        )  # fmt: skip
+        )
 
     stability = None
     if include_stability and stability_path(results_dir).is_file():
         table = pl.read_parquet(stability_path(results_dir))
         table = table.filter((pl.col("variant_a") == variant) | (pl.col("variant_b") == variant))
         if table.height:
-            stability = (
-                table.group_by("model", "kind", "variant_a", "variant_b", maintain_order=True)
-                .agg(pl.col("cosine_centred").mean().alias("mean cosine (centred)"),
-                     pl.col("cosine_centred").min().alias("min cosine (centred)"),
-                     pl.col("cosine_diff_vs_reference").mean().alias("mean cosine (vs neutral)"))
-            )  # fmt: skip
+            stability = table.group_by("model", "kind", "variant_a", "variant_b", maintain_order=True).agg(
+                pl.col("cosine_centred").mean().alias("mean cosine (centred)"),
+                pl.col("cosine_centred").min().alias("min cosine (centred)"),
+                pl.col("cosine_diff_vs_reference").mean().alias("mean cosine (vs neutral)"),
+            )
 
     images: dict[str, Path] = {}
     for s in present:
         folder = model_analysis_dir(results_dir, variant, s)
-        for name, caption in (("layer_profile.png", "separation and probe accuracy vs layer"),
-                              ("cosine_heatmap.png", f"centred emotion cosines at layer {best.get(s)}")):  # fmt: skip
+        for name, caption in (
+            ("layer_profile.png", "separation and probe accuracy vs layer"),
+            ("cosine_heatmap.png", f"centred emotion cosines at layer {best.get(s)}"),
+        ):
             if (folder / name).is_file():
                 images[f"{s}: {caption}"] = folder / name
             else:
@@ -184,7 +211,8 @@ def analysis_report_step(
     result.files["report"] = target
     for caption, path in images.items():
         result.files[f"image: {caption}"] = Path(path)
-    result.summary.update(n_models=len(present), n_images=len(images), n_tables=len(extra) + 2,
-                          best_layers=json.dumps(best))  # fmt: skip
+    result.summary.update(
+        n_models=len(present), n_images=len(images), n_tables=len(extra) + 2, best_layers=json.dumps(best)
+    )
     result.notes = notes
     return result

@@ -24,8 +24,8 @@ and every cosine involving them is NaN rather than a made-up 0.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

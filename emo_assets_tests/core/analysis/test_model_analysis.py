@@ -17,6 +17,7 @@ import polars as pl
 import pytest
 from safetensors.numpy import load_file
 
+from emo_assets.core.activations import ActivationHeader, write_activation_file
 from emo_assets.core.analysis.comparisons import (
     cross_model_alignment_step,
     matched_layers,
@@ -41,7 +42,6 @@ from emo_assets.core.analysis.model_analysis import (
 from emo_assets.core.analysis.variant_report import analysis_report_step
 from emo_assets.core.offline_models import train_tokenizer
 from emo_assets.core.paths import activation_dir, activation_file
-from emo_assets.core.activations import ActivationHeader, write_activation_file
 
 EMOTIONS = ("gratitude", "anger", "apology", "neutral")
 WORDS = {"gratitude": "thanks", "anger": "furious", "apology": "sorry", "neutral": "table"}
@@ -51,13 +51,26 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _records(variant: str) -> list[dict]:
-    subjects = ["my sister", "the driver", "our team", "the nurse", "your friend", "the waiter", "a neighbour",
-                "the teacher", "his boss", "the pilot", "her cousin", "the baker"]  # fmt: skip
+    subjects = [
+        "my sister",
+        "the driver",
+        "our team",
+        "the nurse",
+        "your friend",
+        "the waiter",
+        "a neighbour",
+        "the teacher",
+        "his boss",
+        "the pilot",
+        "her cousin",
+        "the baker",
+    ]
     extra = " today" if variant == "extended" else ""
     return [
         {"id": f"{e}-{i:03d}", "emotion": e, "text": f"I said {WORDS[e]} to {subjects[i]} again{extra}."}
-        for e in EMOTIONS for i in range(PER_EMOTION)
-    ]  # fmt: skip
+        for e in EMOTIONS
+        for i in range(PER_EMOTION)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +91,7 @@ def _write_model(results: Path, variant: str, slug: str, d: int, tokenizer, seed
         offsets = np.concatenate([[0], np.cumsum([len(x) for x in ids])]).astype(np.int64)
         tokens = [tokenizer.convert_ids_to_tokens(x) for x in ids]
         arrays = {}
-        for k_index, kind in enumerate(KINDS):
+        for _k_index, kind in enumerate(KINDS):
             acts = 20.0 + rng.standard_normal((N_LAYERS, int(offsets[-1]), d)).astype(np.float32)
             for s, (start, toks) in enumerate(zip(offsets[:-1], tokens)):
                 acts[:, start] += 500.0  # attention sink
@@ -89,12 +102,22 @@ def _write_model(results: Path, variant: str, slug: str, d: int, tokenizer, seed
                             acts[layer, start + t] += 8.0 * directions[4 + e_index]
             arrays[kind] = acts.astype(np.float32)
         write_activation_file(
-            activation_file(activation_dir(results, variant, slug), emotion), arrays, offsets=offsets,
+            activation_file(activation_dir(results, variant, slug), emotion),
+            arrays,
+            offsets=offsets,
             input_ids=np.concatenate(ids),
-            header=ActivationHeader(n_layers=N_LAYERS, d_model=d, kinds=tuple(arrays), emotion=emotion, model_id=slug,
-                                    model_revision="r1", dataset_sha256="x", prepend_bos=False,
-                                    sentence_ids=tuple(r["id"] for r in records)),
-        )  # fmt: skip
+            header=ActivationHeader(
+                n_layers=N_LAYERS,
+                d_model=d,
+                kinds=tuple(arrays),
+                emotion=emotion,
+                model_id=slug,
+                model_revision="r1",
+                dataset_sha256="x",
+                prepend_bos=False,
+                sentence_ids=tuple(r["id"] for r in records),
+            ),
+        )
     np.save(results / f"{variant}-{slug}-directions.npy", directions)
 
 
@@ -180,7 +203,9 @@ def test_token_vectors_match_lexicon_and_skip_the_sink(baseline_a, workspace):
     _check_tables(step)
     table = pl.read_parquet(step.tables["token_vectors"].path)
     assert table.height == len(KINDS) * N_LAYERS * 4 * 2
-    words = table.filter((pl.col("source") == "emotion_word") & (pl.col("kind") == "resid_post") & (pl.col("layer") == 0))
+    words = table.filter(
+        (pl.col("source") == "emotion_word") & (pl.col("kind") == "resid_post") & (pl.col("layer") == 0)
+    )
     counts = dict(zip(words["emotion"], words["n_tokens"]))
     assert counts == {"gratitude": PER_EMOTION, "anger": PER_EMOTION, "apology": PER_EMOTION, "neutral": 0}
     assert words.filter(pl.col("emotion") == "neutral")["cosine_centred"].is_nan().all()

@@ -15,8 +15,18 @@ def _probe_rows():
     for kind in ("residual", "mlp"):
         for layer in range(13):
             acc = 0.4 + 0.04 * layer
-            rows.append(dict(kind=kind, layer=layer, accuracy_mean=acc, accuracy_std=0.02, control_mean=0.25,
-                             selectivity=acc - 0.25, bow_mean=0.8, chance=0.25))  # fmt: skip
+            rows.append(
+                {
+                    "kind": kind,
+                    "layer": layer,
+                    "accuracy_mean": acc,
+                    "accuracy_std": 0.02,
+                    "control_mean": 0.25,
+                    "selectivity": acc - 0.25,
+                    "bow_mean": 0.8,
+                    "chance": 0.25,
+                }
+            )
     return rows
 
 
@@ -34,7 +44,7 @@ def _no_temp_files(folder, expected):
 
 
 def test_three_plots_are_valid_pngs_written_atomically(tmp_path):
-    sep = [dict(kind="residual", layer=i, separation=0.1 * i) for i in range(13)]
+    sep = [{"kind": "residual", "layer": i, "separation": 0.1 * i} for i in range(13)]
     p1 = plot_layer_profile(tmp_path / "profile.png", _probe_rows(), sep, title="gpt2 / baseline")
     cos = np.array([[1, -0.3, -0.4, -0.3], [-0.3, 1, -0.2, -0.5], [-0.4, -0.2, 1, -0.4], [-0.3, -0.5, -0.4, 1.0]])
     cos[0, 3] = np.nan  # NaN cells are drawn as "n/a"

@@ -37,13 +37,21 @@ def test_probe_separable_high_and_shuffled_at_chance():
     assert t[1]["selectivity"] >= 0.6
     assert t[0]["accuracy_mean"] == pytest.approx(0.25, abs=0.1)
     assert res.chance == pytest.approx(0.25)
-    assert res.best == {"residual": {"layer": 1, "accuracy_mean": t[1]["accuracy_mean"], "selectivity": t[1]["selectivity"]}}
+    assert res.best == {
+        "residual": {"layer": 1, "accuracy_mean": t[1]["accuracy_mean"], "selectivity": t[1]["selectivity"]}
+    }
     assert res.bow is not None and res.bow.mean >= 0.95
     assert t[1]["bow_mean"] == pytest.approx(res.bow.mean)
     assert t[1]["converged"]
     assert res.table.columns[:7] == [
-        "kind", "layer", "accuracy_mean", "accuracy_std", "control_mean", "control_std", "selectivity",
-    ]  # fmt: skip
+        "kind",
+        "layer",
+        "accuracy_mean",
+        "accuracy_std",
+        "control_mean",
+        "control_std",
+        "selectivity",
+    ]
 
 
 def test_bow_on_label_free_texts_is_near_chance():

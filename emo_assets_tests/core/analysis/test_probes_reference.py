@@ -13,9 +13,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from emo_assets.core.activations import ActivationFile
 from emo_assets.core.analysis.probes import ProbeSettings, probe_layers
 from emo_assets.core.extraction import ExtractionOptions, extract_to_file
-from emo_assets.core.activations import ActivationFile
 from emo_assets_tests.conftest import BASELINE, cut_dataset, read_records
 
 EMOTIONS = ("gratitude", "anger", "apology", "neutral")
@@ -31,8 +31,9 @@ def minilm_sentence_ends(tmp_path_factory):
     records = read_records(cut_dataset(BASELINE, folder / "baseline.jsonl", PER_EMOTION))
     loaded = load_model("minilm", device="cpu")
     path = folder / "activations.safetensors"
-    extract_to_file(loaded, [r["text"] for r in records], [r["id"] for r in records], path,
-                    ExtractionOptions(batch_size=32))  # fmt: skip
+    extract_to_file(
+        loaded, [r["text"] for r in records], [r["id"] for r in records], path, ExtractionOptions(batch_size=32)
+    )
     stored = ActivationFile(path)
     activations = {
         kind: np.stack([stored.sentence_end(kind, layer) for layer in range(stored.n_layers)])
@@ -48,8 +49,12 @@ def _reference_accuracy(X: np.ndarray, y: np.ndarray, folds: list, seed: int = 0
 
     accuracies = []
     for train, test in folds:
-        model = Pipeline([("scale", StandardScaler()), ("logreg", LogisticRegression(
-            C=1.0, solver="lbfgs", max_iter=5000, tol=1e-4, random_state=seed))])  # fmt: skip
+        model = Pipeline(
+            [
+                ("scale", StandardScaler()),
+                ("logreg", LogisticRegression(C=1.0, solver="lbfgs", max_iter=5000, tol=1e-4, random_state=seed)),
+            ]
+        )
         model.fit(X[train], y[train])
         accuracies.append(np.mean(model.predict(X[test]) == y[test]))
     return float(np.mean(accuracies))

@@ -43,7 +43,9 @@ def test_angles_identical_orthogonal_and_known():
 def test_random_overlap_matches_k_over_d():
     d, k = 64, 8
     rng = np.random.default_rng(1)
-    draws = [subspace_overlap(random_orthonormal_basis(d, k, rng), random_orthonormal_basis(d, k, rng)) for _ in range(400)]
+    draws = [
+        subspace_overlap(random_orthonormal_basis(d, k, rng), random_orthonormal_basis(d, k, rng)) for _ in range(400)
+    ]
     # one draw has std ~0.018 here, so the mean of 400 has std ~0.001; tolerance 0.01 (10 sigma)
     assert np.mean(draws) == pytest.approx(k / d, abs=0.01)
     base = empirical_random_overlap(d, k, n_draws=300, seed=2)

@@ -13,7 +13,11 @@ from emo_assets.core.analysis.vectors import emotion_vectors
 from emo_assets_tests.core.analysis.synthetic import EMOTIONS
 
 LEXICON = {"gratitude": ["thank", "grate"], "anger": ["furious", "angry"], "apology": ["sorry", "apolog"]}
-WORDS = {"gratitude": ["Ġthanks", "ĠThank", "Ġgrateful"], "anger": ["Ġfurious", "ĠAngry"], "apology": ["ĠSorry", "▁apologize"]}
+WORDS = {
+    "gratitude": ["Ġthanks", "ĠThank", "Ġgrateful"],
+    "anger": ["Ġfurious", "ĠAngry"],
+    "apology": ["ĠSorry", "▁apologize"],
+}
 FILLER = ["Ġthe", "Ġday", "Ġwas", "Ġlong", "Ġand", "Ġwe", "Ġwalked", "Ġhome", "."]
 
 
