@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from emo_assets.core.config import Settings
+from emo_assets.core.dtypes import dtype
 from emo_assets.core.offline_models import OFFLINE_MODELS, TINY_RECIPES, minilm_path, tiny_model_dir
 from emo_assets.core.paths import model_slug
 
@@ -144,7 +145,6 @@ def load_model(
     training_texts: Callable[[], Sequence[str]] | None = None,
 ) -> LoadedModel:
     """Load the base model and tokenizer of `model_id` for inference. Raises `ModelLoadError`."""
-    import torch
     from transformers import AutoModel, AutoTokenizer
 
     from emo_assets.core.layers import find_hook_points
@@ -153,12 +153,16 @@ def load_model(
     slug = model_slug(model_id)
     source, path, commit = resolve_model_path(model_id, training_texts=training_texts, revision=revision)
     device = resolve_device(device)
-    dtype = getattr(torch, compute_dtype)
+    torch_dtype = dtype(compute_dtype).torch()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         with _head_reports_held() as held:
             model, loading_info = AutoModel.from_pretrained(
-                path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, output_loading_info=True
+                path,
+                dtype=torch_dtype,
+                use_safetensors=True,
+                trust_remote_code=trust_remote_code,
+                output_loading_info=True,
             )
     except Exception as exc:
         raise ModelLoadError(f"model {model_id!r} ({path}) could not be loaded: {type(exc).__name__}: {exc}") from exc
