@@ -28,7 +28,7 @@ def safe_name(value: str, what: str) -> str:
 
 
 def model_slug(model_id: str) -> str:
-    """Folder name of a model: the hub id with `/` replaced by `-` (the seed's `EleutherAI-pythia-160m`).
+    """Folder name and partition key of a model: the hub id with `/` replaced by `-` (`EleutherAI-pythia-160m`).
 
     Local directories are named by their last path component. The result is checked with `safe_name`.
     """
@@ -47,7 +47,7 @@ def model_slug(model_id: str) -> str:
 
 
 def activation_dir(results_dir: Path, variant: str, slug: str) -> Path:
-    """`results/<variant>/activations/<model-slug>/` — the seed's layout."""
+    """`results/<variant>/activations/<model-slug>/` — the layout users' scripts read."""
     return Path(results_dir) / safe_name(variant, "dataset variant") / "activations" / safe_name(slug, "model slug")
 
 
