@@ -51,6 +51,7 @@ from emo_assets.core.activations import (
     kinds_for,
 )
 from emo_assets.core.activations.reuse import RowIndex, copy_reused_rows, kept_record, plan_reuse, unchanged_file
+from emo_assets.core.atomic import remove_stale_temps
 from emo_assets.core.capture import Countdown, DeviceCapture, Hooks, HostCapture, to_device
 from emo_assets.core.config import ExtractionSettings
 from emo_assets.core.dtypes import dtype
@@ -410,6 +411,7 @@ def extract_files(
     for job, keep in zip(jobs, kept):
         if keep:
             os.utime(job.output_path)  # renewed: its age is what the freshness checks read
+            remove_stale_temps(job.output_path)  # a kept file is not published, which is where writers clean up
     if not on_host:
         nonfinite = capture.nonfinite.cpu().numpy()
     wall = time.perf_counter() - started

@@ -120,13 +120,14 @@ def test_sigkill_mid_write_then_rerun(extraction_twice, small_datasets):
     left = temp_files(results)
     assert [p.name.split(".tmp-")[0] for p in left] == [f".{analysis.name}"], "the Parquet temp was not cleaned"
 
-    # 3. activation file half written
-    activations = _kill_at(root, {**env, "EMO_ASSETS_BATCH_SIZE": "2"}, "activations", args)
+    # 3. activation file half written (reuse off: an up-to-date file is otherwise kept, and nothing is written)
+    activations = _kill_at(root, {**env, "EMO_ASSETS_BATCH_SIZE": "2", "EMO_ASSETS_REUSE": "0"}, "activations", args)
     assert activations.is_file()
     assert _published(results) == good
-    assert sorted(p.name.split(".tmp-")[0] for p in temp_files(results)) == sorted(
-        [f".{analysis.name}", f".{activations.name}"]
-    )
+    # the model's emotions are extracted in one forward stream: every one of its files was being written
+    streamed = [f".{path.name}" for path in sorted(activations.parent.glob("activations_*.safetensors"))]
+    assert len(streamed) == 4 and f".{activations.name}" in streamed
+    assert sorted(p.name.split(".tmp-")[0] for p in temp_files(results)) == sorted([f".{analysis.name}", *streamed])
 
     # 4. a plain rerun on the same instance
     try:
