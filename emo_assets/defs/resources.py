@@ -8,6 +8,7 @@ exactly as long as one run.
 import contextlib
 import gc
 import json
+import logging
 import math
 import os
 import time
@@ -207,6 +208,8 @@ class MlflowTracker(dg.ConfigurableResource):
         from mlflow.entities import Metric, Param
 
         if self._client is None:
+            # a new sqlite store announces its schema creation at INFO on the console; the run lines say enough
+            logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         client = self._client
         # MLflow stores milliseconds: round outwards so that the run covers the whole work
