@@ -30,7 +30,6 @@ impossible to write.
 """
 
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -104,9 +103,8 @@ def _inputs_version(acts: ModelActivations, config: AnalysisSettings) -> str:
 
 def _per_model_asset(settings: Settings, variant: str, spec: AnalysisSpec) -> dg.AssetsDefinition:
     parts, config, name = partitions_for(settings), settings.analysis, spec.name
-    with warnings.catch_warnings():  # the class is marked beta; the mapping it states is the inferred one
-        warnings.simplefilter("ignore", dg.BetaWarning)
-        mapping = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name=MODEL_DIM)
+    # stated although Dagster infers it, so that a reader sees which activation partitions a model's analysis reads
+    mapping = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name=MODEL_DIM)
 
     @dg.asset(
         key=analysis_key(variant, name),
