@@ -86,16 +86,15 @@ def run_report(instance, name: str, run_id: str, span: str) -> tuple[bool, list[
     return ok, lines
 
 
-def run_in_process(defs, names: list[str], instance, echo=print) -> bool:
-    """Run the jobs `names` in order in this process (`job_runs` of each); stop at the first failed run."""
+def run_jobs(defs, names: list[str], instance, launch, echo=print) -> bool:
+    """Run the jobs `names` in order, each over its runs (`job_runs`), and report every run from its record;
+    stop at the first failed run. `launch(name, job, tags)` starts one run and returns its id once it ended."""
     from emo_assets.defs.jobs import job_runs
 
     for name in names:
         job = defs.resolve_job_def(name)
         for span, tags in job_runs(job):
-            tags = {**tags, PROCESS_TAG: process_identity()}
-            result = job.execute_in_process(instance=instance, tags=tags, run_config=QUIET_LOGS, raise_on_error=False)
-            ok, lines = run_report(instance, name, result.run_id, span)
+            ok, lines = run_report(instance, name, launch(name, job, tags), span)
             for line in lines:
                 echo(line)
             if not ok:
@@ -103,28 +102,34 @@ def run_in_process(defs, names: list[str], instance, echo=print) -> bool:
     return True
 
 
+def run_in_process(defs, names: list[str], instance, echo=print) -> bool:
+    """`run_jobs` in this process: each run executes here, on `instance`, tagged with this process."""
+
+    def launch(name, job, tags) -> str:
+        tags = {**tags, PROCESS_TAG: process_identity()}
+        return job.execute_in_process(instance=instance, tags=tags, run_config=QUIET_LOGS, raise_on_error=False).run_id
+
+    return run_jobs(defs, names, instance, launch, echo)
+
+
 def submit_and_wait(defs, names: list[str], instance, webserver: str, echo=print) -> bool:
-    """Submit the jobs `names` in order to the deployment behind `webserver` and wait for each run."""
+    """`run_jobs` on the deployment behind `webserver`: each run is submitted through its GraphQL API and
+    followed through the run records of its instance."""
     import dagster as dg
     from dagster_graphql import DagsterGraphQLClient
-
-    from emo_assets.defs.jobs import job_runs
 
     url = urlsplit(webserver)
     https, prefix = url.scheme == "https", url.path.rstrip("/")
     client = DagsterGraphQLClient(url.hostname, port_number=url.port, use_https=https, path_prefix=prefix)
     finished = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
-    for name in names:
-        for span, tags in job_runs(defs.resolve_job_def(name)):
-            run_id = client.submit_job_execution(name, tags=tags)
-            while instance.get_run_record_by_id(run_id).dagster_run.status not in finished:
-                time.sleep(POLL_SECONDS)
-            ok, lines = run_report(instance, name, run_id, span)
-            for line in lines:
-                echo(line)
-            if not ok:
-                return False
-    return True
+
+    def launch(name, job, tags) -> str:
+        run_id = client.submit_job_execution(name, tags=tags)
+        while instance.get_run_record_by_id(run_id).dagster_run.status not in finished:
+            time.sleep(POLL_SECONDS)
+        return run_id
+
+    return run_jobs(defs, names, instance, launch, echo)
 
 
 def materialize(args) -> int:
