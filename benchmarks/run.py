@@ -418,13 +418,13 @@ def paper_rows(args, skip: set[str], work_dir: Path) -> list[Row]:
     """Rows 9-11 (`benchmarks.paper`); the stand-ins are built into the model cache on first use."""
     if args.device != "cpu" or {"paper", "cli-tl", "fixed"} <= skip:
         return []
-    from benchmarks.paper import cli_vs_tl_row, fixed_cost_row, paper_datasets, paper_profile_row
+    from benchmarks.paper import cli_vs_tl_row, fixed_cost_row, paper_datasets, paper_profile_rows
 
     models = tuple(m for m in args.paper_models.split(",") if m)
     rows = []
     if "paper" not in skip:
         _echo("paper profile (stand-ins): forward floor, then emo-assets materialize --profile paper (subprocess)")
-        rows.append(paper_profile_row(work_dir, args.paper_per_emotion, tiny=args.paper_tiny))
+        rows += paper_profile_rows(work_dir, args.paper_per_emotion, tiny=args.paper_tiny)
     if "cli-tl" not in skip:
         _echo("extract CLI vs TransformerLens script (subprocesses)")
         dataset = paper_datasets(work_dir / "cli-tl-data", args.paper_per_emotion)["extended"]

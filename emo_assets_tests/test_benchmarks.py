@@ -127,7 +127,7 @@ def test_paper_rows_on_tiny_stand_ins(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {row["key"]: row for row in json.loads((out / "latest.json").read_text())["rows"]}
-    assert list(rows) == ["1", "2", "9", "10", "11"]
+    assert list(rows) == ["1", "2", "9", "9a", "10", "11"]
     cut = paper_datasets(tmp_path / "cut", 6)
     n_cut = {variant: len(read_records(path)) for variant, path in cut.items()}
     assert n_cut == {variant: 6 * len({r["emotion"] for r in read_records(path)}) for variant, path in DATASETS.items()}
@@ -139,9 +139,12 @@ def test_paper_rows_on_tiny_stand_ins(tmp_path):
     assert floor["sentences_per_model"] == sum(n_cut.values())
     assert paper["samples"] == 3 * floor["sentences_per_model"]
     assert abs(paper["ratio"] - paper["seconds"][0] / floor["sum_s"]) <= 1e-3 * paper["ratio"]
-    assert {"load_models[gpt2]", "load_models[EleutherAI-pythia-160m]", "baseline_activations"} <= set(
-        paper["extra"]["runs_s"]
-    )
+    runs_s = paper["extra"]["runs_s"]
+    assert {"load_models[gpt2]", "load_models[EleutherAI-pythia-160m]", "baseline_activations"} <= set(runs_s)
+    analysis = rows["9a"]
+    analysis_runs = [runs_s[name] for name in ("baseline_analysis", "extended_analysis", "baseline_comparisons")]
+    assert analysis["seconds"][0] >= sum(analysis_runs) and analysis["seconds"][0] < paper["seconds"][0]
+    assert abs(analysis["ratio"] - analysis["seconds"][0] / floor["sum_s"]) <= 1e-3 * analysis["ratio"]
 
     cli_tl = rows["10"]
     if cli_tl["status"] == "ok":
