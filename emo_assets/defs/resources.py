@@ -2,7 +2,8 @@
 
 Both are `ConfigurableResource`s. Dagster copies a resource for each run and calls `setup_for_execution`
 once per run and process, so their private state (loaded models, load counts, an MLflow failure) lives
-exactly as long as one run.
+exactly as long as one run. A new local MLflow store is created by a child process started at setup (see
+`_start_creating_store`), the one piece of state that outlives a run.
 """
 
 import contextlib
@@ -11,6 +12,8 @@ import json
 import logging
 import math
 import os
+import subprocess
+import sys
 import time
 import weakref
 from collections import Counter
@@ -109,6 +112,45 @@ class TrackedDataset:
     sha256: str | None = None  # of the bytes the run read; None: hash the file as it is when the run is logged
 
 
+# Creates the store of the tracking URI given as argument, the way the logging client would on first use.
+_CREATE_STORE = "import sys; from mlflow import MlflowClient; MlflowClient(tracking_uri=sys.argv[1])"
+_CREATING: dict[str, subprocess.Popen] = {}
+
+
+def _new_sqlite_store(tracking_uri: str) -> Path | None:
+    """The database file of a sqlite tracking URI whose file does not exist yet; None for any other URI."""
+    if not tracking_uri.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    database = make_url(tracking_uri).database
+    return Path(database) if database and not Path(database).exists() else None
+
+
+def _start_creating_store(tracking_uri: str, environment: Mapping[str, str]) -> None:
+    """Create a new sqlite store in a child process, so that its dozens of schema migrations, each committed
+    to disk, overlap the run's first work (model loads, the first forward passes) instead of delaying its first
+    log. A child process, not a thread: importing MLflow and SQLAlchemy's lazily loaded modules next to the
+    run's own imports is not thread-safe. If the child fails, the first log creates the store as before."""
+    path = _new_sqlite_store(tracking_uri)
+    if path is None or tracking_uri in _CREATING:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _CREATING[tracking_uri] = subprocess.Popen(
+        [sys.executable, "-c", _CREATE_STORE, tracking_uri],
+        env={**os.environ, **environment},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _wait_for_store(tracking_uri: str) -> None:
+    child = _CREATING.pop(tracking_uri, None)
+    if child is not None:
+        child.wait()
+
+
 class MlflowTracker(dg.ConfigurableResource):
     """Logs finished MLflow runs (params, metrics, files as artifacts); never fails a materialization.
 
@@ -138,6 +180,16 @@ class MlflowTracker(dg.ConfigurableResource):
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         self._client, self._experiment, self._failure = None, None, None
+        _start_creating_store(self.tracking_uri, self._environment())
+
+    def _environment(self) -> dict[str, str]:
+        """MLflow's settings for every call: fail fast, and no usage reports to MLflow's servers from a research
+        data pipeline (nor waiting for them offline) unless the user opts in by setting the variable."""
+        return {
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+            "MLFLOW_HTTP_REQUEST_TIMEOUT": str(self.request_timeout_s),
+            "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true"),
+        }
 
     def log_run(
         self,
@@ -160,15 +212,8 @@ class MlflowTracker(dg.ConfigurableResource):
         ended = time.time() if ended is None else ended
         if self._failure is not None:
             return f"not logged ({self._failure}; not retried in this run)"
-        fast = {
-            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-            "MLFLOW_HTTP_REQUEST_TIMEOUT": str(self.request_timeout_s),
-            # no usage reports to MLflow's servers from a research data pipeline (and no waiting for them
-            # offline) unless the user opts in by setting the variable
-            "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true"),
-        }
         try:
-            with _environment(fast):
+            with _environment(self._environment()):
                 run_id = self._log(name, params, metrics, tags, files, (started, ended), datasets)
         except Exception as exc:  # MLflow raises many types (MlflowException, requests, sqlalchemy errors)
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no message'}"[:300]
@@ -208,6 +253,7 @@ class MlflowTracker(dg.ConfigurableResource):
         from mlflow.entities import Metric, Param
 
         if self._client is None:
+            _wait_for_store(self.tracking_uri)
             # a new sqlite store announces its schema creation at INFO on the console; the run lines say enough
             logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
             self._client = MlflowClient(tracking_uri=self.tracking_uri)

@@ -123,3 +123,30 @@ def test_an_existing_experiment_gets_the_model_development_kind(mlflow_uri):
     (run,) = client.search_runs([experiment_id])
     assert run.info.start_time == math.floor(started * 1000)
     assert run.info.end_time - run.info.start_time >= 2500
+
+
+def test_a_new_sqlite_store_is_created_by_a_child_process_at_setup(tmp_path):
+    """Setting up the resource starts creating a new store in a child process; the first log waits for it and
+    finds the store at MLflow's current schema (its alembic head), with the run in it."""
+    from alembic.script import ScriptDirectory
+    from dagster import build_init_resource_context
+    from mlflow.store.db.utils import _get_alembic_config
+
+    from emo_assets.defs import resources
+
+    path = tmp_path / "store" / "mlflow.db"
+    tracker = MlflowTracker(tracking_uri=f"sqlite:///{path}", experiment="setup")
+    tracker.setup_for_execution(build_init_resource_context())
+    child = resources._CREATING[tracker.tracking_uri]
+    assert child.pid != os.getpid() and path.parent.is_dir()
+    status = tracker.log_run(
+        "setup/run", params={}, metrics={"x": 1.0}, tags={}, log=logging.getLogger(__name__), started=time.time()
+    )
+    assert status.startswith("logged (run ") and child.returncode == 0
+    assert tracker.tracking_uri not in resources._CREATING
+    head = ScriptDirectory.from_config(_get_alembic_config(tracker.tracking_uri)).get_current_head()
+    with sqlite3.connect(path) as db:
+        assert db.execute("select version_num from alembic_version").fetchall() == [(head,)]
+        assert db.execute("select name from runs").fetchall() == [("setup/run",)]
+    tracker.setup_for_execution(build_init_resource_context())  # an existing store is not created again
+    assert tracker.tracking_uri not in resources._CREATING
