@@ -24,6 +24,7 @@ Folders that are not model slugs start with `_`, which no slug can (`paths.safe_
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,7 +154,7 @@ class ModelActivations:
                 f"{variant}/{slug}: activation files missing (materialize {variant}/activations for model {slug} "
                 f"first): {missing}"
             )
-        files = {emotion: ActivationFile(path) for emotion, path in paths.items()}
+        files = {emotion: _open_verified(path) for emotion, path in paths.items()}
         return cls.from_files(variant, slug, files, dataset_path=dataset_path, kinds=kinds)
 
     @classmethod
@@ -275,6 +276,24 @@ class ModelActivations:
             "n_layers": str(self.n_layers),
             "d_model": str(self.d_model),
         }
+
+
+# (path, device, inode, size, mtime in ns, stored checksum) of the files whose data this process has hashed
+_VERIFIED: set[tuple] = set()
+
+
+def _open_verified(path: Path) -> ActivationFile:
+    """`ActivationFile(path)` with its checksum verified once per process: the per-model analysis steps of a
+    run (in-process, or on one long-lived worker) each open the same files, and hashing them again would cost
+    more than most steps compute. A rewritten file has another inode or mtime and is hashed again."""
+    before = os.stat(path)
+    file = ActivationFile(path, verify=False)
+    after = os.stat(path)
+    key = (str(Path(path).resolve()), after.st_dev, after.st_ino, after.st_size, after.st_mtime_ns, file.header.checksum)
+    if key not in _VERIFIED or before != after:
+        file.verify()
+        _VERIFIED.add(key)
+    return file
 
 
 def reference_emotion(emotions: Sequence[str]) -> str:
