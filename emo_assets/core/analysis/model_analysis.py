@@ -43,8 +43,7 @@ from emo_assets.core.analysis.subspaces import (
     emotion_subspaces_by_layer,
     empirical_random_overlap,
     expected_random_overlap,
-    principal_angles,
-    subspace_overlap,
+    pair_metrics,
     subspace_rows,
 )
 from emo_assets.core.analysis.labels import encode_labels
@@ -314,13 +313,9 @@ def emotion_subspaces_step(
     result = StepResult()
     tensors: dict[str, np.ndarray] = {}
     rows, pair_rows = [], []
-    baselines: dict[tuple[int, int, int], Any] = {}
 
     def baseline(d: int, k1: int, k2: int):
-        key = (d, max(k1, k2), min(k1, k2))
-        if key not in baselines:
-            baselines[key] = empirical_random_overlap(d, key[1], key[2], n_draws=n_random, seed=seed)
-        return baselines[key]
+        return empirical_random_overlap(d, max(k1, k2), min(k1, k2), n_draws=n_random, seed=seed)
 
     with one_blas_thread():
         for kind in acts.kinds:
@@ -336,6 +331,7 @@ def emotion_subspaces_step(
                 base = baseline(sub.d, sub.k, sub.k)
                 row.update(random_overlap_mean=base.mean, random_overlap_std=base.std)
                 rows.append(row)
+            pairs = []
             for layer, subspaces in enumerate(by_layer):
                 for emotion, sub in subspaces.items():
                     prefix = f"{kind}/L{layer:02d}/{emotion}"
@@ -343,28 +339,30 @@ def emotion_subspaces_step(
                     tensors[f"{prefix}/explained_variance_ratio"] = sub.explained_variance_ratio
                     tensors[f"{prefix}/mean"] = sub.mean
                 names = list(subspaces)
-                for i, a in enumerate(names):
-                    for b in names[i + 1 :]:
-                        sa, sb = subspaces[a], subspaces[b]
-                        angles = principal_angles(sa, sb)
-                        base = baseline(sa.d, sa.k, sb.k)
-                        pair_rows.append(
-                            {
-                                "model": acts.slug,
-                                "kind": kind,
-                                "layer": layer,
-                                "emotion_a": a,
-                                "emotion_b": b,
-                                "k": min(sa.k, sb.k),
-                                "overlap": subspace_overlap(sa, sb),
-                                "mean_angle_deg": float(angles.mean()),
-                                "min_angle_deg": float(angles.min()),
-                                "max_angle_deg": float(angles.max()),
-                                "random_overlap_mean": base.mean,
-                                "random_overlap_std": base.std,
-                                "random_overlap_analytical": expected_random_overlap(sa.k, sa.d, sb.k),
-                            }
-                        )
+                pairs += [(layer, a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
+            overlaps, angles = pair_metrics(
+                [by_layer[layer][a] for layer, a, _ in pairs], [by_layer[layer][b] for layer, _, b in pairs]
+            )
+            for (layer, a, b), overlap, theta in zip(pairs, overlaps, angles):
+                sa, sb = by_layer[layer][a], by_layer[layer][b]
+                base = baseline(sa.d, sa.k, sb.k)
+                pair_rows.append(
+                    {
+                        "model": acts.slug,
+                        "kind": kind,
+                        "layer": layer,
+                        "emotion_a": a,
+                        "emotion_b": b,
+                        "k": min(sa.k, sb.k),
+                        "overlap": float(overlap),
+                        "mean_angle_deg": float(theta.mean()),
+                        "min_angle_deg": float(theta.min()),
+                        "max_angle_deg": float(theta.max()),
+                        "random_overlap_mean": base.mean,
+                        "random_overlap_std": base.std,
+                        "random_overlap_analytical": expected_random_overlap(sa.k, sa.d, sb.k),
+                    }
+                )
     meta = {**acts.keys(), "k_requested": str(k), "kinds": json.dumps(list(acts.kinds))}
     result.files["bases"] = write_safetensors(tensors, out / "emotion_subspaces.safetensors", meta)
     table = frame(rows)

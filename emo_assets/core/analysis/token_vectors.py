@@ -198,19 +198,20 @@ def token_vectors_by_layer(
     y = encode_labels(labels, emotions)
     if len(y) != len(offsets) - 1:
         raise ValueError(f"{len(y)} labels for {len(offsets) - 1} sentences")
-    sums, counts, fallback = _content_sums(blocks, offsets)
-    content = ContentMeans(means=sums / counts[:, None], fallback=fallback)
-    if matches is None:
-        return content, None
-    if matches.shape != (len(emotions), n_tokens):
+    if matches is not None and matches.shape != (len(emotions), n_tokens):
         raise ValueError(f"matches must be [{len(emotions)}, {n_tokens}], got {matches.shape}")
+    sums, counts, fallback = _content_sums(blocks, offsets)
     n_layers, d = sums.shape[0], sums.shape[-1]
-    sentence = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
     # content-token means per emotion, from the sentence sums (a one-token sentence has no content token)
     sizes = np.bincount(y, weights=np.diff(offsets) - 1, minlength=len(emotions))
     present = sizes > 0
-    means = np.stack([sums[:, (y == e) & ~fallback].sum(axis=1) / sizes[e] for e in np.flatnonzero(present)], axis=1)
-    grand = means.mean(axis=1) if present.any() else np.full((n_layers, d), np.nan)
+    members = np.stack([(y == e) & ~fallback for e in np.flatnonzero(present)]).astype(np.float64)
+    grand = (members @ sums / sizes[present, None]).mean(axis=1) if present.any() else np.full((n_layers, d), np.nan)
+    sums /= counts[:, None]  # now the means, without another [L, n_sentences, d] array
+    content = ContentMeans(means=sums, fallback=fallback)
+    if matches is None:
+        return content, None
+    sentence = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
     bases = np.concatenate([[0], np.cumsum([b.shape[-2] for b in blocks])])
     vectors = np.full((n_layers, len(emotions), d), np.nan)
     match_counts = matches.sum(axis=1).astype(np.int64)
