@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 from safetensors import safe_open
 
+from emo_assets.core import dtypes
 from emo_assets.core.activations import fileio
 from emo_assets.core.activations.format import ACTIVATION_KINDS, ActivationFileError, ActivationHeader
-from emo_assets.core import dtypes
 from emo_assets.core.dtypes import to_float32
 
 

@@ -251,10 +251,6 @@ class ModelActivations:
         d_model]; for float32 storage a read-only view of the memory-mapped file, so nothing is copied."""
         return [to_float32(self.files[e].mapped(kind), self.files[e].dtype) for e in self.emotions]
 
-    def token_layer(self, kind: str, layer: int) -> np.ndarray:
-        """All token rows of one layer, float32 [n_tokens, d_model] (rows follow `offsets`)."""
-        return np.concatenate([self.files[emotion].layer(kind, layer) for emotion in self.emotions])
-
     def input_ids(self) -> np.ndarray:
         return np.concatenate([np.asarray(self.files[emotion].input_ids) for emotion in self.emotions])
 
@@ -289,7 +285,8 @@ def _open_verified(path: Path) -> ActivationFile:
     before = os.stat(path)
     file = ActivationFile(path, verify=False)
     after = os.stat(path)
-    key = (str(Path(path).resolve()), after.st_dev, after.st_ino, after.st_size, after.st_mtime_ns, file.header.checksum)
+    where = (str(Path(path).resolve()), after.st_dev, after.st_ino, after.st_size, after.st_mtime_ns)
+    key = (*where, file.header.checksum)
     if key not in _VERIFIED or before != after:
         file.verify()
         _VERIFIED.add(key)

@@ -36,6 +36,7 @@ from emo_assets.core.analysis.inputs import (
     write_parquet,
     write_safetensors,
 )
+from emo_assets.core.analysis.labels import encode_labels
 from emo_assets.core.analysis.plots import plot_cosine_heatmap, plot_layer_profile
 from emo_assets.core.analysis.probes import ProbeSettings, probe_layers
 from emo_assets.core.analysis.subspaces import (
@@ -46,7 +47,6 @@ from emo_assets.core.analysis.subspaces import (
     pair_metrics,
     subspace_rows,
 )
-from emo_assets.core.analysis.labels import encode_labels
 from emo_assets.core.analysis.token_vectors import lexicon_matches, normalise_token, token_vectors_by_layer
 from emo_assets.core.analysis.vectors import (
     EmotionVectors,
@@ -216,14 +216,15 @@ def token_vectors_step(
     content_tokens = {e: int(np.sum(np.where(lengths > 1, lengths - 1, 1)[labels == e])) for e in acts.emotions}
     tensors: dict[str, np.ndarray] = {}
     rows = []
-    E, L, nan_rows = len(acts.emotions), acts.n_layers, np.full((acts.n_layers, len(acts.emotions), acts.d_model), np.nan)
+    E, L = len(acts.emotions), acts.n_layers
+    nan_rows = np.full((L, E, acts.d_model), np.nan)
     y = encode_labels(acts.labels, acts.emotions)
     with one_blas_thread():
         for kind in acts.kinds:
             sentence_end = _vectors_by_layer(kind, acts)
             se_centred = np.stack([v.centred for v in sentence_end])
             se_means = np.stack([v.means for v in sentence_end])
-            content, words = token_vectors_by_layer(
+            content, word_layers = token_vectors_by_layer(
                 acts.token_blocks(kind), acts.offsets, acts.labels, matches, acts.emotions
             )
             # the emotion vectors of the content means (as `vectors.emotion_vectors` makes them; only the means
@@ -232,14 +233,14 @@ def token_vectors_step(
             c_centred = c_means - c_means.mean(axis=-2)[:, None]
             c_cos = np.diagonal(cosine_matrix(c_centred, se_centred), axis1=-2, axis2=-1)
             c_raw = np.diagonal(cosine_matrix(c_means, se_means), axis1=-2, axis2=-1)
-            if words is not None:
-                w_vectors = np.stack([tv.vectors for tv in words])
-                w_centred = np.stack([tv.centred for tv in words])
-                w_counts = np.stack([tv.counts for tv in words])
+            if word_layers is not None:
+                w_vectors = np.stack([tv.vectors for tv in word_layers])
+                w_centred = np.stack([tv.centred for tv in word_layers])
+                w_counts = np.stack([tv.counts for tv in word_layers])
                 w_cos = np.diagonal(cosine_matrix(w_centred, se_centred), axis1=-2, axis2=-1)
                 w_raw = np.diagonal(cosine_matrix(w_vectors, se_means), axis1=-2, axis2=-1)
                 w_vs_c = np.diagonal(cosine_matrix(w_centred, c_centred), axis1=-2, axis2=-1)
-                w_sentences = words[0].sentence_counts
+                w_sentences = word_layers[0].sentence_counts
             else:
                 w_vectors, w_centred, w_counts = nan_rows, nan_rows, np.zeros((L, E), dtype=np.int64)
                 w_cos = w_raw = w_vs_c = np.full((L, E), np.nan)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from emo_assets.core.analysis.blas import single_blas_thread
-from emo_assets.core.analysis.labels import DEFAULT_EMOTIONS, as_float64_2d, encode_labels
+from emo_assets.core.analysis.labels import DEFAULT_EMOTIONS, encode_labels
 from emo_assets.core.analysis.vectors import EmotionVectors, cosine_matrix
 
 _TOKEN_MARKERS = " \t\r\n\u0120\u2581\u010a"  # space, tab, CR, LF, "Ġ", "▁", "Ċ"
@@ -76,9 +76,7 @@ def _as_2d(acts: np.ndarray) -> np.ndarray:
     return acts if np.issubdtype(acts.dtype, np.floating) else acts.astype(np.float64)
 
 
-def _content_sums(
-    blocks: Sequence[np.ndarray], offsets: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _content_sums(blocks: Sequence[np.ndarray], offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(sums [L, n_sentences, d] float64, counts, fallback) over each sentence's rows first+1 .. end (its only
     row for a one-token sentence). `blocks` [L, n_tokens_b, d] of any float type are consecutive pieces of the
     token axis that split it between sentences (the per-emotion files), so nothing is concatenated or
