@@ -4,8 +4,8 @@ and token strings, and where every analysis output lives.
 `ModelActivations.load` opens the model's per-emotion activation files once each (the checksum is verified
 on open) and concatenates them in emotion order, so that every analysis sees one sentence axis:
 `labels[i]`, `sentence_ids[i]`, `sentence_end(kind)[:, i]` and the token rows `offsets[i]:offsets[i+1]`
-all describe the same sentence. Arrays come back as float32 (stored precision); the math library converts
-to float64 layer by layer.
+all describe the same sentence. Arrays come back as float32 (stored precision); the math library accumulates
+in float64.
 
 Output layout (`results/<variant>/analysis/...`):
 

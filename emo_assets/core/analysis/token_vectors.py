@@ -18,6 +18,9 @@ so that sentence i owns rows offsets[i]:offsets[i+1], and `tokens[j]` is the dec
 
 An emotion word split by the tokenizer before the end of its stem (" ap" + "ologize") is not matched; the
 counts tell how much of the lexicon the tokenizer left visible.
+
+`token_vectors_by_layer` computes both for every layer at once, from the stored rows as they are (per-emotion
+pieces of the token axis, float32, memory-mapped); the one-layer functions above are its [1, n_tokens, d] case.
 """
 
 from __future__ import annotations
@@ -203,8 +206,11 @@ def token_vectors_by_layer(
     # content-token means per emotion, from the sentence sums (a one-token sentence has no content token)
     sizes = np.bincount(y, weights=np.diff(offsets) - 1, minlength=len(emotions))
     present = sizes > 0
-    members = np.stack([(y == e) & ~fallback for e in np.flatnonzero(present)]).astype(np.float64)
-    grand = (members @ sums / sizes[present, None]).mean(axis=1) if present.any() else np.full((n_layers, d), np.nan)
+    if present.any():
+        members = np.stack([(y == e) & ~fallback for e in np.flatnonzero(present)]).astype(np.float64)
+        grand = (members @ sums / sizes[present, None]).mean(axis=1)
+    else:
+        grand = np.full((n_layers, d), np.nan)
     sums /= counts[:, None]  # now the means, without another [L, n_sentences, d] array
     content = ContentMeans(means=sums, fallback=fallback)
     if matches is None:
