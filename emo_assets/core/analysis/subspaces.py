@@ -139,9 +139,12 @@ def _pca_subspaces(X_layers: np.ndarray, k: int) -> list[Subspace | None]:
     mean = X.mean(axis=1)
     centred = X - mean[:, None]
     gram = centred @ centred.transpose(0, 2, 1)
-    values, vectors = np.linalg.eigh(gram)
-    values, vectors = values[:, ::-1], vectors[:, :, ::-1]  # descending, as the SVD's
-    singular = np.sqrt(np.maximum(values[:, :k_eff], 0))
+    from scipy.linalg import eigh  # imported on use, as in `pca_subspace`
+
+    # the k_eff largest eigenpairs only, descending as the SVD's
+    top = [eigh(g, subset_by_index=[n - k_eff, n - 1], driver="evr") for g in gram]
+    values, vectors = np.stack([w[::-1] for w, _ in top]), np.stack([v[:, ::-1] for _, v in top])
+    singular = np.sqrt(np.maximum(values, 0))
     totals = np.trace(gram, axis1=1, axis2=2)
     out: list[Subspace | None] = [None] * n_layers
     fast: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # layer -> (components [rank, d], squared singular values)
@@ -261,11 +264,9 @@ def empirical_random_overlap(
 @single_blas_thread
 def _random_overlap(d: int, k: int, k2: int, n_draws: int, seed: int) -> RandomBaseline:
     # One draw of all the Gaussian matrices is the same stream as draw after draw (A_i [d, k], then B_i [d, k2]),
-    # and the stacked QRs are the same LAPACK calls as one at a time: the values of the one-by-one loop.
+    # and the stacked QRs are the same LAPACK calls as one at a time (`_overlaps` orthonormalises them).
     gaussian = np.random.default_rng(seed).standard_normal((n_draws, d * (k + k2)))
-    first = np.linalg.qr(gaussian[:, : d * k].reshape(n_draws, d, k))[0]
-    second = np.linalg.qr(gaussian[:, d * k :].reshape(n_draws, d, k2))[0]
-    values = _overlaps(first, second)
+    values = _overlaps(gaussian[:, : d * k].reshape(n_draws, d, k), gaussian[:, d * k :].reshape(n_draws, d, k2))
     return RandomBaseline(float(values.mean()), float(values.std()), expected_random_overlap(k, d, k2), n_draws)
 
 
