@@ -44,7 +44,7 @@ from emo_assets.core.analysis.subspaces import (
     emotion_subspaces_by_layer,
     empirical_random_overlap,
     expected_random_overlap,
-    pair_metrics,
+    overlaps_and_angles,
     subspace_rows,
 )
 from emo_assets.core.analysis.token_vectors import lexicon_matches, normalise_token, token_vectors_by_layer
@@ -341,7 +341,7 @@ def emotion_subspaces_step(
                     tensors[f"{prefix}/mean"] = sub.mean
                 names = list(subspaces)
                 pairs += [(layer, a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
-            overlaps, angles = pair_metrics(
+            overlaps, angles = overlaps_and_angles(
                 [by_layer[layer][a] for layer, a, _ in pairs], [by_layer[layer][b] for layer, _, b in pairs]
             )
             for (layer, a, b), overlap, theta in zip(pairs, overlaps, angles):

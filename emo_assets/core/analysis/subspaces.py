@@ -311,7 +311,7 @@ def _angles(A: np.ndarray, B: np.ndarray) -> np.ndarray | None:
 
 
 @single_blas_thread
-def pair_metrics(
+def overlaps_and_angles(
     first: Sequence[Subspace | np.ndarray], second: Sequence[Subspace | np.ndarray]
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """(`subspace_overlap`, `principal_angles`) of every pair (first[i], second[i]); pairs of the same
