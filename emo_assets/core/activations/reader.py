@@ -9,6 +9,8 @@ handed out as their raw 16-bit patterns or widened to float32).
 
 from __future__ import annotations
 
+import json
+import mmap
 import os
 import struct
 from pathlib import Path
@@ -16,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from safetensors import safe_open
 
+from emo_assets.core import dtypes
 from emo_assets.core.activations import fileio
 from emo_assets.core.activations.format import ACTIVATION_KINDS, ActivationFileError, ActivationHeader
 from emo_assets.core.dtypes import to_float32
@@ -57,6 +60,7 @@ class ActivationFile:
                 f"{self.path}: tensors {sorted(names)} do not match the header's {sorted(expected)}"
             )
         self._torch_handle = None
+        self._maps: dict[str, np.ndarray] = {}
         self.kinds = [k for k in ACTIVATION_KINDS if k in names]
         self.offsets = self._handle.get_tensor("offsets")
         self.input_ids = self._handle.get_tensor("input_ids")
@@ -138,13 +142,26 @@ class ActivationFile:
     def sentence_end(self, kind: str, layer: int) -> np.ndarray:
         """The last real token of every sentence, dataset order: float32 [n_sentences, d_model]."""
         self._check(kind, layer)
-        return to_float32(self._read(kind, layer)[self.offsets[1:] - 1], self.dtype)
+        return to_float32(self.mapped(kind)[layer, self.offsets[1:] - 1], self.dtype)
 
     def sentence(self, kind: str, layer: int, index: int) -> np.ndarray:
         """One sentence's token rows, float32 [n_tokens_i, d_model]."""
         self._check(kind, layer)
         start, end = int(self.offsets[index]), int(self.offsets[index + 1])
         return to_float32(self._read(kind, (layer, slice(start, end))), self.dtype)
+
+    def mapped(self, kind: str) -> np.ndarray:
+        """The whole tensor [n_layers, n_tokens, d_model] as a read-only memory map in its stored dtype (bfloat16
+        as uint16): indexing it copies only the rows asked for, where `layer` copies a whole layer."""
+        self._check(kind, 0)
+        if kind not in self._maps:
+            with open(self.path, "rb") as handle:
+                begin, _ = json.loads(handle.read(self._data_start)[8:])[kind]["data_offsets"]
+                data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            shape = (self.n_layers, self.n_tokens, self.d_model)
+            raw = np.frombuffer(data, dtypes.dtype(self.dtype).numpy_raw, int(np.prod(shape)), self._data_start + begin)
+            self._maps[kind] = raw.reshape(shape)
+        return self._maps[kind]
 
     def sentence_slices(self) -> list[slice]:
         return [slice(int(a), int(b)) for a, b in zip(self.offsets[:-1], self.offsets[1:])]

@@ -4,8 +4,8 @@ and token strings, and where every analysis output lives.
 `ModelActivations.load` opens the model's per-emotion activation files once each (the checksum is verified
 on open) and concatenates them in emotion order, so that every analysis sees one sentence axis:
 `labels[i]`, `sentence_ids[i]`, `sentence_end(kind)[:, i]` and the token rows `offsets[i]:offsets[i+1]`
-all describe the same sentence. Arrays come back as float32 (stored precision); the math library converts
-to float64 layer by layer.
+all describe the same sentence. Arrays come back as float32 (stored precision); the math library accumulates
+in float64.
 
 Output layout (`results/<variant>/analysis/...`):
 
@@ -24,6 +24,7 @@ Folders that are not model slugs start with `_`, which no slug can (`paths.safe_
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ import polars as pl
 from emo_assets.core.activations import BASE_KINDS, ActivationFile
 from emo_assets.core.atomic import atomic_path
 from emo_assets.core.datasets import read_dataset
+from emo_assets.core.dtypes import to_float32
 from emo_assets.core.paths import activation_dir, activation_file, safe_name, variant_dir
 from emo_assets.core.tokenization import bos_token_id
 
@@ -152,7 +154,7 @@ class ModelActivations:
                 f"{variant}/{slug}: activation files missing (materialize {variant}/activations for model {slug} "
                 f"first): {missing}"
             )
-        files = {emotion: ActivationFile(path) for emotion, path in paths.items()}
+        files = {emotion: _open_verified(path) for emotion, path in paths.items()}
         return cls.from_files(variant, slug, files, dataset_path=dataset_path, kinds=kinds)
 
     @classmethod
@@ -236,17 +238,18 @@ class ModelActivations:
     def sentence_end(self, kind: str) -> np.ndarray:
         """Sentence-end activations of every layer: float32 [n_layers, n_sentences, d_model]."""
         out = np.empty((self.n_layers, self.n_sentences, self.d_model), dtype=np.float32)
-        for layer in range(self.n_layers):
-            start = 0
-            for emotion in self.emotions:
-                block = self.files[emotion].sentence_end(kind, layer)
-                out[layer, start : start + len(block)] = block
-                start += len(block)
+        start = 0
+        for emotion in self.emotions:
+            f = self.files[emotion]
+            # only the end rows are read from the memory map, every layer at once
+            out[:, start : start + f.n_sentences] = to_float32(f.mapped(kind)[:, f.offsets[1:] - 1], f.dtype)
+            start += f.n_sentences
         return out
 
-    def token_layer(self, kind: str, layer: int) -> np.ndarray:
-        """All token rows of one layer, float32 [n_tokens, d_model] (rows follow `offsets`)."""
-        return np.concatenate([self.files[emotion].layer(kind, layer) for emotion in self.emotions])
+    def token_blocks(self, kind: str) -> list[np.ndarray]:
+        """Per emotion (in `emotions` order), all token rows of every layer: float32 [n_layers, n_tokens_e,
+        d_model]; for float32 storage a read-only view of the memory-mapped file, so nothing is copied."""
+        return [to_float32(self.files[e].mapped(kind), self.files[e].dtype) for e in self.emotions]
 
     def input_ids(self) -> np.ndarray:
         return np.concatenate([np.asarray(self.files[emotion].input_ids) for emotion in self.emotions])
@@ -271,6 +274,25 @@ class ModelActivations:
         }
 
 
+# (path, device, inode, size, mtime in ns, stored checksum) of the files whose data this process has hashed
+_VERIFIED: set[tuple] = set()
+
+
+def _open_verified(path: Path) -> ActivationFile:
+    """`ActivationFile(path)` with its checksum verified once per process: the per-model analysis steps of a
+    run (in-process, or on one long-lived worker) each open the same files, and hashing them again would cost
+    more than most steps compute. A rewritten file has another inode or mtime and is hashed again."""
+    before = os.stat(path)
+    file = ActivationFile(path, verify=False)
+    after = os.stat(path)
+    where = (str(Path(path).resolve()), after.st_dev, after.st_ino, after.st_size, after.st_mtime_ns)
+    key = (*where, file.header.checksum)
+    if key not in _VERIFIED or before != after:
+        file.verify()
+        _VERIFIED.add(key)
+    return file
+
+
 def reference_emotion(emotions: Sequence[str]) -> str:
     """`neutral` when configured, else the last emotion (the vs-reference differences need one)."""
     return "neutral" if "neutral" in emotions else tuple(emotions)[-1]
@@ -281,6 +303,62 @@ def reference_emotion(emotions: Sequence[str]) -> str:
 class TokenStrings:
     tokens: list[str] | None  # one per token row, or None when the tokenizer could not be trusted
     status: str
+
+
+class _Transformers:
+    """A transformers tokenizer seen through the four questions `token_strings` asks."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def bos(self) -> int:
+        return bos_token_id(self.tokenizer)
+
+    def size(self) -> int:
+        return len(self.tokenizer)
+
+    def tokens(self, ids: list[int]) -> list[str]:
+        return [str(t) for t in self.tokenizer.convert_ids_to_tokens(ids)]
+
+
+class _TokenizerFile:
+    """A model folder's `tokenizer.json` read by the `tokenizers` library alone: what a transformers fast
+    tokenizer wraps, without importing transformers (and torch with it). The BOS (else CLS) token is the one
+    `tokenizer_config.json` / `special_tokens_map.json` name, as transformers reads them."""
+
+    def __init__(self, folder: Path) -> None:
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.tokenizer.no_truncation()  # transformers resets both unless asked for them
+        self.tokenizer.no_padding()
+        self.special: dict = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):
+            if (folder / name).is_file():
+                self.special.update(json.loads((folder / name).read_text(encoding="utf-8")))
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    def bos(self) -> int:
+        for name in ("bos_token", "cls_token"):
+            token = self.special.get(name)
+            token = token.get("content") if isinstance(token, dict) else token
+            if token is not None and (index := self.tokenizer.token_to_id(token)) is not None:
+                return index
+        raise ValueError("prepend_bos requested but the tokenizer has neither a BOS nor a CLS token")
+
+    def size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def tokens(self, ids: list[int]) -> list[str]:
+        strings = [self.tokenizer.id_to_token(i) for i in ids]
+        if any(t is None for t in strings):
+            raise ValueError("an id has no token in tokenizer.json")
+        return strings
 
 
 def token_strings(
@@ -296,23 +374,43 @@ def token_strings(
     must give exactly the stored ids (the offline models train their tokenizer on the configured datasets,
     so a changed dataset means a different tokenizer); without texts, every id must be in its vocabulary.
     If the check fails or the tokenizer cannot be loaded, `tokens` is None and `status` says why.
+
+    Without a `tokenizer`, the model folder's `tokenizer.json` is read with the `tokenizers` library first;
+    where there is none, or it does not pass the check on its own, transformers' `AutoTokenizer` decides.
     """
     ids = acts.input_ids()
     if tokenizer is None:
         try:
-            from transformers import AutoTokenizer
-
             from emo_assets.core.models import resolve_model_path
 
             _, path, _ = resolve_model_path(acts.model_id, training_texts=training_texts)
+            if (decoded := _decode_with_file(acts, ids, Path(path))) is not None:
+                return decoded
+            from transformers import AutoTokenizer
+
             tokenizer = AutoTokenizer.from_pretrained(path)
         except Exception as exc:  # noqa: BLE001 - any failure means "no token strings", reported in status
             return TokenStrings(None, f"tokenizer not loaded ({type(exc).__name__}: {str(exc)[:200]})")
+    return _decode(acts, ids, _Transformers(tokenizer))
+
+
+def _decode_with_file(acts: ModelActivations, ids: np.ndarray, folder: Path) -> TokenStrings | None:
+    """`_decode` with the folder's `tokenizer.json`; None when it is absent, unreadable or not trusted."""
+    if not (folder / "tokenizer.json").is_file():
+        return None
+    try:
+        decoded = _decode(acts, ids, _TokenizerFile(folder))
+    except Exception:  # noqa: BLE001 - what the bare library cannot read is left to transformers
+        return None
+    return decoded if decoded.tokens is not None else None
+
+
+def _decode(acts: ModelActivations, ids: np.ndarray, tokenizer: _Transformers | _TokenizerFile) -> TokenStrings:
     if acts.texts is not None:
-        encoded = tokenizer(list(acts.texts), add_special_tokens=False)["input_ids"]
+        encoded = tokenizer.encode(list(acts.texts))
         if acts.prepend_bos:
             try:
-                bos = bos_token_id(tokenizer)
+                bos = tokenizer.bos()
             except ValueError as exc:
                 return TokenStrings(None, str(exc))
             encoded = [[bos, *e] for e in encoded]
@@ -322,10 +420,13 @@ def token_strings(
             return TokenStrings(None, f"tokenizer does not reproduce the stored ids of {mismatched} sentences")
         status = "verified (texts re-tokenize to the stored ids)"
     else:
-        if int(ids.max()) >= len(tokenizer):
+        if int(ids.max()) >= tokenizer.size():
             return TokenStrings(None, f"stored id {int(ids.max())} is outside the tokenizer's vocabulary")
         status = "vocabulary checked (no texts to re-tokenize)"
-    return TokenStrings([str(t) for t in tokenizer.convert_ids_to_tokens(ids.tolist())], status)
+    try:
+        return TokenStrings(tokenizer.tokens(ids.tolist()), status)
+    except ValueError as exc:
+        return TokenStrings(None, str(exc))
 
 
 def read_parquet_if_exists(paths: Iterable[Path]) -> pl.DataFrame | None:

@@ -36,6 +36,7 @@ from emo_assets.core.analysis.inputs import (
     write_parquet,
     write_safetensors,
 )
+from emo_assets.core.analysis.labels import encode_labels
 from emo_assets.core.analysis.plots import plot_cosine_heatmap, plot_layer_profile
 from emo_assets.core.analysis.probes import ProbeSettings, probe_layers
 from emo_assets.core.analysis.subspaces import (
@@ -43,21 +44,14 @@ from emo_assets.core.analysis.subspaces import (
     emotion_subspaces_by_layer,
     empirical_random_overlap,
     expected_random_overlap,
-    principal_angles,
-    subspace_overlap,
+    overlaps_and_angles,
     subspace_rows,
 )
-from emo_assets.core.analysis.token_vectors import (
-    cosine_with_sentence_end,
-    emotion_word_vectors,
-    lexicon_matches,
-    normalise_token,
-    sentence_content_means,
-)
+from emo_assets.core.analysis.token_vectors import lexicon_matches, normalise_token, token_vectors_by_layer
 from emo_assets.core.analysis.vectors import (
     EmotionVectors,
+    class_means,
     cosine_matrix,
-    emotion_vectors,
     emotion_vectors_by_layer,
     separation_rows,
 )
@@ -218,69 +212,68 @@ def token_vectors_step(
     else:
         result.notes.append(f"{acts.slug}: emotion-word vectors skipped: {tokens.status}")
     lengths = np.diff(acts.offsets)
+    labels = np.asarray(acts.labels)
+    content_tokens = {e: int(np.sum(np.where(lengths > 1, lengths - 1, 1)[labels == e])) for e in acts.emotions}
     tensors: dict[str, np.ndarray] = {}
     rows = []
-    E, nan_vec = len(acts.emotions), np.full(acts.d_model, np.nan)
+    E, L = len(acts.emotions), acts.n_layers
+    nan_rows = np.full((L, E, acts.d_model), np.nan)
+    y = encode_labels(acts.labels, acts.emotions)
     with one_blas_thread():
         for kind in acts.kinds:
             sentence_end = _vectors_by_layer(kind, acts)
-            content_centred, word_vectors, word_centred, word_counts = [], [], [], []
-            for layer in range(acts.n_layers):
-                layer_acts = np.asarray(acts.token_layer(kind, layer), dtype=np.float64)  # converted once, used twice
-                se = sentence_end[layer]
-                content = sentence_content_means(layer_acts, acts.offsets)
-                cv = emotion_vectors(content.means, acts.labels, acts.emotions, se.reference)
-                content_centred.append(cv.centred)
-                c_cos = np.diag(cosine_matrix(cv.centred, se.centred))
-                c_raw = np.diag(cosine_matrix(cv.means, se.means))
-                if matches is not None:
-                    tv = emotion_word_vectors(layer_acts, acts.offsets, acts.labels, matches, acts.emotions)
-                    w_cos = cosine_with_sentence_end(tv, se)
-                    word_vectors.append(tv.vectors)
-                    word_centred.append(tv.centred)
-                    word_counts.append(tv.counts)
-                    w_vs_c = np.diag(cosine_matrix(tv.centred, cv.centred))
-                else:
-                    tv = None
-                    word_vectors.append(np.tile(nan_vec, (E, 1)))
-                    word_centred.append(np.tile(nan_vec, (E, 1)))
-                    word_counts.append(np.zeros(E, dtype=np.int64))
+            se_centred = np.stack([v.centred for v in sentence_end])
+            se_means = np.stack([v.means for v in sentence_end])
+            content, word_layers = token_vectors_by_layer(
+                acts.token_blocks(kind), acts.offsets, acts.labels, matches, acts.emotions
+            )
+            # the emotion vectors of the content means (as `vectors.emotion_vectors` makes them; only the means
+            # and centred vectors are compared)
+            c_means, c_counts = class_means(content.means, y, E)
+            c_centred = c_means - c_means.mean(axis=-2)[:, None]
+            c_cos = np.diagonal(cosine_matrix(c_centred, se_centred), axis1=-2, axis2=-1)
+            c_raw = np.diagonal(cosine_matrix(c_means, se_means), axis1=-2, axis2=-1)
+            if word_layers is not None:
+                w_vectors = np.stack([tv.vectors for tv in word_layers])
+                w_centred = np.stack([tv.centred for tv in word_layers])
+                w_counts = np.stack([tv.counts for tv in word_layers])
+                w_cos = np.diagonal(cosine_matrix(w_centred, se_centred), axis1=-2, axis2=-1)
+                w_raw = np.diagonal(cosine_matrix(w_vectors, se_means), axis1=-2, axis2=-1)
+                w_vs_c = np.diagonal(cosine_matrix(w_centred, c_centred), axis1=-2, axis2=-1)
+                w_sentences = word_layers[0].sentence_counts
+            else:
+                w_vectors, w_centred, w_counts = nan_rows, nan_rows, np.zeros((L, E), dtype=np.int64)
+                w_cos = w_raw = w_vs_c = np.full((L, E), np.nan)
+                w_sentences = np.zeros(E, dtype=np.int64)
+            for layer in range(L):
                 for e, emotion in enumerate(acts.emotions):
-                    n_sent = int(cv.counts[e])
+                    keys = {"model": acts.slug, "kind": kind, "layer": layer, "emotion": emotion}
                     rows.append(
                         {
-                            "model": acts.slug,
-                            "kind": kind,
-                            "layer": layer,
-                            "emotion": emotion,
+                            **keys,
                             "source": "content_mean",
-                            "n_tokens": int(
-                                np.sum(np.where(lengths > 1, lengths - 1, 1)[np.asarray(acts.labels) == emotion])
-                            ),
-                            "n_sentences": n_sent,
-                            "cosine_centred": float(c_cos[e]),
-                            "cosine_raw": float(c_raw[e]),
+                            "n_tokens": content_tokens[emotion],
+                            "n_sentences": int(c_counts[e]),
+                            "cosine_centred": float(c_cos[layer, e]),
+                            "cosine_raw": float(c_raw[layer, e]),
                             "cosine_with_content_mean_centred": None,  # defined for emotion-word rows only
                         }
                     )
                     rows.append(
                         {
-                            "model": acts.slug,
-                            "kind": kind,
-                            "layer": layer,
-                            "emotion": emotion,
+                            **keys,
                             "source": "emotion_word",
-                            "n_tokens": int(tv.counts[e]) if tv else 0,
-                            "n_sentences": int(tv.sentence_counts[e]) if tv else 0,
-                            "cosine_centred": w_cos[emotion]["centred"] if tv else float("nan"),
-                            "cosine_raw": w_cos[emotion]["raw"] if tv else float("nan"),
-                            "cosine_with_content_mean_centred": float(w_vs_c[e]) if tv else float("nan"),
+                            "n_tokens": int(w_counts[layer, e]),
+                            "n_sentences": int(w_sentences[e]),
+                            "cosine_centred": float(w_cos[layer, e]),
+                            "cosine_raw": float(w_raw[layer, e]),
+                            "cosine_with_content_mean_centred": float(w_vs_c[layer, e]),
                         }
                     )
-            tensors[f"{kind}/content_centred"] = np.stack(content_centred)
-            tensors[f"{kind}/word_vectors"] = np.stack(word_vectors)
-            tensors[f"{kind}/word_centred"] = np.stack(word_centred)
-            tensors[f"{kind}/word_counts"] = np.stack(word_counts).astype(np.int64)
+            tensors[f"{kind}/content_centred"] = c_centred
+            tensors[f"{kind}/word_vectors"] = w_vectors
+            tensors[f"{kind}/word_centred"] = w_centred
+            tensors[f"{kind}/word_counts"] = w_counts.astype(np.int64)
     meta = {
         **acts.keys(),
         "kinds": json.dumps(list(acts.kinds)),
@@ -321,13 +314,9 @@ def emotion_subspaces_step(
     result = StepResult()
     tensors: dict[str, np.ndarray] = {}
     rows, pair_rows = [], []
-    baselines: dict[tuple[int, int, int], Any] = {}
 
     def baseline(d: int, k1: int, k2: int):
-        key = (d, max(k1, k2), min(k1, k2))
-        if key not in baselines:
-            baselines[key] = empirical_random_overlap(d, key[1], key[2], n_draws=n_random, seed=seed)
-        return baselines[key]
+        return empirical_random_overlap(d, max(k1, k2), min(k1, k2), n_draws=n_random, seed=seed)
 
     with one_blas_thread():
         for kind in acts.kinds:
@@ -343,6 +332,7 @@ def emotion_subspaces_step(
                 base = baseline(sub.d, sub.k, sub.k)
                 row.update(random_overlap_mean=base.mean, random_overlap_std=base.std)
                 rows.append(row)
+            pairs = []
             for layer, subspaces in enumerate(by_layer):
                 for emotion, sub in subspaces.items():
                     prefix = f"{kind}/L{layer:02d}/{emotion}"
@@ -350,28 +340,30 @@ def emotion_subspaces_step(
                     tensors[f"{prefix}/explained_variance_ratio"] = sub.explained_variance_ratio
                     tensors[f"{prefix}/mean"] = sub.mean
                 names = list(subspaces)
-                for i, a in enumerate(names):
-                    for b in names[i + 1 :]:
-                        sa, sb = subspaces[a], subspaces[b]
-                        angles = principal_angles(sa, sb)
-                        base = baseline(sa.d, sa.k, sb.k)
-                        pair_rows.append(
-                            {
-                                "model": acts.slug,
-                                "kind": kind,
-                                "layer": layer,
-                                "emotion_a": a,
-                                "emotion_b": b,
-                                "k": min(sa.k, sb.k),
-                                "overlap": subspace_overlap(sa, sb),
-                                "mean_angle_deg": float(angles.mean()),
-                                "min_angle_deg": float(angles.min()),
-                                "max_angle_deg": float(angles.max()),
-                                "random_overlap_mean": base.mean,
-                                "random_overlap_std": base.std,
-                                "random_overlap_analytical": expected_random_overlap(sa.k, sa.d, sb.k),
-                            }
-                        )
+                pairs += [(layer, a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
+            overlaps, angles = overlaps_and_angles(
+                [by_layer[layer][a] for layer, a, _ in pairs], [by_layer[layer][b] for layer, _, b in pairs]
+            )
+            for (layer, a, b), overlap, theta in zip(pairs, overlaps, angles):
+                sa, sb = by_layer[layer][a], by_layer[layer][b]
+                base = baseline(sa.d, sa.k, sb.k)
+                pair_rows.append(
+                    {
+                        "model": acts.slug,
+                        "kind": kind,
+                        "layer": layer,
+                        "emotion_a": a,
+                        "emotion_b": b,
+                        "k": min(sa.k, sb.k),
+                        "overlap": float(overlap),
+                        "mean_angle_deg": float(theta.mean()),
+                        "min_angle_deg": float(theta.min()),
+                        "max_angle_deg": float(theta.max()),
+                        "random_overlap_mean": base.mean,
+                        "random_overlap_std": base.std,
+                        "random_overlap_analytical": expected_random_overlap(sa.k, sa.d, sb.k),
+                    }
+                )
     meta = {**acts.keys(), "k_requested": str(k), "kinds": json.dumps(list(acts.kinds))}
     result.files["bases"] = write_safetensors(tensors, out / "emotion_subspaces.safetensors", meta)
     table = frame(rows)

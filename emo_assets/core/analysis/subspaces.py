@@ -16,6 +16,7 @@ CCA-like comparisons of the full activation spaces are meaningless (Kornblith et
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -72,7 +73,6 @@ def pca_subspace(X: np.ndarray, k: int = DEFAULT_K) -> Subspace:
     spans two dimensions there). Data without any variance raises `NoVarianceError`.
     """
     source = np.asarray(X)
-    eps = np.finfo(source.dtype if np.issubdtype(source.dtype, np.floating) else np.float64).eps
     X = as_float64_2d(source)
     k_eff = effective_k(k, X.shape[0], X.shape[1])
     if not np.any(X != X[0]):  # checked first: the explained variance ratio would be 0 / 0
@@ -83,20 +83,87 @@ def pca_subspace(X: np.ndarray, k: int = DEFAULT_K) -> Subspace:
     # entry is positive): its estimator checks and copies cost more than this SVD of a few dozen rows.
     mean = X.mean(axis=0)
     _, singular_values, components = svd(X - mean, full_matrices=False)
-    rows = np.arange(len(components))
-    components *= np.sign(components[rows, np.argmax(np.abs(components), axis=1)])[:, None]
     variance = singular_values**2 / (X.shape[0] - 1)
-    # Rounding each value to the input's precision moves X by E with ||E||_2 <= ||E||_F <= eps ||X||_F, and
-    # centring at most doubles that: singular values below it are indistinguishable from rounding.
-    rank = int(np.sum(singular_values[:k_eff] > 2 * eps * np.linalg.norm(X)))
+    rank = int(np.sum(singular_values[:k_eff] > _rank_tolerance(source.dtype, X)))
     if rank == 0:
         raise NoVarianceError(f"the {X.shape[0]} rows differ only by rounding: no subspace")
-    return Subspace(
-        basis=orthonormalise(components[:rank].T),
-        explained_variance_ratio=variance[:rank] / variance.sum(),
-        mean=mean,
-        n_samples=X.shape[0],
-    )
+    (basis,) = _sign_fixed_bases([components[:rank]])
+    return Subspace(basis, variance[:rank] / variance.sum(), mean, X.shape[0])
+
+
+def _rank_tolerance(dtype: np.dtype, X: np.ndarray) -> float:
+    """Singular values at or below this are rounding. Rounding each value to the input's precision moves X by E
+    with ||E||_2 <= ||E||_F <= eps ||X||_F, and centring at most doubles that."""
+    eps = np.finfo(dtype if np.issubdtype(dtype, np.floating) else np.float64).eps
+    return 2 * eps * np.linalg.norm(X)
+
+
+def _sign_fixed_bases(components: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Orthonormal bases [d, rank] of principal components [rank, d], each component's sign fixed first so that
+    its largest entry is positive (scikit-learn's rule); components of equal shapes share one stacked QR."""
+    fixed = []
+    for c in components:
+        rows = np.arange(len(c))
+        fixed.append((c * np.sign(c[rows, np.argmax(np.abs(c), axis=1)])[:, None]).T)
+    return _orthonormal_all(fixed)
+
+
+def _orthonormal_all(bases: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """`orthonormalise` of each basis; bases of the same shape in one stacked QR (the same LAPACK calls)."""
+    out: list[np.ndarray] = [np.empty(0)] * len(bases)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, basis in enumerate(bases):
+        groups.setdefault(np.shape(basis), []).append(i)
+    for members in groups.values():
+        q = np.linalg.qr(np.stack([np.asarray(bases[i], dtype=np.float64) for i in members]))[0]
+        for j, i in enumerate(members):
+            out[i] = q[j]
+    return out
+
+
+# The Gram route below is trusted where every kept singular value is at least this fraction of the largest:
+# there its eigenvalues carry ~eps * (s_1 / s_i)^2 <= 1e-8 relative error. Below it, the exact SVD decides.
+_GRAM_MIN_RATIO = 1e-4
+
+
+def _pca_subspaces(X_layers: np.ndarray, k: int) -> list[Subspace | None]:
+    """`pca_subspace` of every layer of `X_layers` [L, n, d] (None where it has no variance) in a few stacked
+    operations: the eigenvectors of the [n, n] Gram matrices of the centred rows (n << d) give the principal
+    components, one matrix product and a small symmetric eigenproblem per layer instead of an SVD of [n, d].
+    Components agree with the SVD's to rounding (~1e-13); layers whose kept singular values span more than
+    1 / _GRAM_MIN_RATIO, or lie within rounding of the rank tolerance, take the exact SVD instead."""
+    source = np.asarray(X_layers)
+    X = np.asarray(source, dtype=np.float64)
+    n_layers, n, d = X.shape
+    k_eff = effective_k(k, n, d)
+    mean = X.mean(axis=1)
+    centred = X - mean[:, None]
+    gram = centred @ centred.transpose(0, 2, 1)
+    from scipy.linalg import eigh  # imported on use, as in `pca_subspace`
+
+    # the k_eff largest eigenpairs only, descending as the SVD's
+    top = [eigh(g, subset_by_index=[n - k_eff, n - 1], driver="evr") for g in gram]
+    values, vectors = np.stack([w[::-1] for w, _ in top]), np.stack([v[:, ::-1] for _, v in top])
+    singular = np.sqrt(np.maximum(values, 0))
+    totals = np.trace(gram, axis1=1, axis2=2)
+    out: list[Subspace | None] = [None] * n_layers
+    fast: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # layer -> (components [rank, d], squared singular values)
+    for layer in range(n_layers):
+        if not np.any(X[layer] != X[layer, 0]):
+            continue
+        s, tol = singular[layer], _rank_tolerance(source.dtype, X[layer])
+        rank = int(np.sum(s > tol))
+        if rank == 0 or s[-1] < _GRAM_MIN_RATIO * s[0] or np.any(np.abs(s - tol) <= 1e-6 * tol):
+            try:
+                out[layer] = pca_subspace(source[layer], k)
+            except NoVarianceError:
+                pass
+            continue
+        fast[layer] = ((centred[layer].T @ vectors[layer, :, :rank] / s[:rank]).T, values[layer, :rank])
+    bases = _sign_fixed_bases([components for components, _ in fast.values()])
+    for (layer, (_, squares)), basis in zip(fast.items(), bases):
+        out[layer] = Subspace(basis, squares / totals[layer], mean[layer], n)
+    return out
 
 
 def emotion_subspaces(
@@ -107,17 +174,7 @@ def emotion_subspaces(
 ) -> dict[str, Subspace]:
     """One PCA subspace per emotion for one layer: `X` [n_sentences, d], `labels` per sentence. An emotion whose
     rows are all the same vector has no subspace and is left out (callers report the missing ones)."""
-    X = as_float64_2d(X)
-    y = encode_labels(labels, emotions)
-    if len(y) != X.shape[0]:
-        raise ValueError(f"{len(y)} labels for {X.shape[0]} rows of activations")
-    subspaces = {}
-    for e, emotion in enumerate(emotions):
-        try:
-            subspaces[emotion] = pca_subspace(X[y == e], k)
-        except NoVarianceError:
-            continue
-    return subspaces
+    return emotion_subspaces_by_layer(as_float64_2d(X)[None], labels, emotions, k)[0]
 
 
 @single_blas_thread
@@ -127,10 +184,20 @@ def emotion_subspaces_by_layer(
     emotions: Sequence[str] = DEFAULT_EMOTIONS,
     k: int = DEFAULT_K,
 ) -> list[dict[str, Subspace]]:
-    """`emotion_subspaces` for each layer of `X_layers` [n_layers, n_sentences, d]."""
+    """`emotion_subspaces` for each layer of `X_layers` [n_layers, n_sentences, d], all layers of an emotion at
+    once (see `_pca_subspaces`)."""
     if np.ndim(X_layers) != 3:
         raise ValueError(f"X_layers must be [n_layers, n_sentences, d], got shape {np.shape(X_layers)}")
-    return [emotion_subspaces(X_layers[layer], labels, emotions, k) for layer in range(len(X_layers))]
+    X_layers = np.asarray(X_layers, dtype=np.float64)  # float64 before the rank tolerance, as `emotion_subspaces`
+    y = encode_labels(labels, emotions)
+    if len(y) != X_layers.shape[1]:
+        raise ValueError(f"{len(y)} labels for {X_layers.shape[1]} rows of activations")
+    by_layer: list[dict[str, Subspace]] = [{} for _ in range(len(X_layers))]
+    for e, emotion in enumerate(emotions):
+        for layer, sub in enumerate(_pca_subspaces(X_layers[:, y == e], k)):
+            if sub is not None:
+                by_layer[layer][emotion] = sub
+    return by_layer
 
 
 def orthonormalise(A: np.ndarray) -> np.ndarray:
@@ -185,26 +252,93 @@ class RandomBaseline:
     n_draws: int
 
 
-@single_blas_thread
 def empirical_random_overlap(
     d: int, k: int, k2: int | None = None, n_draws: int = 200, seed: int = 0
 ) -> RandomBaseline:
-    """Overlap of pairs of independent random subspaces (fixed seed): mean, std and the analytical value."""
-    k2 = k if k2 is None else k2
-    rng = np.random.default_rng(seed)
-    values = np.array(
-        [
-            subspace_overlap(random_orthonormal_basis(d, k, rng), random_orthonormal_basis(d, k2, rng))
-            for _ in range(n_draws)
-        ]
-    )
+    """Overlap of pairs of independent random subspaces (fixed seed): mean, std and the analytical value.
+    Computed once per process for each (d, k, k2, n_draws, seed); every model and layer of a width asks again."""
+    return _random_overlap(int(d), int(k), int(k if k2 is None else k2), int(n_draws), int(seed))
+
+
+@functools.lru_cache(maxsize=64)
+@single_blas_thread
+def _random_overlap(d: int, k: int, k2: int, n_draws: int, seed: int) -> RandomBaseline:
+    # One draw of all the Gaussian matrices is the same stream as draw after draw (A_i [d, k], then B_i [d, k2]).
+    # With A = Q_A R_A, ||Q_A^T Q_B||_F^2 = ||L_A^-1 A^T B L_B^-T||_F^2 for the Cholesky factors L L^T = A^T A:
+    # small [k, k] products instead of a QR of every [d, k] draw (Gaussian draws are well conditioned, so this
+    # agrees with the QR route to rounding).
+    gaussian = np.random.default_rng(seed).standard_normal((n_draws, d * (k + k2)))
+    A = gaussian[:, : d * k].reshape(n_draws, d, k)
+    B = gaussian[:, d * k :].reshape(n_draws, d, k2)
+    At = A.transpose(0, 2, 1)
+    L_A, L_B = np.linalg.cholesky(At @ A), np.linalg.cholesky(B.transpose(0, 2, 1) @ B)
+    M = np.linalg.solve(L_A, At @ B)  # L_A^-1 A^T B
+    M = np.linalg.solve(L_B, M.transpose(0, 2, 1))  # (L_A^-1 A^T B L_B^-T)^T: the same Frobenius norm
+    values = np.sum(M**2, axis=(1, 2)) / min(k, k2)
     return RandomBaseline(float(values.mean()), float(values.std()), expected_random_overlap(k, d, k2), n_draws)
+
+
+def _overlaps(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """`subspace_overlap` of each pair of a stack of bases [P, d, k1] and [P, d, k2]."""
+    A, B = np.linalg.qr(A)[0], np.linalg.qr(B)[0]
+    return np.sum((A.transpose(0, 2, 1) @ B) ** 2, axis=(1, 2)) / min(A.shape[2], B.shape[2])
+
+
+def _orth(A: np.ndarray) -> np.ndarray | None:
+    """scipy.linalg.orth of each basis of a stack [P, d, k]; None if any of them has a lower rank."""
+    u, s, _ = np.linalg.svd(A, full_matrices=False)
+    tol = np.max(s, axis=1, initial=0.0) * np.finfo(s.dtype).eps * max(A.shape[1:])
+    return u if np.all(s > tol[:, None]) else None
+
+
+def _angles(A: np.ndarray, B: np.ndarray) -> np.ndarray | None:
+    """`principal_angles` of each pair of a stack of bases [P, d, k1] and [P, d, k2]: scipy's subspace_angles
+    (cosines from the SVD of QA^T QB, sines from the residual where cos^2 >= 1/2) on stacks; None where a
+    basis is rank-deficient (the caller takes scipy's own path)."""
+    QA, QB = _orth(A), _orth(B)
+    if QA is None or QB is None:
+        return None
+    product = QA.transpose(0, 2, 1) @ QB
+    sigma = np.linalg.svd(product, compute_uv=False)
+    if QA.shape[2] >= QB.shape[2]:
+        residual = QB - QA @ product
+    else:
+        residual = QA - QB @ product.transpose(0, 2, 1)
+    mask = sigma**2 >= 0.5
+    sines = np.arcsin(np.clip(np.linalg.svd(residual, compute_uv=False), -1.0, 1.0))
+    radians = np.where(mask, sines, np.arccos(np.clip(sigma[:, ::-1], -1.0, 1.0)))
+    return np.sort(np.degrees(radians), axis=1)
+
+
+@single_blas_thread
+def overlaps_and_angles(
+    first: Sequence[Subspace | np.ndarray], second: Sequence[Subspace | np.ndarray]
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(`subspace_overlap`, `principal_angles`) of every pair (first[i], second[i]); pairs of the same
+    dimensions are computed as one stack."""
+    A, B = [_as_basis(U) for U in first], [_as_basis(U) for U in second]
+    if len(A) != len(B):
+        raise ValueError(f"{len(A)} first subspaces vs {len(B)} second ones")
+    overlaps, angles = np.empty(len(A)), [np.empty(0)] * len(A)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (a, b) in enumerate(zip(A, B)):
+        if a.shape[0] != b.shape[0]:
+            raise ValueError(f"subspaces live in different spaces: d={a.shape[0]} vs d={b.shape[0]}")
+        groups.setdefault((*a.shape, b.shape[1]), []).append(i)
+    for members in groups.values():
+        stack_a, stack_b = np.stack([A[i] for i in members]), np.stack([B[i] for i in members])
+        overlaps[members] = _overlaps(stack_a, stack_b)
+        stacked = _angles(stack_a, stack_b)
+        for j, i in enumerate(members):
+            angles[i] = stacked[j] if stacked is not None else principal_angles(A[i], B[i])
+    return overlaps, angles
 
 
 def overlap_matrix(subspaces: dict[str, Subspace]) -> tuple[tuple[str, ...], np.ndarray]:
     """Pairwise overlap between the emotions' subspaces of one model and layer: (emotions, [E, E])."""
     names = tuple(subspaces)
-    M = np.array([[subspace_overlap(subspaces[a], subspaces[b]) for b in names] for a in names])
+    bases = _orthonormal_all([_as_basis(subspaces[name]) for name in names])  # as `subspace_overlap`, once each
+    M = np.array([[np.sum((a.T @ b) ** 2) / min(a.shape[1], b.shape[1]) for b in bases] for a in bases])
     return names, M
 
 

@@ -18,6 +18,9 @@ so that sentence i owns rows offsets[i]:offsets[i+1], and `tokens[j]` is the dec
 
 An emotion word split by the tokenizer before the end of its stem (" ap" + "ologize") is not matched; the
 counts tell how much of the lexicon the tokenizer left visible.
+
+`token_vectors_by_layer` computes both for every layer at once, from the stored rows as they are (per-emotion
+pieces of the token axis, float32, memory-mapped); the one-layer functions above are its [1, n_tokens, d] case.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from emo_assets.core.analysis.blas import single_blas_thread
-from emo_assets.core.analysis.labels import DEFAULT_EMOTIONS, as_float64_2d, encode_labels
+from emo_assets.core.analysis.labels import DEFAULT_EMOTIONS, encode_labels
 from emo_assets.core.analysis.vectors import EmotionVectors, cosine_matrix
 
 _TOKEN_MARKERS = " \t\r\n\u0120\u2581\u010a"  # space, tab, CR, LF, "Ġ", "▁", "Ċ"
@@ -57,25 +60,52 @@ def validate_offsets(offsets: Sequence[int] | np.ndarray, n_tokens: int) -> np.n
 class ContentMeans:
     """Per-sentence means over tokens 1.. (first token excluded); `fallback[i]` marks one-token sentences."""
 
-    means: np.ndarray  # [n_sentences, d] float64
+    means: np.ndarray  # [..., n_sentences, d] float64 (a leading layer axis when computed for all layers)
     fallback: np.ndarray  # [n_sentences] bool
 
 
 def sentence_content_means(acts: np.ndarray, offsets: Sequence[int] | np.ndarray) -> ContentMeans:
     """Mean activation of each sentence over its tokens except the first (attention sink); see module doc."""
-    acts = as_float64_2d(acts, "acts")
+    acts = _as_2d(acts)
     offsets = validate_offsets(offsets, acts.shape[0])
+    sums, counts, fallback = _content_sums([acts[None]], offsets)
+    return ContentMeans(means=sums[0] / counts[:, None], fallback=fallback)
+
+
+def _as_2d(acts: np.ndarray) -> np.ndarray:
+    acts = np.asarray(acts)
+    if acts.ndim != 2:
+        raise ValueError(f"acts must be 2-D [n, d], got shape {acts.shape}")
+    return acts if np.issubdtype(acts.dtype, np.floating) else acts.astype(np.float64)
+
+
+def _content_sums(blocks: Sequence[np.ndarray], offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sums [L, n_sentences, d] float64, counts, fallback) over each sentence's rows first+1 .. end (its only
+    row for a one-token sentence). `blocks` [L, n_tokens_b, d] of any float type are consecutive pieces of the
+    token axis that split it between sentences (the per-emotion files), so nothing is concatenated or
+    converted as a whole.
+
+    Each sentence's rows of every layer are summed in one reduce over its rows, accumulated in float64 in row
+    order - the additions of a float64 reduce over each sentence - while only the stored float32 rows are read,
+    once: a few hundred small reduces, where a scatter-add per token or a float64 copy of every layer costs
+    far more."""
     lengths = np.diff(offsets)
     fallback = lengths == 1
-    # Each sentence's rows first+1 .. end (its only row for one-token sentences) are contiguous: reduceat sums
-    # them in one pass over the layer, where a scatter-add per token is far slower. The even segments of the
-    # interleaved boundaries (start_i, end_i, start_i+1, ...) are the sentences; the odd ones are skipped.
-    bounds = np.empty(2 * len(lengths) - 1, dtype=np.int64)
-    bounds[0::2] = np.where(fallback, offsets[:-1], offsets[:-1] + 1)
-    bounds[1::2] = offsets[1:-1]
-    sums = np.add.reduceat(acts, bounds, axis=0)[0::2]
+    first = np.where(fallback, offsets[:-1], offsets[:-1] + 1)
     counts = np.where(fallback, 1, lengths - 1)
-    return ContentMeans(means=sums / counts[:, None], fallback=fallback)
+    sums = np.empty((blocks[0].shape[0], len(counts), blocks[0].shape[-1]))
+    base, sentence = 0, 0
+    for block in blocks:
+        end = base + block.shape[-2]
+        stop = int(np.searchsorted(offsets, end))
+        if stop >= len(offsets) or offsets[stop] != end:
+            raise ValueError(f"token blocks must end at sentence boundaries (a block ends at row {end})")
+        for i in range(sentence, stop):
+            block[:, first[i] - base : offsets[i + 1] - base].sum(axis=1, dtype=np.float64, out=sums[:, i])
+        base, sentence = end, stop
+    if base != offsets[-1]:
+        raise ValueError(f"token blocks hold {base} rows, offsets {int(offsets[-1])}")
+    return sums, counts, fallback
 
 
 def first_token_excluded_mask(offsets: np.ndarray) -> np.ndarray:
@@ -148,37 +178,66 @@ def emotion_word_vectors(
     for all layers). `centred` subtracts the content-token grand mean - the mean over emotions of the mean of
     all non-first tokens of that emotion's sentences - because raw token activations share the same
     anisotropic offset as sentence-end ones, so only centred vectors can be compared by cosine."""
+    acts = _as_2d(acts)
+    return token_vectors_by_layer([acts[None]], offsets, labels, matches, emotions)[1][0]
+
+
+@single_blas_thread
+def token_vectors_by_layer(
+    blocks: Sequence[np.ndarray],
+    offsets: Sequence[int] | np.ndarray,
+    labels: Sequence[str],
+    matches: np.ndarray | None,
+    emotions: Sequence[str] = DEFAULT_EMOTIONS,
+) -> tuple[ContentMeans, list[TokenVectors] | None]:
+    """`sentence_content_means` and `emotion_word_vectors` of every layer at once. `blocks` [L, n_tokens_b, d]
+    are consecutive pieces of the token axis split between sentences (see `_content_sums`); `matches` None
+    skips the emotion-word vectors."""
     emotions = tuple(emotions)
-    acts = as_float64_2d(acts, "acts")
-    offsets = validate_offsets(offsets, acts.shape[0])
+    n_tokens = sum(b.shape[-2] for b in blocks)
+    offsets = validate_offsets(offsets, n_tokens)
     y = encode_labels(labels, emotions)
-    if matches.shape != (len(emotions), acts.shape[0]):
-        raise ValueError(f"matches must be [{len(emotions)}, {acts.shape[0]}], got {matches.shape}")
-    sentence = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
-    d = acts.shape[1]
-    counts = matches.sum(axis=1)
-    vectors = np.full((len(emotions), d), np.nan)
-    sentence_counts = np.zeros(len(emotions), dtype=np.int64)
-    for e in range(len(emotions)):
-        if counts[e]:
-            vectors[e] = acts[matches[e]].mean(axis=0)
-            sentence_counts[e] = len(np.unique(sentence[matches[e]]))
-    content = first_token_excluded_mask(offsets)
-    token_label = y[sentence]
-    members = np.stack([content & (token_label == e) for e in range(len(emotions))]).astype(np.float64)
-    sizes = members.sum(axis=1)
+    if len(y) != len(offsets) - 1:
+        raise ValueError(f"{len(y)} labels for {len(offsets) - 1} sentences")
+    if matches is not None and matches.shape != (len(emotions), n_tokens):
+        raise ValueError(f"matches must be [{len(emotions)}, {n_tokens}], got {matches.shape}")
+    sums, counts, fallback = _content_sums(blocks, offsets)
+    n_layers, d = sums.shape[0], sums.shape[-1]
+    # content-token means per emotion, from the sentence sums (a one-token sentence has no content token)
+    sizes = np.bincount(y, weights=np.diff(offsets) - 1, minlength=len(emotions))
     present = sizes > 0
-    # One [E, n_tokens] x [n_tokens, d] product instead of copying every emotion's token rows out
-    means = (members[present] @ acts) / sizes[present, None]
-    grand = means.mean(axis=0) if present.any() else np.full(d, np.nan)
-    return TokenVectors(
-        emotions=emotions,
-        vectors=vectors,
-        centred=vectors - grand,
-        counts=counts.astype(np.int64),
-        sentence_counts=sentence_counts,
-        content_grand_mean=grand,
-    )
+    if present.any():
+        members = np.stack([(y == e) & ~fallback for e in np.flatnonzero(present)]).astype(np.float64)
+        grand = (members @ sums / sizes[present, None]).mean(axis=1)
+    else:
+        grand = np.full((n_layers, d), np.nan)
+    sums /= counts[:, None]  # now the means, without another [L, n_sentences, d] array
+    content = ContentMeans(means=sums, fallback=fallback)
+    if matches is None:
+        return content, None
+    sentence = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    bases = np.concatenate([[0], np.cumsum([b.shape[-2] for b in blocks])])
+    vectors = np.full((n_layers, len(emotions), d), np.nan)
+    match_counts = matches.sum(axis=1).astype(np.int64)
+    sentence_counts = np.zeros(len(emotions), dtype=np.int64)
+    for e in np.flatnonzero(match_counts):
+        index = np.flatnonzero(matches[e])
+        which = np.searchsorted(bases, index, side="right") - 1
+        rows = np.concatenate([blocks[b][:, index[which == b] - bases[b]] for b in np.unique(which)], axis=1)
+        vectors[:, e] = rows.sum(axis=1, dtype=np.float64) / len(index)
+        sentence_counts[e] = len(np.unique(sentence[index]))
+    words = [
+        TokenVectors(
+            emotions=emotions,
+            vectors=vectors[layer],
+            centred=vectors[layer] - grand[layer],
+            counts=match_counts,
+            sentence_counts=sentence_counts,
+            content_grand_mean=grand[layer],
+        )
+        for layer in range(n_layers)
+    ]
+    return content, words
 
 
 def cosine_with_sentence_end(token: TokenVectors, sentence_end: EmotionVectors) -> dict[str, dict[str, float]]:
@@ -191,7 +250,6 @@ def cosine_with_sentence_end(token: TokenVectors, sentence_end: EmotionVectors) 
     return {e: {"centred": float(c), "raw": float(r)} for e, c, r in zip(token.emotions, centred, raw)}
 
 
-@single_blas_thread
 def token_vector_rows(
     acts_layers: Sequence[np.ndarray] | np.ndarray,
     offsets: Sequence[int] | np.ndarray,
@@ -213,9 +271,10 @@ def token_vector_rows(
     matches = lexicon_matches(
         tokens, offsets, labels, lexicon, emotions, within_label=within_label, exclude_first=exclude_first
     )
+    layers = acts_layers if isinstance(acts_layers, np.ndarray) else np.stack([_as_2d(a) for a in acts_layers])
+    _, words = token_vectors_by_layer([layers], offsets, labels, matches, emotions)
     rows = []
-    for layer, (acts, sent) in enumerate(zip(acts_layers, sentence_end_by_layer)):
-        tv = emotion_word_vectors(acts, offsets, labels, matches, emotions)
+    for layer, (tv, sent) in enumerate(zip(words, sentence_end_by_layer)):
         cos = cosine_with_sentence_end(tv, sent)
         for e, emotion in enumerate(tv.emotions):
             row = dict(keys)

@@ -39,7 +39,7 @@ from emo_assets.core.analysis.labels import (
 
 
 def unit_rows(V: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Row-normalise `V` [m, d] in float64; returns (unit rows, norms). Zero rows become NaN rows."""
+    """Row-normalise `V` [..., m, d] in float64; returns (unit rows, norms). Zero rows become NaN rows."""
     V = np.asarray(V, dtype=np.float64)
     norms = np.linalg.norm(V, axis=-1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -49,20 +49,21 @@ def unit_rows(V: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def cosine_matrix(A: np.ndarray, B: np.ndarray | None = None) -> np.ndarray:
-    """Cosine similarities between rows of `A` [m, d] and rows of `B` [p, d] (default `A`); NaN for zero rows."""
+    """Cosine similarities between rows of `A` [..., m, d] and rows of `B` [..., p, d] (default `A`); NaN for
+    zero rows. Leading axes (e.g. layers) are a stack of independent matrices."""
     ua, _ = unit_rows(A)
     ub = ua if B is None else unit_rows(B)[0]
-    cos = ua @ ub.T
+    cos = ua @ np.swapaxes(ub, -1, -2)
     return np.clip(cos, -1.0, 1.0)  # NaN passes through clip
 
 
 def class_means(X: np.ndarray, y: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-class means [n_classes, d] and counts; a class without samples raises (its mean is undefined)."""
+    """Per-class means [..., n_classes, d] of `X` [..., n, d] and counts; a class without samples raises (its
+    mean is undefined). Sums accumulate in float64, row after row, whatever the input's float type."""
     counts = np.bincount(y, minlength=n_classes)
     if np.any(counts == 0):
         raise ValueError(f"every emotion needs at least one sentence; counts per emotion: {counts.tolist()}")
-    sums = np.zeros((n_classes, X.shape[1]), dtype=np.float64)
-    np.add.at(sums, y, X)
+    sums = np.stack([X[..., y == c, :].sum(axis=-2, dtype=np.float64) for c in range(n_classes)], axis=-2)
     return sums / counts[:, None], counts
 
 
@@ -95,14 +96,24 @@ def separation_score(X: np.ndarray, labels: Sequence[str], emotions: Sequence[st
 
 
 def _separation(X: np.ndarray, y: np.ndarray, n_classes: int) -> Separation:
-    means, counts = class_means(X, y, n_classes)
-    grand = means.mean(axis=0)
-    between = float(np.mean(np.sum((means - grand) ** 2, axis=1)))
-    sq = np.sum((X - means[y]) ** 2, axis=1)
-    within = float(np.mean(np.bincount(y, weights=sq, minlength=n_classes) / counts))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = float(np.float64(between) / np.float64(within))
-    return Separation(between=between, within=within, ratio=ratio)
+    return _separations(X[None], y, n_classes)[0]
+
+
+def _separations(X: np.ndarray, y: np.ndarray, n_classes: int, means=None, counts=None) -> list[Separation]:
+    """`separation_score` of every layer of `X` [L, n, d] (`means`, `counts` from `class_means` if known)."""
+    if means is None:
+        means, counts = class_means(X, y, n_classes)
+    grand = means.mean(axis=-2)
+    between = np.mean(np.sum((means - grand[:, None]) ** 2, axis=-1), axis=-1)
+    out = []
+    for layer in range(len(X)):  # layer by layer: the float64 differences stay in cache
+        squares = X[layer] - means[layer, y]
+        np.square(squares, out=squares)
+        within = float(np.mean(np.bincount(y, weights=squares.sum(axis=-1), minlength=n_classes) / counts))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = float(np.float64(between[layer]) / np.float64(within))
+        out.append(Separation(between=float(between[layer]), within=within, ratio=ratio))
+    return out
 
 
 @dataclass(frozen=True)
@@ -138,35 +149,7 @@ def emotion_vectors(
 
     `emotions` fixes the row order; every emotion must occur in `labels` and every label must be an emotion.
     """
-    emotions = tuple(emotions)
-    if reference not in emotions:
-        raise ValueError(f"reference emotion {reference!r} is not in {list(emotions)}")
-    X = as_float64_2d(X)
-    y = encode_labels(labels, emotions)
-    if len(y) != X.shape[0]:
-        raise ValueError(f"{len(y)} labels for {X.shape[0]} rows of activations")
-    means, counts = class_means(X, y, len(emotions))
-    grand = means.mean(axis=0)
-    diff_ref = means - means[emotions.index(reference)]
-    centred = means - grand
-    diff_ref_unit, diff_ref_norm = unit_rows(diff_ref)
-    centred_unit, centred_norm = unit_rows(centred)
-    return EmotionVectors(
-        emotions=emotions,
-        reference=reference,
-        counts=counts,
-        means=means,
-        grand_mean=grand,
-        diff_vs_reference=diff_ref,
-        diff_vs_reference_unit=diff_ref_unit,
-        diff_vs_reference_norm=diff_ref_norm,
-        centred=centred,
-        centred_unit=centred_unit,
-        centred_norm=centred_norm,
-        cosine=cosine_matrix(centred),
-        cosine_raw=cosine_matrix(means),
-        separation=_separation(X, y, len(emotions)),
-    )
+    return _vectors_of_layers(as_float64_2d(X)[None], labels, emotions, reference)[0]
 
 
 @single_blas_thread
@@ -176,10 +159,49 @@ def emotion_vectors_by_layer(
     emotions: Sequence[str] = DEFAULT_EMOTIONS,
     reference: str = REFERENCE_EMOTION,
 ) -> list[EmotionVectors]:
-    """`emotion_vectors` for each layer of `X_layers` [n_layers, n_sentences, d] (converted layer by layer)."""
+    """`emotion_vectors` for each layer of `X_layers` [n_layers, n_sentences, d], all layers at once (float32
+    input is not copied to float64: the sums accumulate in float64)."""
     if np.ndim(X_layers) != 3:
         raise ValueError(f"X_layers must be [n_layers, n_sentences, d], got shape {np.shape(X_layers)}")
-    return [emotion_vectors(X_layers[layer], labels, emotions, reference) for layer in range(len(X_layers))]
+    return _vectors_of_layers(np.asarray(X_layers), labels, emotions, reference)
+
+
+def _vectors_of_layers(
+    X: np.ndarray, labels: Sequence[str], emotions: Sequence[str], reference: str
+) -> list[EmotionVectors]:
+    emotions = tuple(emotions)
+    if reference not in emotions:
+        raise ValueError(f"reference emotion {reference!r} is not in {list(emotions)}")
+    y = encode_labels(labels, emotions)
+    if len(y) != X.shape[1]:
+        raise ValueError(f"{len(y)} labels for {X.shape[1]} rows of activations")
+    means, counts = class_means(X, y, len(emotions))
+    grand = means.mean(axis=-2)
+    diff_ref = means - means[:, emotions.index(reference), None]
+    centred = means - grand[:, None]
+    diff_ref_unit, diff_ref_norm = unit_rows(diff_ref)
+    centred_unit, centred_norm = unit_rows(centred)
+    cosine, cosine_raw = cosine_matrix(centred), cosine_matrix(means)
+    separations = _separations(X, y, len(emotions), means, counts)
+    return [
+        EmotionVectors(
+            emotions=emotions,
+            reference=reference,
+            counts=counts,
+            means=means[layer],
+            grand_mean=grand[layer],
+            diff_vs_reference=diff_ref[layer],
+            diff_vs_reference_unit=diff_ref_unit[layer],
+            diff_vs_reference_norm=diff_ref_norm[layer],
+            centred=centred[layer],
+            centred_unit=centred_unit[layer],
+            centred_norm=centred_norm[layer],
+            cosine=cosine[layer],
+            cosine_raw=cosine_raw[layer],
+            separation=separations[layer],
+        )
+        for layer in range(len(X))
+    ]
 
 
 def separation_rows(vectors_by_layer: Sequence[EmotionVectors], **keys: object) -> list[dict]:
