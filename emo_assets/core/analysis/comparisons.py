@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from emo_assets.core.analysis.alignment import cka_matrix, cross_model_subspace_rows, rsa
+from emo_assets.core.analysis.alignment import LayerGrams, cross_model_subspace_rows, rsa_matrix
 from emo_assets.core.analysis.blas import one_blas_thread
 from emo_assets.core.analysis.inputs import (
     ModelActivations,
@@ -33,7 +33,7 @@ from emo_assets.core.analysis.inputs import (
 from emo_assets.core.analysis.model_analysis import StepResult
 from emo_assets.core.analysis.plots import plot_cka_heatmaps
 from emo_assets.core.analysis.subspaces import DEFAULT_K, emotion_subspaces_by_layer
-from emo_assets.core.analysis.vectors import cosine_matrix, emotion_vectors
+from emo_assets.core.analysis.vectors import cosine_matrix, emotion_vectors_by_layer
 
 CKA_SCHEMA = {
     "model_a": pl.String,
@@ -125,41 +125,39 @@ def cross_model_alignment_step(
     with one_blas_thread():
         for kind in kinds:
             X = {slug: acts.sentence_end(kind)[:, rows_of[slug]] for slug, acts in models.items()}
+            grams = {slug: LayerGrams(X[slug], slug) for slug in slugs}
             cos = {
-                slug: [cosine_matrix(emotion_vectors(x, labels, emotions, reference).centred) for x in X[slug]]
+                slug: [cosine_matrix(v.centred) for v in emotion_vectors_by_layer(X[slug], labels, emotions, reference)]
                 for slug in slugs
             }
             subspaces = {}
             for a, b in itertools.combinations_with_replacement(slugs, 2):
-                plain = cka_matrix(X[a], X[b])
-                debiased = cka_matrix(X[a], X[b], debiased=True)
+                plain, debiased = grams[a].cka(grams[b]), grams[a].cka(grams[b], debiased=True)
+                pearson, spearman, n_pairs = rsa_matrix(cos[a], cos[b])
                 matched = set(matched_layers(len(X[a]), len(X[b])))
                 for la, lb in itertools.product(range(len(X[a])), range(len(X[b]))):
+                    keys = {
+                        "model_a": a,
+                        "model_b": b,
+                        "kind": kind,
+                        "layer_a": la,
+                        "layer_b": lb,
+                        "matched_depth": (la, lb) in matched,
+                    }
                     cka_rows.append(
                         {
-                            "model_a": a,
-                            "model_b": b,
-                            "kind": kind,
-                            "layer_a": la,
-                            "layer_b": lb,
-                            "matched_depth": (la, lb) in matched,
+                            **keys,
                             "cka": float(plain[la, lb]),
                             "cka_debiased": float(debiased[la, lb]),
                             "n_sentences": len(ids),
                         }
                     )
-                    r = rsa(cos[a][la], cos[b][lb])
                     rsa_rows.append(
                         {
-                            "model_a": a,
-                            "model_b": b,
-                            "kind": kind,
-                            "layer_a": la,
-                            "layer_b": lb,
-                            "matched_depth": (la, lb) in matched,
-                            "rsa_pearson": r.pearson,
-                            "rsa_spearman": r.spearman,
-                            "n_pairs": r.n_pairs,
+                            **keys,
+                            "rsa_pearson": float(pearson[la, lb]),
+                            "rsa_spearman": float(spearman[la, lb]),
+                            "n_pairs": n_pairs,
                         }
                     )
                 if kind == kinds[0] and (a != b or len(slugs) == 1):
