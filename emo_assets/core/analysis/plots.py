@@ -184,5 +184,8 @@ def _annotate_cells(ax, M: np.ndarray) -> None:
 def _centred_label(text: str) -> mpath.Path:
     """Outline of `text` at 5 pt, in points, centred on the origin."""
     outline = TextPath((0, 0), text, prop=FontProperties(size=5))
-    box = outline.get_extents()
-    return outline.transformed(Affine2D().translate(-(box.x0 + box.x1) / 2, -(box.y0 + box.y1) / 2))
+    # the box of the control points: the exact one (Path.get_extents) solves every curve, to move it a fraction
+    # of a pixel
+    points = outline.vertices[outline.codes != mpath.Path.CLOSEPOLY]
+    centre = (points.min(axis=0) + points.max(axis=0)) / 2
+    return outline.transformed(Affine2D().translate(*-centre))
