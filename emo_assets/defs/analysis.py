@@ -215,9 +215,14 @@ def _plots_asset(settings: Settings, variant: str, spec: AnalysisSpec) -> dg.Ass
 def _cross_model_asset(settings: Settings, variant: str, spec: AnalysisSpec) -> dg.AssetsDefinition:
     config = settings.analysis
 
+    all_parts = dg.AllPartitionMapping()
+    # every model's emotion vectors and subspaces are read from those assets' files (checked against the
+    # activations, recomputed when they do not fit)
+    reused = [analysis_key(variant, name) for name in ("emotion_vectors", "emotion_subspaces")]
+
     @dg.asset(
         key=analysis_key(variant, "cross_model_alignment"),
-        deps=[dg.AssetDep(activations_key(variant), partition_mapping=dg.AllPartitionMapping())],
+        deps=[dg.AssetDep(key, partition_mapping=all_parts) for key in [activations_key(variant), *reused]],
         group_name=f"{variant}_analysis",
         kinds={"numpy", "parquet", "mlflow"},
         code_version=CODE_VERSION,

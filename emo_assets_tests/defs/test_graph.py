@@ -42,7 +42,10 @@ EXPECTED = {
             f"{v}/activations_summary": (None, {f"{v}/activations": ALL}),
             **{f"{v}/{name}": (SLUGS, {f"{v}/activations": ONE_DIMENSION}) for name in PER_MODEL[:4]},
             f"{v}/analysis_plots": (SLUGS, {f"{v}/emotion_vectors": SAME, f"{v}/linear_probes": SAME}),
-            f"{v}/cross_model_alignment": (None, {f"{v}/activations": ALL}),
+            f"{v}/cross_model_alignment": (
+                None,
+                {f"{v}/activations": ALL, f"{v}/emotion_vectors": ALL, f"{v}/emotion_subspaces": ALL},
+            ),
             f"{v}/analysis_report": (
                 None,
                 {**{f"{v}/{name}": ALL for name in (*PER_MODEL, "cross_model_alignment")}, "vector_stability": ALL},

@@ -25,6 +25,7 @@ reported next to an empirical random baseline (random orthonormal bases, fixed s
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ import numpy as np
 from emo_assets.core.analysis.blas import single_blas_thread
 from emo_assets.core.analysis.labels import as_float64_2d
 from emo_assets.core.analysis.subspaces import (
+    RandomBaseline,
     Subspace,
     empirical_random_overlap,
     expected_random_overlap,
@@ -50,16 +52,21 @@ def _gram(X: np.ndarray, name: str, debiased: bool) -> np.ndarray:
     """Centred (debiased=False) or U-centred (debiased=True) linear Gram matrix of X [n, d]."""
     Xc = _centre(X, name)
     K = Xc @ Xc.T
-    if debiased:
-        n = K.shape[0]
-        if n < 4:
-            raise ValueError(f"debiased CKA needs at least 4 samples, got {n}")
-        np.fill_diagonal(K, 0.0)
-        means = K.sum(axis=0) / (n - 2)
-        means -= means.sum() / (2 * (n - 1))
-        K -= means[:, None]
-        K -= means[None, :]
-        np.fill_diagonal(K, 0.0)
+    return _u_centre(K) if debiased else K
+
+
+def _u_centre(K: np.ndarray) -> np.ndarray:
+    """U-centred copy of a Gram matrix (the unbiased HSIC estimator's centring, Song et al. 2012)."""
+    n = K.shape[0]
+    if n < 4:
+        raise ValueError(f"debiased CKA needs at least 4 samples, got {n}")
+    K = K.copy()
+    np.fill_diagonal(K, 0.0)
+    means = K.sum(axis=0) / (n - 2)
+    means -= means.sum() / (2 * (n - 1))
+    K -= means[:, None]
+    K -= means[None, :]
+    np.fill_diagonal(K, 0.0)
     return K
 
 
@@ -84,16 +91,47 @@ def linear_cka(X: np.ndarray, Y: np.ndarray, *, debiased: bool = False) -> float
     return float(hsic / (nx * ny))
 
 
-def _normalised_grams(X_layers: np.ndarray | Sequence[np.ndarray], name: str, debiased: bool) -> np.ndarray:
-    """[n_layers, n*n]: each layer's (U-)centred Gram matrix flattened and scaled to unit Frobenius norm."""
-    if isinstance(X_layers, np.ndarray) and X_layers.ndim != 3:
-        raise ValueError(f"{name} must be [n_layers, n_sentences, d], got shape {X_layers.shape}")
-    grams = []
-    for layer in range(len(X_layers)):
-        K = _gram(X_layers[layer], name, debiased)
-        norm = np.linalg.norm(K)
-        grams.append((K / norm if norm > 0 else np.full_like(K, np.nan)).ravel())
-    return np.stack(grams)
+class LayerGrams:
+    """One model's layers as flattened Gram matrices of unit Frobenius norm, centred (`plain`) and U-centred
+    (`debiased`; None below 4 sentences), each [n_layers, n*n]; a constant layer gives a NaN row.
+
+    Computed once per model and shared by every model pair: the CKA of all layer pairs of two models is then
+    one matrix product of their rows. Each layer's centred Gram matrix serves both estimators."""
+
+    def __init__(self, X_layers: np.ndarray | Sequence[np.ndarray], name: str = "X"):
+        if isinstance(X_layers, np.ndarray) and X_layers.ndim != 3:
+            raise ValueError(f"{name} must be [n_layers, n_sentences, d], got shape {X_layers.shape}")
+        self.n_sentences = len(X_layers[0]) if len(X_layers) else 0
+        plain, debiased = [], []
+        for layer in range(len(X_layers)):
+            if len(X_layers[layer]) != self.n_sentences:
+                raise ValueError(f"every layer of {name} must hold the same sentences")
+            K = _gram(X_layers[layer], name, debiased=False)
+            plain.append(_unit(K))
+            if self.n_sentences >= 4:
+                debiased.append(_unit(_u_centre(K)))
+        self.plain = np.stack(plain)
+        self.debiased = np.stack(debiased) if self.n_sentences >= 4 else None
+
+    def cka(self, other: LayerGrams, *, debiased: bool = False) -> np.ndarray:
+        """Linear CKA [self's layers, other's layers] (see `cka_matrix`)."""
+        if self.n_sentences != other.n_sentences:
+            raise ValueError(
+                "every layer of both models must hold the same sentences; row counts: "
+                f"{sorted({self.n_sentences, other.n_sentences})}"
+            )
+        if debiased:
+            if self.debiased is None or other.debiased is None:
+                raise ValueError(f"debiased CKA needs at least 4 samples, got {self.n_sentences}")
+            M = self.debiased @ other.debiased.T
+        else:
+            M = self.plain @ other.plain.T
+        return np.clip(M, -1.0 if debiased else 0.0, 1.0)
+
+
+def _unit(K: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(K)
+    return (K / norm if norm > 0 else np.full_like(K, np.nan)).ravel()
 
 
 @single_blas_thread
@@ -106,12 +144,9 @@ def cka_matrix(
     """Linear CKA for every layer pair: A [La, n, da], B [Lb, n, db] -> [La, Lb] (rows: A's layers).
 
     A and B may also be lists of [n, d_layer] arrays (widths may differ between layers). Each layer's Gram
-    matrix is computed once, so the cost is O((La + Lb) n^2 d + La Lb n^2)."""
-    rows = {len(layer) for layer in A_layers} | {len(layer) for layer in B_layers}
-    if len(rows) != 1:
-        raise ValueError(f"every layer of both models must hold the same sentences; row counts: {sorted(rows)}")
-    M = _normalised_grams(A_layers, "A", debiased) @ _normalised_grams(B_layers, "B", debiased).T
-    return np.clip(M, -1.0 if debiased else 0.0, 1.0)
+    matrix is computed once, so the cost is O((La + Lb) n^2 d + La Lb n^2); with several models, build one
+    `LayerGrams` per model and pair those instead."""
+    return LayerGrams(A_layers, "A").cka(LayerGrams(B_layers, "B"), debiased=debiased)
 
 
 @dataclass(frozen=True)
@@ -132,24 +167,61 @@ def upper_triangle(M: np.ndarray) -> np.ndarray:
 def rsa(cos_a: np.ndarray, cos_b: np.ndarray) -> RSAResult:
     """Correlation of the upper triangles of two models' emotion-by-emotion (centred) cosine matrices, which
     must list the emotions in the same order. NaN where a triangle is constant or contains NaN."""
-    a, b = upper_triangle(cos_a), upper_triangle(cos_b)
-    if a.shape != b.shape:
-        raise ValueError(f"cosine matrices differ in size: {np.shape(cos_a)} vs {np.shape(cos_b)}")
-    if len(a) < 2 or not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))) or np.ptp(a) == 0 or np.ptp(b) == 0:
-        return RSAResult(float("nan"), float("nan"), len(a))
-    pearson = float(np.corrcoef(a, b)[0, 1])
-    spearman = float(np.corrcoef(average_ranks(a), average_ranks(b))[0, 1])
-    return RSAResult(pearson, spearman, len(a))
+    pearson, spearman, n_pairs = rsa_matrix([cos_a], [cos_b])
+    return RSAResult(float(pearson[0, 0]), float(spearman[0, 0]), n_pairs)
+
+
+def rsa_matrix(cos_a: Sequence[np.ndarray], cos_b: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, int]:
+    """`rsa` for every layer pair of two models: per-layer cosine matrices -> (Pearson [La, Lb], Spearman
+    [La, Lb], number of pairs per triangle)."""
+    a, b = _triangles(cos_a), _triangles(cos_b)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"cosine matrices differ in size: {np.shape(cos_a[0])} vs {np.shape(cos_b[0])}")
+    if a.shape[1] < 2:
+        undefined = np.full((len(a), len(b)), np.nan)
+        return undefined, undefined.copy(), a.shape[1]
+    pearson = _row_correlations(a, b)
+    spearman = _row_correlations(average_ranks(a), average_ranks(b))
+    undefined = ~_varies(a)[:, None] | ~_varies(b)[None, :]
+    pearson[undefined] = np.nan
+    spearman[undefined] = np.nan
+    return pearson, spearman, a.shape[1]
+
+
+def _triangles(matrices: Sequence[np.ndarray]) -> np.ndarray:
+    """[n_layers, m]: each layer's upper triangle."""
+    return np.stack([upper_triangle(M) for M in matrices])
+
+
+def _varies(T: np.ndarray) -> np.ndarray:
+    """Per row: all finite and not constant (else its correlations are undefined)."""
+    finite = np.all(np.isfinite(T), axis=1)
+    return finite & (np.ptp(np.where(finite[:, None], T, 0.0), axis=1) > 0)
+
+
+def _row_correlations(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """Pearson correlation of every row of A [p, m] with every row of B [q, m] -> [p, q]."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        Ac, Bc = A - A.mean(axis=1, keepdims=True), B - B.mean(axis=1, keepdims=True)
+        Ac /= np.linalg.norm(Ac, axis=1, keepdims=True)
+        Bc /= np.linalg.norm(Bc, axis=1, keepdims=True)
+        return np.clip(Ac @ Bc.T, -1.0, 1.0)
 
 
 def average_ranks(values: np.ndarray) -> np.ndarray:
-    """Ranks 1..m with ties given their average rank (`scipy.stats.rankdata`'s default). Pairwise comparison:
-    the triangles hold a handful of values and this runs for every layer pair, where importing and calling
-    scipy.stats costs more than the ranking."""
+    """Ranks 1..m along the last axis with ties given their average rank (`scipy.stats.rankdata`'s default).
+    Pairwise comparison: the triangles hold a handful of values and this runs for every layer of every model,
+    where importing and calling scipy.stats costs more than the ranking."""
     v = np.asarray(values, dtype=np.float64)
-    below = (v[None, :] < v[:, None]).sum(axis=1)
-    equal = (v[None, :] == v[:, None]).sum(axis=1)
+    below = (v[..., None, :] < v[..., :, None]).sum(axis=-1)
+    equal = (v[..., None, :] == v[..., :, None]).sum(axis=-1)
     return below + (equal + 1) / 2.0
+
+
+@functools.lru_cache(maxsize=64)
+def _random_baseline(d: int, k_a: int, k_b: int, n_random: int, seed: int) -> RandomBaseline:
+    """Same dimensions and seed give the same baseline: computed once per process, shared by model pairs."""
+    return empirical_random_overlap(d, k_a, k_b, n_draws=n_random, seed=seed)
 
 
 @single_blas_thread
@@ -172,7 +244,6 @@ def cross_model_subspace_rows(
         if len(subspaces_a) != len(subspaces_b):
             raise ValueError(f"{len(subspaces_a)} vs {len(subspaces_b)} layers: pass layer_pairs explicitly")
         layer_pairs = [(i, i) for i in range(len(subspaces_a))]
-    baselines: dict[tuple[int, int, int], object] = {}
     rows = []
     for layer_a, layer_b in layer_pairs:
         for emotion, sub_a in subspaces_a[layer_a].items():
@@ -181,10 +252,7 @@ def cross_model_subspace_rows(
                 continue
             if sub_a.d != sub_b.d:
                 raise ValueError(f"models have different widths ({sub_a.d} vs {sub_b.d}); overlap is undefined")
-            key = (sub_a.d, sub_a.k, sub_b.k)
-            if key not in baselines:  # same dims -> same seeded baseline; compute once
-                baselines[key] = empirical_random_overlap(sub_a.d, sub_a.k, sub_b.k, n_draws=n_random, seed=seed)
-            base = baselines[key]
+            base = _random_baseline(sub_a.d, sub_a.k, sub_b.k, n_random, seed)
             angles = principal_angles(sub_a, sub_b)
             row = dict(keys)
             row.update(

@@ -4,7 +4,9 @@
   for every layer pair of every model pair (self pairs included: they show a model's own layer similarity),
   RSA of the centred emotion cosine matrices for every layer pair, and - for models of equal width only -
   subspace overlap of the same emotion's PCA subspaces at matched relative depth, next to an empirical
-  random baseline. Files under `results/<variant>/analysis/_cross_model/`.
+  random baseline. Files under `results/<variant>/analysis/_cross_model/`. Each model's emotion vectors and
+  subspaces come from its `emotion_vectors` / `emotion_subspaces` files when those fit the activations
+  compared here (`_stored_outputs`), else they are computed again.
 - `vector_stability_step`: cosine between the baseline and extended (every pair of variants) centred
   emotion vectors of the same model, kind, layer and emotion, read from the `emotion_vectors` outputs.
   File `results/_cross_variant/vector_stability.parquet`.
@@ -20,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from emo_assets.core.analysis.alignment import cka_matrix, cross_model_subspace_rows, rsa
+from emo_assets.core.analysis.alignment import LayerGrams, cross_model_subspace_rows, rsa_matrix
 from emo_assets.core.analysis.blas import one_blas_thread
 from emo_assets.core.analysis.inputs import (
     ModelActivations,
@@ -32,8 +34,8 @@ from emo_assets.core.analysis.inputs import (
 )
 from emo_assets.core.analysis.model_analysis import StepResult
 from emo_assets.core.analysis.plots import plot_cka_heatmaps
-from emo_assets.core.analysis.subspaces import DEFAULT_K, emotion_subspaces_by_layer
-from emo_assets.core.analysis.vectors import cosine_matrix, emotion_vectors
+from emo_assets.core.analysis.subspaces import DEFAULT_K, Subspace, emotion_subspaces_by_layer
+from emo_assets.core.analysis.vectors import cosine_matrix, emotion_vectors_by_layer
 
 CKA_SCHEMA = {
     "model_a": pl.String,
@@ -120,46 +122,48 @@ def cross_model_alignment_step(
     emotions = models[slugs[0]].emotions
     reference = reference_emotion(emotions)
     kinds = [kd for kd in models[slugs[0]].kinds if all(kd in a.kinds for a in models.values())]
-    cka_rows, rsa_rows, overlap_rows, skipped = [], [], [], []
+    cka_rows, rsa_rows, overlap_rows, skipped, reasons = [], [], [], [], set()
     heatmap: dict[tuple[str, str], np.ndarray] = {}
     with one_blas_thread():
         for kind in kinds:
             X = {slug: acts.sentence_end(kind)[:, rows_of[slug]] for slug, acts in models.items()}
-            cos = {
-                slug: [cosine_matrix(emotion_vectors(x, labels, emotions, reference).centred) for x in X[slug]]
-                for slug in slugs
-            }
-            subspaces = {}
+            grams = {slug: LayerGrams(X[slug], slug) for slug in slugs}
+            cos, subspaces = {}, {}
+            for slug, acts in models.items():
+                stored = _stored_outputs(Path(results_dir), acts, kind, X[slug], rows_of[slug], labels, emotions, k)
+                if isinstance(stored, str):
+                    reasons.add(f"{slug}: emotion vectors and subspaces computed here ({stored})")
+                    by_layer = emotion_vectors_by_layer(X[slug], labels, emotions, reference)
+                    cos[slug] = [cosine_matrix(v.centred) for v in by_layer]
+                else:
+                    cos[slug], subspaces[slug] = stored
             for a, b in itertools.combinations_with_replacement(slugs, 2):
-                plain = cka_matrix(X[a], X[b])
-                debiased = cka_matrix(X[a], X[b], debiased=True)
+                plain, debiased = grams[a].cka(grams[b]), grams[a].cka(grams[b], debiased=True)
+                pearson, spearman, n_pairs = rsa_matrix(cos[a], cos[b])
                 matched = set(matched_layers(len(X[a]), len(X[b])))
                 for la, lb in itertools.product(range(len(X[a])), range(len(X[b]))):
+                    keys = {
+                        "model_a": a,
+                        "model_b": b,
+                        "kind": kind,
+                        "layer_a": la,
+                        "layer_b": lb,
+                        "matched_depth": (la, lb) in matched,
+                    }
                     cka_rows.append(
                         {
-                            "model_a": a,
-                            "model_b": b,
-                            "kind": kind,
-                            "layer_a": la,
-                            "layer_b": lb,
-                            "matched_depth": (la, lb) in matched,
+                            **keys,
                             "cka": float(plain[la, lb]),
                             "cka_debiased": float(debiased[la, lb]),
                             "n_sentences": len(ids),
                         }
                     )
-                    r = rsa(cos[a][la], cos[b][lb])
                     rsa_rows.append(
                         {
-                            "model_a": a,
-                            "model_b": b,
-                            "kind": kind,
-                            "layer_a": la,
-                            "layer_b": lb,
-                            "matched_depth": (la, lb) in matched,
-                            "rsa_pearson": r.pearson,
-                            "rsa_spearman": r.spearman,
-                            "n_pairs": r.n_pairs,
+                            **keys,
+                            "rsa_pearson": float(pearson[la, lb]),
+                            "rsa_spearman": float(spearman[la, lb]),
+                            "n_pairs": n_pairs,
                         }
                     )
                 if kind == kinds[0] and (a != b or len(slugs) == 1):
@@ -189,6 +193,7 @@ def cross_model_alignment_step(
     result.table("cka", cka, out / "cka.parquet", meta)
     result.table("rsa", rsa_table, out / "rsa.parquet", meta)
     result.table("subspace_overlap", overlap, out / "subspace_overlap.parquet", meta)
+    result.notes += sorted(reasons)
     skipped = sorted(set(skipped))
     if skipped:
         result.notes.append(
@@ -212,6 +217,66 @@ def cross_model_alignment_step(
     return result
 
 
+def _stored_outputs(
+    results_dir: Path,
+    acts: ModelActivations,
+    kind: str,
+    X: np.ndarray,
+    rows: np.ndarray,
+    labels: Sequence[str],
+    emotions: Sequence[str],
+    k: int,
+) -> tuple[list[np.ndarray], list[dict[str, Subspace]]] | str:
+    """One model's centred emotion cosine matrix and emotion subspaces per layer of `kind`, read from its
+    `emotion_vectors` and `emotion_subspaces` outputs instead of computed again, or why they do not fit.
+
+    `X` [n_layers, n, d] holds the model's `rows` compared here, labelled `labels`. They must be all of its
+    sentences with its own labels and emotion order, the files must have been written for the same model,
+    dataset, emotions, reference and k, and their emotion means must be those of `X` (up to summation order):
+    files of other activations are never used."""
+    if len(rows) != acts.n_sentences or [acts.labels[i] for i in rows] != list(labels):
+        return "not every sentence is shared"
+    if tuple(emotions) != acts.emotions:
+        return "its emotions are in another order"
+    folder = model_analysis_dir(results_dir, acts.variant, acts.slug)
+    expected = {**acts.keys(), "reference": reference_emotion(emotions), "k_requested": str(k)}
+    tensors: dict[str, np.ndarray] = {}
+    for name, settings in (("emotion_vectors", ("reference",)), ("emotion_subspaces", ("k_requested",))):
+        path = folder / f"{name}.safetensors"
+        if not path.is_file():
+            return f"no {path}"
+        meta, stored = _vectors(path, prefix=f"{kind}/")
+        keys = [*acts.keys(), *settings]
+        if any(meta.get(key) != expected[key] for key in keys) or kind not in json.loads(meta.get("kinds", "[]")):
+            return f"{path} was written for other activations or settings"
+        tensors.update(stored)
+    y = np.asarray(labels)
+    means = np.stack([X[:, y == emotion].mean(axis=1, dtype=np.float64) for emotion in emotions], axis=1)
+    tolerance = 1e-9 * max(float(np.abs(means).max()), 1.0)
+    stored_means = tensors.get(f"{kind}/means")
+    if stored_means is None or stored_means.shape != means.shape or np.abs(stored_means - means).max() > tolerance:
+        return "emotion_vectors.safetensors holds other activations' means"
+    counts = {emotion: int(np.sum(y == emotion)) for emotion in emotions}
+    subspaces: list[dict[str, Subspace]] = []
+    for layer in range(len(X)):
+        by_emotion = {}
+        for e, emotion in enumerate(emotions):
+            prefix = f"{kind}/L{layer:02d}/{emotion}"
+            if f"{prefix}/basis" not in tensors:  # no variance there (see subspaces.emotion_subspaces)
+                continue
+            if np.abs(tensors[f"{prefix}/mean"] - means[layer, e]).max() > tolerance:
+                return "emotion_subspaces.safetensors holds other activations' means"
+            by_emotion[emotion] = Subspace(
+                basis=tensors[f"{prefix}/basis"],
+                explained_variance_ratio=tensors[f"{prefix}/explained_variance_ratio"],
+                mean=tensors[f"{prefix}/mean"],
+                n_samples=counts[emotion],
+            )
+        subspaces.append(by_emotion)
+    cos = [cosine_matrix(centred) for centred in tensors[f"{kind}/centred"]]
+    return cos, subspaces
+
+
 STABILITY_SCHEMA = {
     "model": pl.String,
     "kind": pl.String,
@@ -224,11 +289,13 @@ STABILITY_SCHEMA = {
 }
 
 
-def _vectors(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+def _vectors(path: Path, prefix: str = "") -> tuple[dict, dict[str, np.ndarray]]:
+    """Metadata and the tensors whose names start with `prefix`."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="numpy") as handle:
-        return handle.metadata(), {name: handle.get_tensor(name) for name in handle.keys()}
+        names = [name for name in handle.keys() if name.startswith(prefix)]
+        return handle.metadata(), {name: handle.get_tensor(name) for name in names}
 
 
 def stability_path(results_dir: Path) -> Path:

@@ -9,12 +9,15 @@ survives the trip through files, and stale or inconsistent inputs fail loudly.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import matplotlib.image as mpimg
 import numpy as np
 import polars as pl
 import pytest
+from polars.testing import assert_frame_equal
+from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from emo_assets.core.activations import ActivationHeader, write_activation_file
@@ -31,6 +34,7 @@ from emo_assets.core.analysis.inputs import (
     model_analysis_dir,
     report_path,
     token_strings,
+    write_safetensors,
 )
 from emo_assets.core.analysis.model_analysis import (
     emotion_subspaces_step,
@@ -277,6 +281,39 @@ def test_cross_model_alignment_skips_unequal_widths(workspace):
     assert overlap.height == N_LAYERS * 4 * len(KINDS)
     assert step.summary["skipped_overlap_pairs"] == 2 and any("narrow (d=8)" in n for n in step.notes)
     _check_png(step.files["cka_heatmap"])
+
+
+def test_cross_model_alignment_reuses_only_fitting_per_model_outputs(workspace, tmp_path):
+    results, _ = workspace
+    shutil.copytree(results / "baseline" / "activations", tmp_path / "baseline" / "activations")
+    models = {s: ModelActivations.load(tmp_path, "baseline", s, EMOTIONS) for s in ("model-a", "model-b")}
+
+    def run(k=4):
+        step = cross_model_alignment_step(models, tmp_path, "baseline", k=k, n_random=5)
+        notes = [n for n in step.notes if "computed here" in n]
+        return notes, {name: pl.read_parquet(table.path) for name, table in step.tables.items()}
+
+    notes, computed = run()
+    assert [n.split(":")[0] for n in notes] == ["model-a", "model-b"] and all("no " in n for n in notes)
+    for acts in models.values():
+        emotion_vectors_step(acts, tmp_path)
+        emotion_subspaces_step(acts, tmp_path, k=4, n_random=5)
+    notes, reused = run()
+    assert notes == []
+    for name, table in reused.items():
+        assert_frame_equal(table, computed[name], check_exact=False, rtol=0, atol=1e-12)
+    notes, _ = run(k=3)
+    assert len(notes) == 2 and all("written for other activations or settings" in n for n in notes)
+    # same metadata, other activations: one emotion mean moved by 1e-6 (the activations are ~20)
+    path = model_analysis_dir(tmp_path, "baseline", "model-b") / "emotion_subspaces.safetensors"
+    with safe_open(str(path), framework="numpy") as handle:
+        meta, tensors = handle.metadata(), {name: handle.get_tensor(name) for name in handle.keys()}
+    tensors["mlp_out/L01/anger/mean"][3] += 1e-6
+    write_safetensors(tensors, path, meta)
+    notes, stale = run()
+    assert len(notes) == 1 and notes[0].startswith("model-b:") and "other activations' means" in notes[0]
+    for name, table in stale.items():
+        assert_frame_equal(table, computed[name], check_exact=False, rtol=0, atol=1e-12)
 
 
 def test_single_model_alignment_plots_self_cka(workspace, tmp_path):
