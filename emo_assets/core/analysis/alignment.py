@@ -25,7 +25,6 @@ reported next to an empirical random baseline (random orthonormal bases, fixed s
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -34,12 +33,10 @@ import numpy as np
 from emo_assets.core.analysis.blas import single_blas_thread
 from emo_assets.core.analysis.labels import as_float64_2d
 from emo_assets.core.analysis.subspaces import (
-    RandomBaseline,
     Subspace,
     empirical_random_overlap,
     expected_random_overlap,
-    principal_angles,
-    subspace_overlap,
+    overlaps_and_angles,
 )
 
 
@@ -218,12 +215,6 @@ def average_ranks(values: np.ndarray) -> np.ndarray:
     return below + (equal + 1) / 2.0
 
 
-@functools.lru_cache(maxsize=64)
-def _random_baseline(d: int, k_a: int, k_b: int, n_random: int, seed: int) -> RandomBaseline:
-    """Same dimensions and seed give the same baseline: computed once per process, shared by model pairs."""
-    return empirical_random_overlap(d, k_a, k_b, n_draws=n_random, seed=seed)
-
-
 @single_blas_thread
 def cross_model_subspace_rows(
     subspaces_a: Sequence[Mapping[str, Subspace]],
@@ -244,7 +235,7 @@ def cross_model_subspace_rows(
         if len(subspaces_a) != len(subspaces_b):
             raise ValueError(f"{len(subspaces_a)} vs {len(subspaces_b)} layers: pass layer_pairs explicitly")
         layer_pairs = [(i, i) for i in range(len(subspaces_a))]
-    rows = []
+    pairs = []
     for layer_a, layer_b in layer_pairs:
         for emotion, sub_a in subspaces_a[layer_a].items():
             sub_b = subspaces_b[layer_b].get(emotion)
@@ -252,20 +243,23 @@ def cross_model_subspace_rows(
                 continue
             if sub_a.d != sub_b.d:
                 raise ValueError(f"models have different widths ({sub_a.d} vs {sub_b.d}); overlap is undefined")
-            base = _random_baseline(sub_a.d, sub_a.k, sub_b.k, n_random, seed)
-            angles = principal_angles(sub_a, sub_b)
-            row = dict(keys)
-            row.update(
-                layer_a=layer_a,
-                layer_b=layer_b,
-                emotion=emotion,
-                k=min(sub_a.k, sub_b.k),
-                overlap=subspace_overlap(sub_a, sub_b),
-                mean_angle_deg=float(angles.mean()),
-                min_angle_deg=float(angles.min()),
-                random_overlap_mean=base.mean,
-                random_overlap_std=base.std,
-                random_overlap_analytical=expected_random_overlap(sub_a.k, sub_a.d, sub_b.k),
-            )
-            rows.append(row)
+            pairs.append((layer_a, layer_b, emotion, sub_a, sub_b))
+    overlaps, angles = overlaps_and_angles([p[3] for p in pairs], [p[4] for p in pairs])
+    rows = []
+    for (layer_a, layer_b, emotion, sub_a, sub_b), overlap, pair_angles in zip(pairs, overlaps, angles):
+        base = empirical_random_overlap(sub_a.d, sub_a.k, sub_b.k, n_draws=n_random, seed=seed)
+        row = dict(keys)
+        row.update(
+            layer_a=layer_a,
+            layer_b=layer_b,
+            emotion=emotion,
+            k=min(sub_a.k, sub_b.k),
+            overlap=float(overlap),
+            mean_angle_deg=float(pair_angles.mean()),
+            min_angle_deg=float(pair_angles.min()),
+            random_overlap_mean=base.mean,
+            random_overlap_std=base.std,
+            random_overlap_analytical=expected_random_overlap(sub_a.k, sub_a.d, sub_b.k),
+        )
+        rows.append(row)
     return rows
