@@ -4,16 +4,16 @@ Design (see the science notes):
 - one set of StratifiedKFold(n_splits, shuffle=True, seed) folds, built from the true labels, is shared by the
   activation probes, the bag-of-words baseline and the control task, so their accuracies differ only in the
   features/labels and not in the split;
-- probe = standardisation fitted on the training fold, then LogisticRegression(L2, lbfgs, fixed random_state):
+- probe = standardisation fitted on the training fold, then an L2 multinomial logistic regression (C = 1):
   scikit-learn's Pipeline(StandardScaler, LogisticRegression). The scaler's statistics come from the training
   fold only (no test-fold statistics leak) and tame the few huge outlier dimensions of GPT-2-like residual
   streams, which would otherwise dominate the L2 penalty. When the standardised rows are wider than the
   training fold (d = 768 > 224 sentences), the regression is fitted on their coordinates in the span of the
-  training rows instead (`row_space_features`): the L2-regularised minimiser lies in that span, the map is an
-  isometry, and L-BFGS only combines gradients by inner products, so it is the same regression on n_train
-  instead of d features (features computed once per fold for the probe and its control). Only the stopping
-  point of lbfgs can move slightly: its tolerance applies to the largest gradient entry, which depends on the
-  coordinates;
+  training rows instead (`row_space_features`): the L2-regularised minimiser lies in that span and the map is an
+  isometry, so it is the same regression on n_train instead of d features. The regression is solved to its
+  optimum by `logistic.fit_multinomial` (scikit-learn's objective, batched Newton-CG) for all folds of a layer
+  and both the true and the control labels at once, where scikit-learn's lbfgs would stop at a gradient of 1e-4
+  (its `tol`), close to but not at the optimum;
 - bag-of-words baseline = Pipeline(CountVectorizer, the same LogisticRegression) on the sentence texts, fitted
   per fold (vocabulary from the training fold only). Gratitude, apology and anger are lexically marked
   ("thanks", "sorry", "furious"), so a probe must be read against this baseline, not against chance. Counts
@@ -52,8 +52,10 @@ class ProbeSettings:
     n_splits: int = 5
     seed: int = 0  # folds, logistic-regression random_state and the control-task shuffle
     C: float = 1.0  # inverse L2 strength (on standardised features)
-    max_iter: int = 5000
-    tol: float = 1e-4
+    max_iter: int = 5000  # lbfgs of the bag-of-words baseline (scikit-learn)
+    tol: float = 1e-4  # lbfgs of the bag-of-words baseline (scikit-learn)
+    newton_tol: float = 1e-5  # activation probes: largest gradient entry of the mean objective at the stop
+    newton_max_iter: int = 100  # activation probes: Newton steps
 
 
 def make_folds(y: np.ndarray, n_splits: int = 5, seed: int = 0) -> Folds:
@@ -110,7 +112,7 @@ def bow_probe(settings: ProbeSettings = ProbeSettings()) -> Pipeline:
 @dataclass(frozen=True)
 class CVScore:
     fold_accuracies: np.ndarray
-    converged: bool  # every fold's lbfgs stopped before max_iter
+    converged: bool  # every fold's solver met its own stopping test (lbfgs: before max_iter)
 
     @property
     def mean(self) -> float:
@@ -137,17 +139,32 @@ def cross_validate(make_model, X, y: np.ndarray, folds: Folds, settings: ProbeSe
     return CVScore(np.asarray(accuracies), converged)
 
 
-@single_blas_thread
-def cross_validate_features(
-    features: list[tuple[np.ndarray, np.ndarray]], y: np.ndarray, folds: Folds, settings: ProbeSettings
-) -> CVScore:
-    """Accuracy of the activation probe on each fold, from the folds' (training, test) features."""
-    accuracies, converged = [], True
-    for (F_train, F_test), (train, test) in zip(features, folds):
-        model = _logistic(settings).fit(F_train, y[train])
-        accuracies.append(float(np.mean(model.predict(F_test) == y[test])))
-        converged &= bool(np.all(model.n_iter_ < settings.max_iter))
-    return CVScore(np.asarray(accuracies), converged)
+def cross_validate_layer(
+    X: np.ndarray, labelings: Sequence[np.ndarray], folds: Folds, settings: ProbeSettings
+) -> list[CVScore]:
+    """Accuracy of the activation probe on each fold, for each labeling of the rows of X (the true labels, the
+    control), on the same folds and features: one batched fit (`logistic.fit_multinomial`) for all of them."""
+    from emo_assets.core.analysis.logistic import fit_multinomial
+
+    features = [row_space_features(X, train, test) for train, test in folds]
+    n = max(len(train) for train, _ in folds)
+    r = max(F_train.shape[1] for F_train, _ in features)
+    n_classes = int(max(labels.max() for labels in labelings)) + 1
+    batch = np.zeros((len(folds), n, r))
+    onehot = np.zeros((len(folds), len(labelings), n_classes, n))
+    rows = np.zeros((len(folds), n))
+    for b, ((F_train, _), (train, _)) in enumerate(zip(features, folds)):
+        batch[b, : len(train), : F_train.shape[1]] = F_train
+        rows[b, : len(train)] = 1
+        for j, labels in enumerate(labelings):
+            onehot[b, j, labels[train], np.arange(len(train))] = 1
+    fit = fit_multinomial(batch, onehot, rows, settings.C, settings.newton_tol, settings.newton_max_iter)
+    accuracies = np.zeros((len(labelings), len(folds)))
+    for b, ((_, F_test), (_, test)) in enumerate(zip(features, folds)):
+        predicted = fit.decision(b, F_test).argmax(axis=1)
+        for j, labels in enumerate(labelings):
+            accuracies[j, b] = np.mean(predicted[j] == labels[test])
+    return [CVScore(accuracies[j], bool(fit.converged[:, j].all())) for j in range(len(labelings))]
 
 
 @dataclass(frozen=True)
@@ -192,10 +209,7 @@ def probe_layers(
             if np.ndim(X_layers) != 3 or np.shape(X_layers)[1] != n:
                 raise ValueError(f"{kind}: expected [n_layers, {n}, d], got shape {np.shape(X_layers)}")
             for layer in range(len(X_layers)):
-                X = as_float64_2d(X_layers[layer])
-                features = [row_space_features(X, train, test) for train, test in folds]
-                score = cross_validate_features(features, y, folds, settings)
-                control = cross_validate_features(features, y_control, folds, settings)
+                score, control = cross_validate_layer(as_float64_2d(X_layers[layer]), (y, y_control), folds, settings)
                 rows.append(
                     {
                         "kind": kind,
