@@ -59,98 +59,94 @@ def fit_multinomial(
     B, n, r = features.shape
     L, K = onehot.shape[1:3]
     counts = rows.sum(axis=1)[:, None]
-    X = np.ascontiguousarray(features, dtype=np.float64)
+    # the intercept is the coefficient of a last feature that is 1 on every training row, with no penalty
+    X = np.concatenate([features, rows[:, :, None]], axis=2).astype(np.float64)
     XT = np.ascontiguousarray(X.transpose(0, 2, 1))
-    X32, XT32 = X.astype(np.float32), XT.astype(np.float32)
-    X32_sq = X32 * X32
+    penalty = np.append(np.full(r, 1 / C), 0.0)
     weight = rows[:, None, None, :].astype(np.float64)
-    weight32 = weight.astype(np.float32)
-    W = np.zeros((B, L, K, r))
-    c = np.zeros((B, L, K))
-
-    def logits(W: np.ndarray, c: np.ndarray) -> np.ndarray:
-        return (W.reshape(B, L * K, r) @ XT).reshape(B, L, K, n) + c[..., None]
-
-    def objective(z: np.ndarray, W: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        P, lse = _softmax_and_logsumexp(z)
-        loss = ((lse - (z * onehot).sum(axis=2)) * rows[:, None, :]).sum(axis=2)
-        return loss + (W * W).sum(axis=(2, 3)) / (2 * C), P
-
-    z = logits(W, c)
-    f, P = objective(z, W)
+    problem = _Problem(X, XT, onehot, weight, penalty)
+    theta = np.zeros((B, L, K, r + 1))
+    f, z, P = problem.evaluate(theta)
     converged = np.zeros((B, L), dtype=bool)
     for step in range(max_iter + 1):
         residual = (P - onehot) * weight
-        gW = (residual.reshape(B, L * K, n) @ X).reshape(B, L, K, r) + W / C
-        gc = residual.sum(axis=3)
-        largest = np.maximum(np.abs(gW).max(axis=(2, 3)), np.abs(gc).max(axis=2)) / counts
-        converged = largest <= tol
+        gradient = (residual.reshape(B, L * K, n) @ X).reshape(B, L, K, r + 1) + theta * penalty
+        converged = np.abs(gradient).max(axis=(2, 3)) / counts <= tol
         if converged.all() or step == max_iter:
             break
-        dW, dc = _newton_direction(X32, XT32, X32_sq, weight32, P, gW, gc, ~converged, C)
-        W, c, f, z, P = _line_search(W, c, f, z, P, dW, dc, gW, gc, ~converged, logits, objective)
-    return MultinomialFit(W, c, converged, step)
+        direction = problem.newton_direction(P, gradient, ~converged)
+        theta, f, z, P = problem.line_search(theta, f, z, P, direction, gradient, ~converged)
+    return MultinomialFit(theta[..., :r], theta[..., r], converged, step)
 
 
-def _newton_direction(X32, XT32, X32_sq, weight32, P, gW, gc, active, C):
-    """Approximate solution of H d = -g per active problem by Jacobi-preconditioned conjugate gradients,
-    stopped at the forcing tolerance min(0.5, sqrt|g|) |g| (superlinear convergence of the Newton steps)."""
-    B, L, K, r = gW.shape
-    n = P.shape[3]
-    P32 = P.astype(np.float32)
-    Pw = P32 * weight32
-    curvature = Pw * (1 - P32)
-    diag_W = (curvature.reshape(B, L * K, n) @ X32_sq).reshape(B, L, K, r) + np.float32(1 / C)
-    diag_c = curvature.sum(axis=3) + np.float32(np.finfo(np.float32).tiny)
-    on = active.copy()
-    rW = (-gW * on[..., None, None]).astype(np.float32)
-    rc = (-gc * on[..., None]).astype(np.float32)
-    xW, xc = np.zeros_like(rW), np.zeros_like(rc)
-    zW, zc = rW / diag_W, rc / diag_c
-    pW, pc = zW, zc
-    rz = (rW * zW).sum(axis=(2, 3)) + (rc * zc).sum(axis=2)
-    norm_g = np.sqrt((gW**2).sum(axis=(2, 3)) + (gc**2).sum(axis=2))
-    target = (np.minimum(0.5, np.sqrt(norm_g)) * norm_g).astype(np.float32)
-    for _ in range(K * (r + 1)):  # conjugate gradients ends within the dimension in exact arithmetic
-        dz = (pW.reshape(B, L * K, r) @ XT32).reshape(B, L, K, n) + pc[..., None]
-        Hz = dz - (P32 * dz).sum(axis=2, keepdims=True)
-        Hz *= Pw
-        HW = (Hz.reshape(B, L * K, n) @ X32).reshape(B, L, K, r) + pW / np.float32(C)
-        Hc = Hz.sum(axis=3)
-        curv = (pW * HW).sum(axis=(2, 3)) + (pc * Hc).sum(axis=2)
-        alpha = np.where(on, rz / np.where(on, curv, 1), 0).astype(np.float32)
-        xW += alpha[..., None, None] * pW
-        xc += alpha[..., None] * pc
-        rW -= alpha[..., None, None] * HW
-        rc -= alpha[..., None] * Hc
-        on &= np.sqrt((rW * rW).sum(axis=(2, 3)) + (rc * rc).sum(axis=2)) > target
-        if not on.any():
-            break
-        zW, zc = rW / diag_W, rc / diag_c
-        rz_next = (rW * zW).sum(axis=(2, 3)) + (rc * zc).sum(axis=2)
-        beta = np.where(on, rz_next / np.where(on, rz, 1), 0).astype(np.float32)
-        rz = rz_next
-        pW = zW + beta[..., None, None] * pW
-        pc = zc + beta[..., None] * pc
-    return xW.astype(np.float64), xc.astype(np.float64)
+class _Problem:
+    """The batch's data: X [B, n, m] (features and the intercept's column), onehot, row weights, penalty [m]."""
 
+    def __init__(self, X, XT, onehot, weight, penalty):
+        self.X, self.XT, self.onehot, self.weight, self.penalty = X, XT, onehot, weight, penalty
+        self.X32, self.XT32 = X.astype(np.float32), XT.astype(np.float32)
+        self.X32_sq = self.X32 * self.X32
+        self.weight32, self.penalty32 = weight.astype(np.float32), penalty.astype(np.float32)
 
-def _line_search(W, c, f, z, P, dW, dc, gW, gc, active, logits, objective):
-    """Per problem, the first of the steps 1, 1/2, 1/4, ... along (dW, dc) with sufficient decrease."""
-    slope = (gW * dW).sum(axis=(2, 3)) + (gc * dc).sum(axis=2)
-    t = np.ones(slope.shape)
-    pending = active.copy()
-    W, c, f, z, P = W.copy(), c.copy(), f.copy(), z.copy(), P.copy()
-    W0, c0, f0 = W.copy(), c.copy(), f.copy()
-    for _ in range(MAX_HALVINGS):
-        tW = W0 + t[..., None, None] * dW
-        tc = c0 + t[..., None] * dc
-        tz = logits(tW, tc)
-        tf, tP = objective(tz, tW)
-        ok = pending & (tf <= f0 + ARMIJO * t * slope)
-        W[ok], c[ok], f[ok], z[ok], P[ok] = tW[ok], tc[ok], tf[ok], tz[ok], tP[ok]
-        pending &= ~ok
-        if not pending.any():
-            break
-        t = np.where(pending, t / 2, t)
-    return W, c, f, z, P
+    def evaluate(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Objective [B, L] (sum over rows, so n_b times the mean one), logits and softmax [B, L, K, n]."""
+        B, L, K, m = theta.shape
+        z = (theta.reshape(B, L * K, m) @ self.XT).reshape(B, L, K, -1)
+        P, lse = _softmax_and_logsumexp(z)
+        loss = ((lse - (z * self.onehot).sum(axis=2)) * self.weight[:, :, 0]).sum(axis=2)
+        return loss + np.einsum("blkm,m->bl", theta * theta, self.penalty) / 2, z, P
+
+    def newton_direction(self, P: np.ndarray, gradient: np.ndarray, active: np.ndarray) -> np.ndarray:
+        """Approximate solution of H d = -g per active problem by Jacobi-preconditioned conjugate gradients,
+        stopped at the forcing tolerance min(0.5, sqrt|g|) |g| (superlinear convergence of the Newton steps)."""
+        B, L, K, m = gradient.shape
+        n = P.shape[3]
+        P32 = P.astype(np.float32)
+        Pw = P32 * self.weight32
+        curvature = Pw * (1 - P32)
+        diagonal = (curvature.reshape(B, L * K, n) @ self.X32_sq).reshape(B, L, K, m) + self.penalty32
+        diagonal = np.maximum(diagonal, np.finfo(np.float32).tiny)
+        on = active.copy()
+        residual = (-gradient * on[..., None, None]).astype(np.float32)
+        x = np.zeros_like(residual)
+        z = residual / diagonal
+        p = z
+        rz = np.einsum("blkm,blkm->bl", residual, z)
+        norm_g = np.sqrt(np.einsum("blkm,blkm->bl", gradient, gradient))
+        target = np.minimum(0.5, np.sqrt(norm_g)) * norm_g
+        for _ in range(K * m):  # conjugate gradients ends within the dimension in exact arithmetic
+            Hz = (p.reshape(B, L * K, m) @ self.XT32).reshape(B, L, K, n)
+            Hz -= (P32 * Hz).sum(axis=2, keepdims=True)
+            Hz *= Pw
+            Hp = (Hz.reshape(B, L * K, n) @ self.X32).reshape(B, L, K, m)
+            Hp += p * self.penalty32
+            curv = np.einsum("blkm,blkm->bl", p, Hp)
+            alpha = np.where(on, rz / np.where(on, curv, 1), 0).astype(np.float32)[..., None, None]
+            x += alpha * p
+            residual -= alpha * Hp
+            on &= np.sqrt(np.einsum("blkm,blkm->bl", residual, residual)) > target
+            if not on.any():
+                break
+            z = residual / diagonal
+            rz_next = np.einsum("blkm,blkm->bl", residual, z)
+            beta = np.where(on, rz_next / np.where(on, rz, 1), 0).astype(np.float32)[..., None, None]
+            rz = rz_next
+            p = z + beta * p
+        return x.astype(np.float64)
+
+    def line_search(self, theta, f, z, P, direction, gradient, active):
+        """Per problem, the first of the steps 1, 1/2, 1/4, ... along `direction` with sufficient decrease."""
+        slope = np.einsum("blkm,blkm->bl", gradient, direction)
+        t = np.ones(slope.shape)
+        pending = active.copy()
+        new_theta, new_f, new_z, new_P = theta.copy(), f.copy(), z.copy(), P.copy()
+        for _ in range(MAX_HALVINGS):
+            trial = theta + t[..., None, None] * direction
+            trial_f, trial_z, trial_P = self.evaluate(trial)
+            ok = pending & (trial_f <= f + ARMIJO * t * slope)
+            new_theta[ok], new_f[ok], new_z[ok], new_P[ok] = trial[ok], trial_f[ok], trial_z[ok], trial_P[ok]
+            pending &= ~ok
+            if not pending.any():
+                break
+            t = np.where(pending, t / 2, t)
+        return new_theta, new_f, new_z, new_P
