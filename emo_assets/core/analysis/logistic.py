@@ -4,8 +4,9 @@ The objective is scikit-learn's `LogisticRegression(penalty="l2", C)` with a mul
 `LinearModelLoss`): the mean cross-entropy over the n training rows of the full K-class softmax, plus
 ||W||^2 / (2 C n), with an unpenalised intercept. It is strictly convex in W, so its minimiser is unique
 (the intercept up to a shift shared by all classes, which changes no prediction), and any solver that reaches it
-gives scikit-learn's probe. scikit-learn's lbfgs stops once the largest gradient entry is below its `tol`,
-which can leave a few test predictions off the optimum; this solver goes further (see `fit_multinomial`).
+gives scikit-learn's probe. scikit-learn's lbfgs stops once the largest gradient entry is below its `tol`
+(1e-4 by default), which can leave a few test predictions off the optimum's; the probes run this solver to a
+smaller `tol` (`probes.ProbeSettings`), where Newton's steps are short.
 
 Method: Newton's method with the Newton step from conjugate gradients on the Hessian-vector product
 (truncated Newton), preconditioned with the Hessian's diagonal, and a backtracking (Armijo) line search.
@@ -13,7 +14,7 @@ Every problem of a batch has its own step sizes and stopping test; the arithmeti
 `B` feature matrices, each shared by `L` labelings (a probe and its control), so one matrix product serves
 `L * K` columns. The gradient, the objective and the line search are in float64, so the point where a problem
 stops is float64-exact; the Hessian-vector products inside conjugate gradients only shape the search
-direction and run in float32 (twice the BLAS throughput on half the memory).
+direction and run in float32 (half the memory traffic, wider SIMD).
 """
 
 from __future__ import annotations

@@ -10,10 +10,10 @@ Design (see the science notes):
   streams, which would otherwise dominate the L2 penalty. When the standardised rows are wider than the
   training fold (d = 768 > 224 sentences), the regression is fitted on their coordinates in the span of the
   training rows instead (`row_space_features`): the L2-regularised minimiser lies in that span and the map is an
-  isometry, so it is the same regression on n_train instead of d features. The regression is solved to its
-  optimum by `logistic.fit_multinomial` (scikit-learn's objective, batched Newton-CG) for all folds of a layer
-  and both the true and the control labels at once, where scikit-learn's lbfgs would stop at a gradient of 1e-4
-  (its `tol`), close to but not at the optimum;
+  isometry, so it is the same regression on n_train instead of d features. It is solved by
+  `logistic.fit_multinomial` (scikit-learn's objective, batched Newton-CG) for all folds of a layer and both
+  the true and the control labels at once, to a gradient ten times smaller than where scikit-learn's lbfgs
+  stops (its tol 1e-4), so the held-out predictions are the optimum's but for points on a decision boundary;
 - bag-of-words baseline = word counts (scikit-learn CountVectorizer's tokens, vocabulary from the training fold
   only) then the same regression, fitted per fold: scikit-learn's Pipeline(CountVectorizer, LogisticRegression)
   on the sentence texts. Gratitude, apology and anger are lexically marked ("thanks", "sorry", "furious"), so
