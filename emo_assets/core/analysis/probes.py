@@ -88,9 +88,11 @@ def shuffled_labels(y: np.ndarray, seed: int = 0) -> np.ndarray:
 def row_space_features(X: np.ndarray, train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(training, test) features of one fold: the rows standardised with the training fold's mean and std
     (ddof 0, a constant column keeps scale 1, as `StandardScaler`), in `row_space` coordinates."""
-    mean, std = X[train].mean(axis=0), X[train].std(axis=0)
+    X_train = X[train]
+    mean, std = X_train.mean(axis=0), X_train.std(axis=0)
     std[std == 0] = 1.0
-    Z = (X - mean) / std
+    Z = X - mean
+    Z /= std
     return row_space(Z[train], Z[test])
 
 
@@ -102,8 +104,8 @@ def row_space(Z_train: np.ndarray, Z_test: np.ndarray) -> tuple[np.ndarray, np.n
         return Z_train, Z_test
     values, vectors = np.linalg.eigh(Z_train @ Z_train.T)
     keep = values > values[-1] * len(Z_train) * np.finfo(np.float64).eps
-    root = np.sqrt(values[keep])
-    return vectors[:, keep] * root, (Z_test @ Z_train.T) @ vectors[:, keep] / root
+    U, root = vectors[:, keep], np.sqrt(values[keep])
+    return U * root, (Z_test @ Z_train.T) @ U / root
 
 
 WORD = re.compile(r"(?u)\b\w\w+\b")  # scikit-learn CountVectorizer's default token_pattern
