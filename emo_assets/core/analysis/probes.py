@@ -4,45 +4,45 @@ Design (see the science notes):
 - one set of StratifiedKFold(n_splits, shuffle=True, seed) folds, built from the true labels, is shared by the
   activation probes, the bag-of-words baseline and the control task, so their accuracies differ only in the
   features/labels and not in the split;
-- probe = standardisation fitted on the training fold, then LogisticRegression(L2, lbfgs, fixed random_state):
+- probe = standardisation fitted on the training fold, then an L2 multinomial logistic regression (C = 1):
   scikit-learn's Pipeline(StandardScaler, LogisticRegression). The scaler's statistics come from the training
   fold only (no test-fold statistics leak) and tame the few huge outlier dimensions of GPT-2-like residual
   streams, which would otherwise dominate the L2 penalty. When the standardised rows are wider than the
   training fold (d = 768 > 224 sentences), the regression is fitted on their coordinates in the span of the
-  training rows instead (`row_space_features`): the L2-regularised minimiser lies in that span, the map is an
-  isometry, and L-BFGS only combines gradients by inner products, so it is the same regression on n_train
-  instead of d features (features computed once per fold for the probe and its control). Only the stopping
-  point of lbfgs can move slightly: its tolerance applies to the largest gradient entry, which depends on the
-  coordinates;
-- bag-of-words baseline = Pipeline(CountVectorizer, the same LogisticRegression) on the sentence texts, fitted
-  per fold (vocabulary from the training fold only). Gratitude, apology and anger are lexically marked
-  ("thanks", "sorry", "furious"), so a probe must be read against this baseline, not against chance. Counts
-  are not standardised: scaling would blow up the weight of words seen once;
+  training rows instead (`row_space_features`): the L2-regularised minimiser lies in that span and the map is an
+  isometry, so it is the same regression on n_train instead of d features. It is solved by
+  `logistic.fit_multinomial` (scikit-learn's objective, batched Newton-CG) for all folds of a layer and both
+  the true and the control labels at once, to a gradient ten times smaller than where scikit-learn's lbfgs
+  stops (its tol 1e-4), so the held-out predictions are the optimum's but for points on a decision boundary;
+- bag-of-words baseline = word counts (scikit-learn CountVectorizer's tokens, vocabulary from the training fold
+  only) then the same regression, fitted per fold: scikit-learn's Pipeline(CountVectorizer, LogisticRegression)
+  on the sentence texts. Gratitude, apology and anger are lexically marked ("thanks", "sorry", "furious"), so
+  a probe must be read against this baseline, not against chance. Counts are not standardised: scaling would
+  blow up the weight of words seen once;
 - control task (in the spirit of Hewitt & Liang 2019): the same probe on labels shuffled once with a fixed
   seed, same folds; selectivity = accuracy - control accuracy. With d = 768 > 224 training sentences any
   labelling is linearly separable on the training fold, so training accuracy means nothing; on the held-out
   folds the shuffled-label probe should sit at chance. A control clearly above chance flags leakage (e.g.
   duplicate sentences across folds, or statistics fitted on all data), and selectivity discounts it.
 
-BLAS is limited to one thread while probing (see `blas`): the fits are many small matrix products.
+BLAS is limited to one thread while probing (see `blas`): the fits are many small matrix products. Nothing here
+imports scikit-learn (seconds of import for a few small fits); the tests compare against it.
 """
 
 from __future__ import annotations
 
+import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 import polars as pl
 
 from emo_assets.core.analysis.blas import one_blas_thread, single_blas_thread
 from emo_assets.core.analysis.labels import DEFAULT_EMOTIONS, as_float64_2d, encode_labels
-
-if TYPE_CHECKING:  # scikit-learn is imported on use: loading the Dagster definitions stays fast
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import Pipeline
+from emo_assets.core.analysis.logistic import fit_multinomial
 
 Folds = list[tuple[np.ndarray, np.ndarray]]
 
@@ -50,22 +50,34 @@ Folds = list[tuple[np.ndarray, np.ndarray]]
 @dataclass(frozen=True)
 class ProbeSettings:
     n_splits: int = 5
-    seed: int = 0  # folds, logistic-regression random_state and the control-task shuffle
+    seed: int = 0  # folds and the control-task shuffle
     C: float = 1.0  # inverse L2 strength (on standardised features)
-    max_iter: int = 5000
-    tol: float = 1e-4
+    max_iter: int = 100  # Newton steps of `logistic.fit_multinomial`
+    tol: float = 1e-5  # its stop: largest gradient entry of the mean objective (scikit-learn's lbfgs: 1e-4)
 
 
 def make_folds(y: np.ndarray, n_splits: int = 5, seed: int = 0) -> Folds:
-    """Stratified, shuffled folds with a fixed seed; the one split every probe in a run shares."""
+    """Stratified, shuffled folds with a fixed seed; the one split every probe in a run shares.
+
+    The folds of scikit-learn's StratifiedKFold(n_splits, shuffle=True, random_state=seed), built the same way
+    (classes numbered by first appearance, per-class fold sizes dealt round-robin over the sorted labels, each
+    class's fold numbers shuffled by a RandomState(seed)) without importing scikit-learn (seconds)."""
     y = np.asarray(y)
-    _, counts = np.unique(y, return_counts=True)
+    _, first, inverse = np.unique(y, return_index=True, return_inverse=True)
+    encoded = np.argsort(np.argsort(first))[inverse]
+    counts = np.bincount(encoded)
     if counts.min() < n_splits:
         raise ValueError(f"every class needs >= n_splits={n_splits} samples for stratified CV, got {counts.tolist()}")
-    from sklearn.model_selection import StratifiedKFold
-
-    splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    return [(train, test) for train, test in splitter.split(np.zeros(len(y)), y)]
+    ordered = np.sort(encoded)
+    per_fold = np.array([np.bincount(ordered[i::n_splits], minlength=len(counts)) for i in range(n_splits)])
+    rng = np.random.RandomState(seed)
+    test_fold = np.empty(len(y), dtype=np.int64)
+    for k in range(len(counts)):
+        folds_of_class = np.arange(n_splits).repeat(per_fold[:, k])
+        rng.shuffle(folds_of_class)
+        test_fold[encoded == k] = folds_of_class
+    indices = np.arange(len(y))
+    return [(indices[test_fold != i], indices[test_fold == i]) for i in range(n_splits)]
 
 
 def shuffled_labels(y: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -73,44 +85,50 @@ def shuffled_labels(y: np.ndarray, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).permutation(np.asarray(y))
 
 
-def _logistic(settings: ProbeSettings) -> LogisticRegression:
-    from sklearn.linear_model import LogisticRegression
-
-    return LogisticRegression(
-        C=settings.C, solver="lbfgs", max_iter=settings.max_iter, tol=settings.tol, random_state=settings.seed
-    )
-
-
 def row_space_features(X: np.ndarray, train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(training, test) features of one fold: the rows standardised with the training fold's mean and std
-    (ddof 0, a constant column keeps scale 1, as `StandardScaler`); when they are wider than the training fold,
-    their coordinates in the span of the training rows. With Z Z^T = U diag(s^2) U^T (eigenvalues above
-    rounding), training rows map to U s and test rows to Z_test Z^T U / s, which preserves every inner product
-    with a weight vector in that span."""
-    mean, std = X[train].mean(axis=0), X[train].std(axis=0)
+    (ddof 0, a constant column keeps scale 1, as `StandardScaler`), in `row_space` coordinates."""
+    X_train = X[train]
+    mean, std = X_train.mean(axis=0), X_train.std(axis=0)
     std[std == 0] = 1.0
-    Z = (X - mean) / std
-    Z_train, Z_test = Z[train], Z[test]
-    if Z.shape[1] <= len(train):
+    Z = X - mean
+    Z /= std
+    return row_space(Z[train], Z[test])
+
+
+def row_space(Z_train: np.ndarray, Z_test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """When the rows are wider than the training fold, their coordinates in the span of the training rows.
+    With Z Z^T = U diag(s^2) U^T (eigenvalues above rounding), training rows map to U s and test rows to
+    Z_test Z^T U / s, which preserves every inner product with a weight vector in that span."""
+    if Z_train.shape[1] <= len(Z_train):
         return Z_train, Z_test
     values, vectors = np.linalg.eigh(Z_train @ Z_train.T)
-    keep = values > values[-1] * len(train) * np.finfo(np.float64).eps
-    root = np.sqrt(values[keep])
-    return vectors[:, keep] * root, (Z_test @ Z_train.T) @ vectors[:, keep] / root
+    keep = values > values[-1] * len(Z_train) * np.finfo(np.float64).eps
+    U, root = vectors[:, keep], np.sqrt(values[keep])
+    return U * root, (Z_test @ Z_train.T) @ U / root
 
 
-def bow_probe(settings: ProbeSettings = ProbeSettings()) -> Pipeline:
-    """The bag-of-words baseline: word counts (vocabulary from the training fold) then the same regression."""
-    from sklearn.feature_extraction.text import CountVectorizer
-    from sklearn.pipeline import Pipeline
+WORD = re.compile(r"(?u)\b\w\w+\b")  # scikit-learn CountVectorizer's default token_pattern
 
-    return Pipeline([("bow", CountVectorizer(lowercase=True)), ("logreg", _logistic(settings))])
+
+def bow_probe(texts: Sequence[str], train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The bag-of-words baseline's (training, test) features of one fold: word counts of the lowercased texts
+    over the training fold's vocabulary, as scikit-learn's CountVectorizer(lowercase=True), in `row_space`
+    coordinates. Counts are not standardised."""
+    words = [WORD.findall(str(text).lower()) for text in texts]
+    vocabulary = {word: j for j, word in enumerate(sorted({word for i in train for word in words[i]}))}
+    counts = np.zeros((len(words), max(len(vocabulary), 1)))
+    for i, sentence in enumerate(words):
+        for word in sentence:
+            if word in vocabulary:
+                counts[i, vocabulary[word]] += 1
+    return row_space(counts[train], counts[test])
 
 
 @dataclass(frozen=True)
 class CVScore:
     fold_accuracies: np.ndarray
-    converged: bool  # every fold's lbfgs stopped before max_iter
+    converged: bool  # every fold's fit met the solver's stopping test within max_iter Newton steps
 
     @property
     def mean(self) -> float:
@@ -121,33 +139,43 @@ class CVScore:
         return float(self.fold_accuracies.std())
 
 
-@single_blas_thread
-def cross_validate(make_model, X, y: np.ndarray, folds: Folds, settings: ProbeSettings) -> CVScore:
-    """Accuracy of a fresh `make_model(settings)` on each fold. X is an array or a list of texts."""
-    accuracies, converged = [], True
-    y = np.asarray(y)
-    for train, test in folds:
-        if isinstance(X, np.ndarray):
-            X_train, X_test = X[train], X[test]
-        else:
-            X_train, X_test = [X[i] for i in train], [X[i] for i in test]
-        model = make_model(settings).fit(X_train, y[train])
-        accuracies.append(float(np.mean(model.predict(X_test) == y[test])))
-        converged &= bool(np.all(model[-1].n_iter_ < settings.max_iter))
-    return CVScore(np.asarray(accuracies), converged)
+FeaturesOfFold = Callable[[Any, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 @single_blas_thread
-def cross_validate_features(
-    features: list[tuple[np.ndarray, np.ndarray]], y: np.ndarray, folds: Folds, settings: ProbeSettings
+def cross_validate(
+    features_of_fold: FeaturesOfFold, X, y: np.ndarray, folds: Folds, settings: ProbeSettings
 ) -> CVScore:
-    """Accuracy of the activation probe on each fold, from the folds' (training, test) features."""
-    accuracies, converged = [], True
-    for (F_train, F_test), (train, test) in zip(features, folds):
-        model = _logistic(settings).fit(F_train, y[train])
-        accuracies.append(float(np.mean(model.predict(F_test) == y[test])))
-        converged &= bool(np.all(model.n_iter_ < settings.max_iter))
-    return CVScore(np.asarray(accuracies), converged)
+    """Accuracy on each fold of the regression fitted on `features_of_fold(X, train, test)` (`row_space_features`
+    for activations, `bow_probe` for a list of texts)."""
+    return cross_validate_labelings(features_of_fold, X, [np.asarray(y)], folds, settings)[0]
+
+
+@single_blas_thread
+def cross_validate_labelings(
+    features_of_fold: FeaturesOfFold, X, labelings: Sequence[np.ndarray], folds: Folds, settings: ProbeSettings
+) -> list[CVScore]:
+    """`cross_validate` for several labelings of the same rows (the true labels and the control), on the same
+    folds and features: one batched fit (`logistic.fit_multinomial`) for every fold and labeling."""
+    features = [features_of_fold(X, train, test) for train, test in folds]
+    n = max(len(train) for train, _ in folds)
+    r = max(F_train.shape[1] for F_train, _ in features)
+    n_classes = int(max(labels.max() for labels in labelings)) + 1
+    batch = np.zeros((len(folds), n, r))
+    onehot = np.zeros((len(folds), len(labelings), n_classes, n))
+    rows = np.zeros((len(folds), n))
+    for b, ((F_train, _), (train, _)) in enumerate(zip(features, folds)):
+        batch[b, : len(train), : F_train.shape[1]] = F_train
+        rows[b, : len(train)] = 1
+        for j, labels in enumerate(labelings):
+            onehot[b, j, labels[train], np.arange(len(train))] = 1
+    fit = fit_multinomial(batch, onehot, rows, settings.C, settings.tol, settings.max_iter)
+    accuracies = np.zeros((len(labelings), len(folds)))
+    for b, ((_, F_test), (_, test)) in enumerate(zip(features, folds)):
+        predicted = fit.decision(b, F_test).argmax(axis=1)
+        for j, labels in enumerate(labelings):
+            accuracies[j, b] = np.mean(predicted[j] == labels[test])
+    return [CVScore(accuracies[j], bool(fit.converged[:, j].all())) for j in range(len(labelings))]
 
 
 @dataclass(frozen=True)
@@ -187,15 +215,13 @@ def probe_layers(
     chance = float(np.bincount(y).max() / n)
     rows = []
     with one_blas_thread():
-        bow = cross_validate(bow_probe, list(map(str, texts)), y, folds, settings) if texts is not None else None
+        bow = cross_validate(bow_probe, texts, y, folds, settings) if texts is not None else None
         for kind, X_layers in activations.items():
             if np.ndim(X_layers) != 3 or np.shape(X_layers)[1] != n:
                 raise ValueError(f"{kind}: expected [n_layers, {n}, d], got shape {np.shape(X_layers)}")
             for layer in range(len(X_layers)):
                 X = as_float64_2d(X_layers[layer])
-                features = [row_space_features(X, train, test) for train, test in folds]
-                score = cross_validate_features(features, y, folds, settings)
-                control = cross_validate_features(features, y_control, folds, settings)
+                score, control = cross_validate_labelings(row_space_features, X, (y, y_control), folds, settings)
                 rows.append(
                     {
                         "kind": kind,
