@@ -25,15 +25,17 @@ Design (see the science notes):
   folds the shuffled-label probe should sit at chance. A control clearly above chance flags leakage (e.g.
   duplicate sentences across folds, or statistics fitted on all data), and selectivity discounts it.
 
-BLAS is limited to one thread while probing (see `blas`): the fits are many small matrix products. Nothing here
-imports scikit-learn (seconds of import for a few small fits); the tests compare against it.
+BLAS is limited to one thread while probing (see `blas`): the fits are many small matrix products. The layers
+are probed side by side on a thread per core instead: their work is almost all inside numpy's LAPACK and BLAS
+calls, which release the GIL.
 """
 
 from __future__ import annotations
 
-import re
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,27 +59,15 @@ class ProbeSettings:
 
 
 def make_folds(y: np.ndarray, n_splits: int = 5, seed: int = 0) -> Folds:
-    """Stratified, shuffled folds with a fixed seed; the one split every probe in a run shares.
-
-    The folds of scikit-learn's StratifiedKFold(n_splits, shuffle=True, random_state=seed), built the same way
-    (classes numbered by first appearance, per-class fold sizes dealt round-robin over the sorted labels, each
-    class's fold numbers shuffled by a RandomState(seed)) without importing scikit-learn (seconds)."""
+    """Stratified, shuffled folds with a fixed seed; the one split every probe in a run shares."""
     y = np.asarray(y)
-    _, first, inverse = np.unique(y, return_index=True, return_inverse=True)
-    encoded = np.argsort(np.argsort(first))[inverse]
-    counts = np.bincount(encoded)
+    _, counts = np.unique(y, return_counts=True)
     if counts.min() < n_splits:
         raise ValueError(f"every class needs >= n_splits={n_splits} samples for stratified CV, got {counts.tolist()}")
-    ordered = np.sort(encoded)
-    per_fold = np.array([np.bincount(ordered[i::n_splits], minlength=len(counts)) for i in range(n_splits)])
-    rng = np.random.RandomState(seed)
-    test_fold = np.empty(len(y), dtype=np.int64)
-    for k in range(len(counts)):
-        folds_of_class = np.arange(n_splits).repeat(per_fold[:, k])
-        rng.shuffle(folds_of_class)
-        test_fold[encoded == k] = folds_of_class
-    indices = np.arange(len(y))
-    return [(indices[test_fold != i], indices[test_fold == i]) for i in range(n_splits)]
+    from sklearn.model_selection import StratifiedKFold
+
+    splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    return [(train, test) for train, test in splitter.split(np.zeros(len(y)), y)]
 
 
 def shuffled_labels(y: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -108,20 +98,15 @@ def row_space(Z_train: np.ndarray, Z_test: np.ndarray) -> tuple[np.ndarray, np.n
     return U * root, (Z_test @ Z_train.T) @ U / root
 
 
-WORD = re.compile(r"(?u)\b\w\w+\b")  # scikit-learn CountVectorizer's default token_pattern
-
-
 def bow_probe(texts: Sequence[str], train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The bag-of-words baseline's (training, test) features of one fold: word counts of the lowercased texts
-    over the training fold's vocabulary, as scikit-learn's CountVectorizer(lowercase=True), in `row_space`
-    coordinates. Counts are not standardised."""
-    words = [WORD.findall(str(text).lower()) for text in texts]
-    vocabulary = {word: j for j, word in enumerate(sorted({word for i in train for word in words[i]}))}
-    counts = np.zeros((len(words), max(len(vocabulary), 1)))
-    for i, sentence in enumerate(words):
-        for word in sentence:
-            if word in vocabulary:
-                counts[i, vocabulary[word]] += 1
+    """The bag-of-words baseline's (training, test) features of one fold: scikit-learn CountVectorizer's word
+    counts of the lowercased texts over the training fold's vocabulary, in `row_space` coordinates. Counts are
+    not standardised."""
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    texts = [str(text) for text in texts]
+    vectorizer = CountVectorizer(lowercase=True).fit([texts[i] for i in train])
+    counts = vectorizer.transform(texts).toarray().astype(np.float64)
     return row_space(counts[train], counts[test])
 
 
@@ -213,33 +198,39 @@ def probe_layers(
     folds = make_folds(y, settings.n_splits, settings.seed)
     y_control = shuffled_labels(y, settings.seed)
     chance = float(np.bincount(y).max() / n)
-    rows = []
-    with one_blas_thread():
+    layers = []
+    for kind, X_layers in activations.items():
+        if np.ndim(X_layers) != 3 or np.shape(X_layers)[1] != n:
+            raise ValueError(f"{kind}: expected [n_layers, {n}, d], got shape {np.shape(X_layers)}")
+        layers += [(kind, layer) for layer in range(len(X_layers))]
+
+    def probe(kind_layer: tuple[str, int]) -> list[CVScore]:
+        X = as_float64_2d(activations[kind_layer[0]][kind_layer[1]])
+        return cross_validate_labelings(row_space_features, X, (y, y_control), folds, settings)
+
+    with one_blas_thread(), ThreadPoolExecutor(max_workers=max(1, min(len(layers), _cores()))) as pool:
+        scores = pool.map(probe, layers)
         bow = cross_validate(bow_probe, texts, y, folds, settings) if texts is not None else None
-        for kind, X_layers in activations.items():
-            if np.ndim(X_layers) != 3 or np.shape(X_layers)[1] != n:
-                raise ValueError(f"{kind}: expected [n_layers, {n}, d], got shape {np.shape(X_layers)}")
-            for layer in range(len(X_layers)):
-                X = as_float64_2d(X_layers[layer])
-                score, control = cross_validate_labelings(row_space_features, X, (y, y_control), folds, settings)
-                rows.append(
-                    {
-                        "kind": kind,
-                        "layer": layer,
-                        "accuracy_mean": score.mean,
-                        "accuracy_std": score.std,
-                        "control_mean": control.mean,
-                        "control_std": control.std,
-                        "selectivity": score.mean - control.mean,
-                        "bow_mean": bow.mean if bow else None,
-                        "bow_std": bow.std if bow else None,
-                        "accuracy_minus_bow": score.mean - bow.mean if bow else None,
-                        "chance": chance,
-                        "n_samples": n,
-                        "n_folds": len(folds),
-                        "converged": score.converged and control.converged,
-                    }
-                )
+        rows = []
+        for (kind, layer), (score, control) in zip(layers, scores):
+            rows.append(
+                {
+                    "kind": kind,
+                    "layer": layer,
+                    "accuracy_mean": score.mean,
+                    "accuracy_std": score.std,
+                    "control_mean": control.mean,
+                    "control_std": control.std,
+                    "selectivity": score.mean - control.mean,
+                    "bow_mean": bow.mean if bow else None,
+                    "bow_std": bow.std if bow else None,
+                    "accuracy_minus_bow": score.mean - bow.mean if bow else None,
+                    "chance": chance,
+                    "n_samples": n,
+                    "n_folds": len(folds),
+                    "converged": score.converged and control.converged,
+                }
+            )
     schema = {
         "kind": pl.String,
         "layer": pl.Int64,
@@ -266,6 +257,11 @@ def probe_layers(
         seconds=time.perf_counter() - start,
         settings=settings,
     )
+
+
+def _cores() -> int:
+    """The cores this process may run on (its affinity where the platform tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def best_layers(table: pl.DataFrame) -> dict[str, dict[str, float]]:
