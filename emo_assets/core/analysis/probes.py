@@ -25,24 +25,21 @@ Design (see the science notes):
   folds the shuffled-label probe should sit at chance. A control clearly above chance flags leakage (e.g.
   duplicate sentences across folds, or statistics fitted on all data), and selectivity discounts it.
 
-BLAS is limited to one thread while probing (see `blas`): the fits are many small matrix products. The layers
-are probed side by side on a thread per core instead: their work is almost all inside numpy's LAPACK and BLAS
-calls, which release the GIL.
+BLAS is limited to one thread while probing and the layers are probed side by side, a thread per core (see
+`blas`): the fits are many small matrix products.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import polars as pl
 
-from emo_assets.core.analysis.blas import one_blas_thread, single_blas_thread
+from emo_assets.core.analysis.blas import side_by_side, single_blas_thread
 from emo_assets.core.analysis.labels import DEFAULT_EMOTIONS, as_float64_2d, encode_labels
 from emo_assets.core.analysis.logistic import fit_multinomial
 
@@ -208,29 +205,28 @@ def probe_layers(
         X = as_float64_2d(activations[kind_layer[0]][kind_layer[1]])
         return cross_validate_labelings(row_space_features, X, (y, y_control), folds, settings)
 
-    with one_blas_thread(), ThreadPoolExecutor(max_workers=max(1, min(len(layers), _cores()))) as pool:
-        scores = pool.map(probe, layers)
-        bow = cross_validate(bow_probe, texts, y, folds, settings) if texts is not None else None
-        rows = []
-        for (kind, layer), (score, control) in zip(layers, scores):
-            rows.append(
-                {
-                    "kind": kind,
-                    "layer": layer,
-                    "accuracy_mean": score.mean,
-                    "accuracy_std": score.std,
-                    "control_mean": control.mean,
-                    "control_std": control.std,
-                    "selectivity": score.mean - control.mean,
-                    "bow_mean": bow.mean if bow else None,
-                    "bow_std": bow.std if bow else None,
-                    "accuracy_minus_bow": score.mean - bow.mean if bow else None,
-                    "chance": chance,
-                    "n_samples": n,
-                    "n_folds": len(folds),
-                    "converged": score.converged and control.converged,
-                }
-            )
+    scores = [future.result() for future in side_by_side(probe, layers)]
+    bow = cross_validate(bow_probe, texts, y, folds, settings) if texts is not None else None
+    rows = []
+    for (kind, layer), (score, control) in zip(layers, scores):
+        rows.append(
+            {
+                "kind": kind,
+                "layer": layer,
+                "accuracy_mean": score.mean,
+                "accuracy_std": score.std,
+                "control_mean": control.mean,
+                "control_std": control.std,
+                "selectivity": score.mean - control.mean,
+                "bow_mean": bow.mean if bow else None,
+                "bow_std": bow.std if bow else None,
+                "accuracy_minus_bow": score.mean - bow.mean if bow else None,
+                "chance": chance,
+                "n_samples": n,
+                "n_folds": len(folds),
+                "converged": score.converged and control.converged,
+            }
+        )
     schema = {
         "kind": pl.String,
         "layer": pl.Int64,
@@ -257,11 +253,6 @@ def probe_layers(
         seconds=time.perf_counter() - start,
         settings=settings,
     )
-
-
-def _cores() -> int:
-    """The cores this process may run on (its affinity where the platform tells it)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def best_layers(table: pl.DataFrame) -> dict[str, dict[str, float]]:
