@@ -155,26 +155,48 @@ def paper_profile_rows(
 def _timed_process(
     command: list[str], env: dict, log_dir: Path, timeout: float | None = None
 ) -> tuple[float, int, subprocess.CompletedProcess]:
-    """Wall seconds and peak RSS (KiB) of one child process: its own rusage from wait4, not the maximum over
-    every child this process has had. Killed after `timeout` seconds."""
+    """Wall seconds and peak RSS (KiB) of one child process, killed after `timeout` seconds.
+
+    The peak is the child's own high-water mark (`VmHWM` in /proc/<pid>/status, read every 20 ms until it
+    exits; it only grows, so the last reading is the peak up to then). Not wait4's `ru_maxrss`: a child
+    started by fork or vfork from this process inherits its high-water mark at exec, so every child of a large
+    benchmark process would report the parent's size. Where /proc is missing, `ru_maxrss` it is."""
     log_dir.mkdir(parents=True, exist_ok=True)
     with open(log_dir / "stdout", "w+") as out, open(log_dir / "stderr", "w+") as err:
         started = time.perf_counter()
         proc = subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=out, stderr=err)
         timer = threading.Timer(timeout, proc.kill) if timeout else None
+        high_water = [0]
+        done = threading.Event()
+        watcher = threading.Thread(target=_watch_high_water, args=(proc.pid, high_water, done), daemon=True)
+        watcher.start()
         if timer:
             timer.start()
         try:
             _, status, usage = os.wait4(proc.pid, 0)
         finally:
+            done.set()
+            watcher.join()
             if timer:
                 timer.cancel()
         wall = time.perf_counter() - started
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
-        done = subprocess.CompletedProcess(command, proc.returncode, out.read(), err.read())
-    return wall, usage.ru_maxrss, done
+        completed = subprocess.CompletedProcess(command, proc.returncode, out.read(), err.read())
+    return wall, high_water[0] or usage.ru_maxrss, completed
+
+
+def _watch_high_water(pid: int, high_water: list[int], done: threading.Event) -> None:
+    """Keep `high_water[0]` at the last VmHWM (KiB) read for `pid` until `done` is set or /proc lacks it."""
+    status = Path(f"/proc/{pid}/status")
+    while not done.is_set():
+        try:
+            line = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+        except (OSError, StopIteration):  # no /proc, or the process has exited (a zombie has no VmHWM)
+            return
+        high_water[0] = int(line.split()[1])
+        done.wait(0.02)
 
 
 def cli_vs_tl_row(
