@@ -4,8 +4,8 @@ The analysis works on many small matrices (a few hundred sentences x a few hundr
 starting and synchronising BLAS threads costs more than the arithmetic, and on small machines shared with
 other work the threads contend for the same cores, so one BLAS thread is the faster setting. The limit is
 applied per call with threadpoolctl and restored afterwards, so nothing global is left changed. Independent
-computations (the layers of a probe, the models of an analysis step) run side by side on Python threads
-instead (`side_by_side`): their work is almost all inside numpy's LAPACK and BLAS calls, which release the GIL.
+computations whose work is almost all inside numpy's LAPACK and BLAS calls, which release the GIL (the layers
+of a probe), run side by side on Python threads instead (`side_by_side`).
 """
 
 from __future__ import annotations
