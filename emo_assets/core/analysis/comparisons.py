@@ -37,28 +37,17 @@ from emo_assets.core.analysis.plots import plot_cka_heatmaps
 from emo_assets.core.analysis.subspaces import DEFAULT_K, Subspace, emotion_subspaces_by_layer
 from emo_assets.core.analysis.vectors import cosine_matrix, emotion_vectors_by_layer
 
-CKA_SCHEMA = {
+# the columns that name a layer pair of a model pair, shared by the CKA and RSA tables
+LAYER_PAIR_SCHEMA = {
     "model_a": pl.String,
     "model_b": pl.String,
     "kind": pl.String,
     "layer_a": pl.Int64,
     "layer_b": pl.Int64,
     "matched_depth": pl.Boolean,
-    "cka": pl.Float64,
-    "cka_debiased": pl.Float64,
-    "n_sentences": pl.Int64,
 }
-RSA_SCHEMA = {
-    "model_a": pl.String,
-    "model_b": pl.String,
-    "kind": pl.String,
-    "layer_a": pl.Int64,
-    "layer_b": pl.Int64,
-    "matched_depth": pl.Boolean,
-    "rsa_pearson": pl.Float64,
-    "rsa_spearman": pl.Float64,
-    "n_pairs": pl.Int64,
-}
+CKA_SCHEMA = {**LAYER_PAIR_SCHEMA, "cka": pl.Float64, "cka_debiased": pl.Float64, "n_sentences": pl.Int64}
+RSA_SCHEMA = {**LAYER_PAIR_SCHEMA, "rsa_pearson": pl.Float64, "rsa_spearman": pl.Float64, "n_pairs": pl.Int64}
 OVERLAP_SCHEMA = {
     "model_a": pl.String,
     "model_b": pl.String,
