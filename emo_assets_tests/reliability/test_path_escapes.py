@@ -157,23 +157,19 @@ def test_emo_assets_materialize_rejects_them_before_touching_anything(
     assert tree(watched) == before
 
 
+def _extract(small_datasets, tmp_path, *extra: str) -> int:
+    """The extract CLI on tiny-gpt2 and the baseline dataset, into `tmp_path/out`."""
+    dataset, out = str(small_datasets["baseline"]), str(tmp_path / "out")
+    return extract_main(["--model", "tiny-gpt2", "--dataset", dataset, "--output", out, *extra, "--no-progress"])
+
+
 @pytest.mark.parametrize(("variable", "value"), [o for o in OVERRIDES if o[0] != "EMO_ASSETS_MODELS"])
 def test_extract_cli_rejects_them_before_touching_anything(
     tmp_path, monkeypatch, small_datasets, capsys, variable, value
 ):
     watched = _sandbox(tmp_path, monkeypatch, small_datasets, variable, value)
     before = tree(watched)
-    code = extract_main(
-        [
-            "--model",
-            "tiny-gpt2",
-            "--dataset",
-            str(small_datasets["baseline"]),
-            "--output",
-            str(tmp_path / "out"),
-            "--no-progress",
-        ]
-    )
+    code = _extract(small_datasets, tmp_path)
     assert code == 2
     assert "error: invalid " in capsys.readouterr().err
     assert tree(watched) == before
@@ -183,19 +179,7 @@ def test_extract_cli_rejects_them_before_touching_anything(
 def test_extract_cli_rejects_a_hostile_emotion_argument(tmp_path, monkeypatch, small_datasets, capsys, emotion):
     watched = _sandbox(tmp_path, monkeypatch, small_datasets, "EMO_ASSETS_PROFILE", "offline")
     before = tree(watched)
-    code = extract_main(
-        [
-            "--model",
-            "tiny-gpt2",
-            "--dataset",
-            str(small_datasets["baseline"]),
-            "--output",
-            str(tmp_path / "out"),
-            "--emotion",
-            emotion,
-            "--no-progress",
-        ]
-    )
+    code = _extract(small_datasets, tmp_path, "--emotion", emotion)
     assert code == 2 and "invalid emotion" in capsys.readouterr().err
     assert tree(watched) == before
 
