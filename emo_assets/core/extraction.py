@@ -24,9 +24,10 @@ How and why:
 * Base model, compute dtype as loaded (fp32 default), storage dtype configurable. `ExtractionResult.timings`
   says where the time went.
 
-The module is longer than the others because the options, the jobs and the one forward loop that serves them
-are one unit: splitting the loop from the batching it relies on would spread one invariant (a batch's rows are
-adjacent per file, in dataset order) over two files.
+`extract_files` runs four parts, each callable and testable alone: planning (`plan_extraction`: checks,
+tokens, headers), reuse (`decide_reuse`: kept files, copied sentences), the forward stream (`ForwardStream`:
+batches, capture, hand-over to the writers) and writing (the writers, opened, fed and committed). They stay in one
+module because they share one invariant: a batch's rows are adjacent per file, in dataset order.
 """
 
 from __future__ import annotations
@@ -50,12 +51,19 @@ from emo_assets.core.activations import (
     ReuseRecord,
     kinds_for,
 )
-from emo_assets.core.activations.reuse import RowIndex, copy_reused_rows, kept_record, plan_reuse, unchanged_file
+from emo_assets.core.activations.reuse import (
+    ReusePlan,
+    RowIndex,
+    copy_reused_rows,
+    kept_record,
+    plan_reuse,
+    unchanged_file,
+)
 from emo_assets.core.atomic import remove_stale_temps
 from emo_assets.core.capture import Countdown, DeviceCapture, Hooks, HostCapture, to_device
 from emo_assets.core.config import ExtractionSettings
 from emo_assets.core.dtypes import dtype
-from emo_assets.core.layers import find_hook_points
+from emo_assets.core.layers import HookPoints, find_hook_points
 from emo_assets.core.models import LoadedModel
 from emo_assets.core.tokenization import bos_token_id
 
@@ -244,26 +252,34 @@ class _Tokens:
         return cls(lengths, offsets, input_ids)
 
 
-def _groups(members: Sequence[int], job_of: np.ndarray) -> list[tuple[int, int, int]]:
-    """(job, first, end) of each run of batch positions that belong to one job."""
-    groups: list[tuple[int, int, int]] = []
-    for position, member in enumerate(members):
-        job = int(job_of[member])
-        if groups and groups[-1][0] == job:
-            groups[-1] = (job, groups[-1][1], position + 1)
-        else:
-            groups.append((job, position, position + 1))
-    return groups
+# -- planning -------------------------------------------------------------------------------------------------
+@dataclass
+class ExtractionPlan:
+    """Every job tokenized and checked, with the header its file gets, and the stream-wide view of its sentences:
+    sentence `g` of the stream is sentence `g - starts[j]` of job `j = job_of[g]`."""
+
+    jobs: Sequence[ExtractionJob]
+    tokens: list[_Tokens]
+    base: ActivationHeader  # the header every job's file shares (no source, no sentence ids)
+    headers: list[ActivationHeader]
+    points: HookPoints
+    tokenize_s: float
+
+    def __post_init__(self) -> None:
+        counts = [len(t.lengths) for t in self.tokens]
+        self.starts = np.cumsum([0, *counts])
+        self.job_of = np.repeat(np.arange(len(self.jobs)), counts)
+        self.lengths = [n for t in self.tokens for n in t.lengths]
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
+        self.input_ids = np.concatenate([t.input_ids for t in self.tokens])
+
+    def local(self, members: Sequence[int]) -> list[int]:
+        """Stream sentence indices of one job -> that job's sentence indices."""
+        return [g - int(self.starts[self.job_of[g]]) for g in members]
 
 
-def extract_files(
-    loaded: LoadedModel, jobs: Sequence[ExtractionJob], options: ExtractionOptions = ExtractionOptions()
-) -> list[ExtractionResult]:
-    """Extract every job's sentences in one forward stream and write one activation file per job.
-
-    Every job is tokenized and checked before anything is written; each file is published atomically."""
-    if not jobs:
-        return []
+def plan_extraction(loaded: LoadedModel, jobs: Sequence[ExtractionJob], options: ExtractionOptions) -> ExtractionPlan:
+    """Check the jobs and options, tokenize every sentence and build each file's header (nothing is written)."""
     for job in jobs:
         if len(job.texts) == 0:
             raise ExtractionError(f"{job.output_path}: no sentences to extract")
@@ -275,7 +291,7 @@ def extract_files(
     tokens = [
         _Tokens.of(tokenize(loaded, j.texts, j.sentence_ids, options.prepend_bos, options.truncate)) for j in jobs
     ]
-    tokenized = time.perf_counter()
+    tokenize_s = time.perf_counter() - started
     points = find_hook_points(loaded.model)
     base = ActivationHeader(
         n_layers=loaded.n_layers,
@@ -294,152 +310,242 @@ def extract_files(
     headers = [
         replace(base, sentence_ids=tuple(job.sentence_ids)).with_source(job.source or DatasetSource()) for job in jobs
     ]
-    # a file that already is exactly what would be written is kept (a rerun changes no byte), if it may be reused
+    return ExtractionPlan(jobs, tokens, base, headers, points, tokenize_s)
+
+
+# -- reuse ----------------------------------------------------------------------------------------------------
+@dataclass
+class ReuseDecision:
+    """Per job: whether its file is kept as it is, and which of its sentences are copied from earlier files."""
+
+    kept: list[bool]
+    plans: list[ReusePlan]
+    seconds: float
+
+    def work(self, plan: ExtractionPlan) -> list[int]:
+        """The stream sentence indices that need a forward: every sentence of the files not kept, not copied."""
+        return [
+            int(plan.starts[j]) + i
+            for j, t in enumerate(plan.tokens)
+            if not self.kept[j]
+            for i in range(len(t.lengths))
+            if i not in self.plans[j].locations
+        ]
+
+
+def decide_reuse(plan: ExtractionPlan, options: ExtractionOptions) -> ReuseDecision:
+    """Which files are already what would be written (kept: a rerun changes no byte, if they may be reused), and
+    which sentences of the others have rows in a compatible earlier file (`ExtractionJob.reuse_from`)."""
+    started = time.perf_counter()
     kept = [
         options.reuse
         and job.output_path in map(Path, job.reuse_from)
         and unchanged_file(job.output_path, header, t.offsets, t.input_ids)
-        for job, header, t in zip(jobs, headers, tokens)
+        for job, header, t in zip(plan.jobs, plan.headers, plan.tokens)
     ]
-    candidates = [path for job, keep in zip(jobs, kept) if not keep for path in job.reuse_from] if options.reuse else []
-    index = RowIndex(base, candidates) if candidates else None
-    plans = [plan_reuse(None if keep else index, t.input_ids, t.offsets) for keep, t in zip(kept, tokens)]
-    reused = time.perf_counter()
+    candidates = (
+        [path for job, keep in zip(plan.jobs, kept) if not keep for path in job.reuse_from] if options.reuse else []
+    )
+    index = RowIndex(plan.base, candidates) if candidates else None
+    plans = [plan_reuse(None if keep else index, t.input_ids, t.offsets) for keep, t in zip(kept, plan.tokens)]
+    return ReuseDecision(kept, plans, time.perf_counter() - started)
 
-    # the union of every job's sentences that need a forward, as global indices into the concatenated tokens
-    starts = np.cumsum([0] + [len(t.lengths) for t in tokens])
-    job_of = np.repeat(np.arange(len(jobs)), [len(t.lengths) for t in tokens])
-    all_lengths = [n for t in tokens for n in t.lengths]
-    all_offsets = np.concatenate([[0], np.cumsum(all_lengths)]).astype(np.int64)
-    all_ids = np.concatenate([t.input_ids for t in tokens])
-    work = [
-        int(starts[j]) + i
-        for j, t in enumerate(tokens)
-        if not kept[j]
-        for i in range(len(t.lengths))
-        if i not in plans[j].locations
-    ]
-    device = torch.device(loaded.device)
-    batches = [
-        sorted((work[p] for p in batch), key=lambda g: job_of[g])  # each job's rows adjacent in a batch
-        for batch in plan_batches([all_lengths[g] for g in work], options, device)
-    ]
-    storage = dtype(options.storage_dtype).torch()
-    all_modules = {"resid_post": points.blocks, "mlp_out": points.mlps, "attn_out": points.attentions}
-    modules = {kind: all_modules[kind] for kind in options.kinds}
-    on_host = device.type in HOST_DEVICES
-    if on_host:
-        capture = HostCapture(modules, storage)
-    else:
-        max_rows = max((sum(all_lengths[g] for g in batch) for batch in batches), default=1)
-        capture = DeviceCapture(modules, storage, device, loaded.d_model, max_rows, n_groups=len(jobs))
-    writers = {
+
+# -- forward stream -------------------------------------------------------------------------------------------
+def _groups(members: Sequence[int], job_of: np.ndarray) -> list[tuple[int, int, int]]:
+    """(job, first, end) of each run of batch positions that belong to one job."""
+    groups: list[tuple[int, int, int]] = []
+    for position, member in enumerate(members):
+        job = int(job_of[member])
+        if groups and groups[-1][0] == job:
+            groups[-1] = (job, groups[-1][1], position + 1)
+        else:
+            groups.append((job, position, position + 1))
+    return groups
+
+
+@dataclass
+class _StreamStats:
+    forward_s: float = 0.0
+    capture_s: float = 0.0
+
+
+class ForwardStream:
+    """The one forward loop: the batches over the stream sentences in `work`, each batch's rows handed to the
+    writers of their jobs (`writers[j].write_batch`), with the capture fitting the device."""
+
+    def __init__(self, loaded: LoadedModel, plan: ExtractionPlan, work: Sequence[int], options: ExtractionOptions):
+        self.loaded, self.plan = loaded, plan
+        self.device = torch.device(loaded.device)
+        self.on_host = self.device.type in HOST_DEVICES
+        self.n_work = len(work)
+        self.batches = [
+            sorted((work[p] for p in batch), key=lambda g: plan.job_of[g])  # each job's rows adjacent in a batch
+            for batch in plan_batches([plan.lengths[g] for g in work], options, self.device)
+        ]
+        storage = dtype(options.storage_dtype).torch()
+        all_modules = {
+            "resid_post": plan.points.blocks,
+            "mlp_out": plan.points.mlps,
+            "attn_out": plan.points.attentions,
+        }
+        self.modules = {kind: all_modules[kind] for kind in options.kinds}
+        if self.on_host:
+            self.capture = HostCapture(self.modules, storage)
+        else:
+            max_rows = max((sum(plan.lengths[g] for g in batch) for batch in self.batches), default=1)
+            self.capture = DeviceCapture(
+                self.modules, storage, self.device, loaded.d_model, max_rows, n_groups=len(plan.jobs)
+            )
+        self.nonfinite = np.zeros(len(plan.jobs), dtype=np.int64)
+        self.stats = _StreamStats()
+
+    def run(self, writers: Mapping[int, ActivationWriter], progress: bool) -> None:
+        """Forward every batch and hand its rows to `writers` (job index -> writer)."""
+        bar = tqdm(total=self.n_work, unit="sent", desc=f"{self.loaded.slug}", disable=not progress, leave=False)
+        # no_grad rather than inference_mode on the CPU path: the zero-copy capture needs version counters.
+        grad_mode = torch.no_grad() if self.on_host else torch.inference_mode()
+        with Hooks(self.capture, self.modules), grad_mode, bar:
+            for batch in self.batches:
+                lengths = [self.plan.lengths[g] for g in batch]
+                ids, mask = _padded(self.plan.input_ids, self.plan.offsets, batch, max(lengths))
+                ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
+                groups = _groups(batch, self.plan.job_of)
+                if self.on_host:
+                    self._host_batch(writers, batch, lengths, ids, mask, groups)
+                else:
+                    self._device_batch(writers, batch, lengths, ids, mask, groups)
+                bar.update(len(batch))
+        if not self.on_host:
+            self.nonfinite = self.capture.nonfinite.cpu().numpy()
+
+    def _host_batch(self, writers, batch, lengths, ids, mask, groups) -> None:
+        capture = self.capture
+        while True:
+            capture.start(ids.shape)
+            before = time.perf_counter()
+            self.loaded.model(input_ids=ids, attention_mask=mask)
+            self.stats.forward_s += time.perf_counter() - before
+            if capture.intact():
+                break
+            capture.copy = True  # the model writes into its outputs in place: copy them from now on
+        before = time.perf_counter()
+        per_row = capture.count_nonfinite(torch.as_tensor(lengths))
+        arrays = capture.arrays()
+        capture.outputs = {}
+        self.stats.capture_s += time.perf_counter() - before
+        for j, first, end in groups:
+            self.nonfinite[j] += int(per_row[first:end].sum())
+            part = {kind: [a[first:end] for a in layers] for kind, layers in arrays.items()}
+            writers[j].write_batch(part, self.plan.local(batch[first:end]), lengths[first:end], padded=True)
+
+    def _device_batch(self, writers, batch, lengths, ids, mask, groups) -> None:
+        loaded, device = self.loaded, self.device
+        rows = np.concatenate([row * len(ids[0]) + np.arange(n) for row, n in enumerate(lengths)])
+        row_groups = np.repeat(self.plan.job_of[batch], lengths)
+        before = time.perf_counter()
+        self.capture.start(
+            to_device(torch.from_numpy(rows), device),
+            to_device(torch.from_numpy(row_groups), device),
+            loaded.n_layers,
+            loaded.d_model,
+        )
+        loaded.model(input_ids=to_device(ids, device), attention_mask=to_device(mask, device))
+        self.stats.forward_s += time.perf_counter() - before  # launch time only: the device runs asynchronously
+        before = time.perf_counter()
+        arrays, ready, release = self.capture.to_host()
+        self.stats.capture_s += time.perf_counter() - before
+        countdown = Countdown(len(groups), release)
+        row_starts = np.cumsum([0, *lengths])
+        for j, first, end in groups:
+            a, b = int(row_starts[first]), int(row_starts[end])
+            part = {kind: array[:, a:b] for kind, array in arrays.items()}
+            writers[j].write_batch(
+                part, self.plan.local(batch[first:end]), lengths[first:end], ready=ready, release=countdown.done
+            )
+
+
+# -- writing --------------------------------------------------------------------------------------------------
+def _open_writers(
+    plan: ExtractionPlan, decision: ReuseDecision, options: ExtractionOptions, on_host: bool
+) -> dict[int, ActivationWriter]:
+    """One streaming writer per file that is not kept (not yet entered: nothing is written here)."""
+    return {
         j: ActivationWriter(
             job.output_path,
-            plans[j].header(headers[j], job.output_path),
-            offsets=tokens[j].offsets,
-            input_ids=tokens[j].input_ids,
+            decision.plans[j].header(plan.headers[j], job.output_path),
+            offsets=plan.tokens[j].offsets,
+            input_ids=plan.tokens[j].input_ids,
             background=options.background_write,
             write_threads=_write_threads(options, on_host),
         )
-        for j, job in enumerate(jobs)
-        if not kept[j]
+        for j, job in enumerate(plan.jobs)
+        if not decision.kept[j]
     }
-    nonfinite = np.zeros(len(jobs), dtype=np.int64)
-    forward_s = capture_s = 0.0
-    progress = tqdm(total=len(work), unit="sent", desc=f"{loaded.slug}", disable=not options.progress, leave=False)
-    # no_grad rather than inference_mode on the CPU path: the zero-copy capture needs version counters.
-    grad_mode = torch.no_grad() if on_host else torch.inference_mode()
-    with ExitStack() as stack:
-        for writer in writers.values():
-            stack.enter_context(writer)
-        for j, writer in writers.items():
-            copy_reused_rows(plans[j], writer, tokens[j].lengths)
-        copied = time.perf_counter()
-        stack.enter_context(Hooks(capture, modules))
-        stack.enter_context(grad_mode)
-        stack.enter_context(progress)
-        for batch in batches:
-            lengths = [all_lengths[g] for g in batch]
-            ids, mask = _padded(all_ids, all_offsets, batch, max(lengths))
-            ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
-            groups = _groups(batch, job_of)
-            if on_host:
-                while True:
-                    capture.start(ids.shape)
-                    before = time.perf_counter()
-                    loaded.model(input_ids=ids, attention_mask=mask)
-                    forward_s += time.perf_counter() - before
-                    if capture.intact():
-                        break
-                    capture.copy = True  # the model writes into its outputs in place: copy them from now on
-                before = time.perf_counter()
-                per_row = capture.count_nonfinite(torch.as_tensor(lengths))
-                arrays = capture.arrays()
-                capture.outputs = {}
-                capture_s += time.perf_counter() - before
-                for j, first, end in groups:
-                    nonfinite[j] += int(per_row[first:end].sum())
-                    part = {kind: [a[first:end] for a in layers] for kind, layers in arrays.items()}
-                    local = [g - int(starts[j]) for g in batch[first:end]]
-                    writers[j].write_batch(part, local, lengths[first:end], padded=True)
-            else:
-                rows = np.concatenate([row * len(ids[0]) + np.arange(n) for row, n in enumerate(lengths)])
-                row_groups = np.repeat(job_of[batch], lengths)
-                before = time.perf_counter()
-                capture.start(
-                    to_device(torch.from_numpy(rows), device),
-                    to_device(torch.from_numpy(row_groups), device),
-                    loaded.n_layers,
-                    loaded.d_model,
-                )
-                loaded.model(input_ids=to_device(ids, device), attention_mask=to_device(mask, device))
-                forward_s += time.perf_counter() - before  # launch time only: the device runs asynchronously
-                before = time.perf_counter()
-                arrays, ready, release = capture.to_host()
-                capture_s += time.perf_counter() - before
-                countdown = Countdown(len(groups), release)
-                row_starts = np.cumsum([0, *lengths])
-                for j, first, end in groups:
-                    a, b = int(row_starts[first]), int(row_starts[end])
-                    part = {kind: array[:, a:b] for kind, array in arrays.items()}
-                    local = [g - int(starts[j]) for g in batch[first:end]]
-                    writers[j].write_batch(part, local, lengths[first:end], ready=ready, release=countdown.done)
-            progress.update(len(batch))
-        for writer in writers.values():
-            writer.commit()
-    for job, keep in zip(jobs, kept):
+
+
+def _renew_kept(plan: ExtractionPlan, decision: ReuseDecision) -> None:
+    for job, keep in zip(plan.jobs, decision.kept):
         if keep:
             os.utime(job.output_path)  # renewed: its age is what the freshness checks read
             remove_stale_temps(job.output_path)  # a kept file is not published, which is where writers clean up
-    if not on_host:
-        nonfinite = capture.nonfinite.cpu().numpy()
-    wall = time.perf_counter() - started
-    timings = {
-        "tokenize_s": tokenized - started,
-        "reuse_index_s": reused - tokenized,
-        "copy_reused_s": copied - reused,
-        "forward_s": forward_s,
-        "capture_s": capture_s,
-    }
-    for writer in writers.values():
-        for key, value in writer.timings.items():
-            timings[key] = timings.get(key, 0.0) + value
-    total_tokens = sum(int(t.offsets[-1]) for t in tokens)
+
+
+def _results(
+    plan: ExtractionPlan, decision: ReuseDecision, stream: ForwardStream, timings: dict[str, float], wall: float
+) -> list[ExtractionResult]:
+    total_tokens = sum(int(t.offsets[-1]) for t in plan.tokens)
     return [
         ExtractionResult(
             path=job.output_path,
             n_sentences=len(t.lengths),
             n_tokens=int(t.offsets[-1]),
-            n_layers=loaded.n_layers,
-            d_model=loaded.d_model,
-            kinds=options.kinds,
-            storage_dtype=options.storage_dtype,
+            n_layers=plan.base.n_layers,
+            d_model=plan.base.d_model,
+            kinds=plan.base.kinds,
+            storage_dtype=plan.base.storage_dtype,
             file_bytes=job.output_path.stat().st_size,
             wall_seconds=wall * int(t.offsets[-1]) / total_tokens,
-            n_nonfinite=int(nonfinite[j]),
-            reuse=kept_record(job.output_path) if kept[j] else plans[j].record(job.output_path),
+            n_nonfinite=int(stream.nonfinite[j]),
+            reuse=kept_record(job.output_path) if decision.kept[j] else decision.plans[j].record(job.output_path),
             timings=timings,
         )
-        for j, (job, t) in enumerate(zip(jobs, tokens))
+        for j, (job, t) in enumerate(zip(plan.jobs, plan.tokens))
     ]
+
+
+def extract_files(
+    loaded: LoadedModel, jobs: Sequence[ExtractionJob], options: ExtractionOptions = ExtractionOptions()
+) -> list[ExtractionResult]:
+    """Extract every job's sentences in one forward stream and write one activation file per job.
+
+    Every job is tokenized and checked before anything is written; each file is published atomically."""
+    if not jobs:
+        return []
+    started = time.perf_counter()
+    plan = plan_extraction(loaded, jobs, options)
+    decision = decide_reuse(plan, options)
+    stream = ForwardStream(loaded, plan, decision.work(plan), options)
+    writers = _open_writers(plan, decision, options, stream.on_host)
+    with ExitStack() as stack:
+        for writer in writers.values():
+            stack.enter_context(writer)
+        before = time.perf_counter()
+        for j, writer in writers.items():
+            copy_reused_rows(decision.plans[j], writer, plan.tokens[j].lengths)
+        copy_s = time.perf_counter() - before
+        stream.run(writers, options.progress)
+        for writer in writers.values():
+            writer.commit()
+    _renew_kept(plan, decision)
+    timings = {
+        "tokenize_s": plan.tokenize_s,
+        "reuse_index_s": decision.seconds,
+        "copy_reused_s": copy_s,
+        "forward_s": stream.stats.forward_s,
+        "capture_s": stream.stats.capture_s,
+    }
+    for writer in writers.values():
+        for key, value in writer.timings.items():
+            timings[key] = timings.get(key, 0.0) + value
+    return _results(plan, decision, stream, timings, time.perf_counter() - started)
