@@ -19,6 +19,7 @@ from emo_assets.core.datasets import DatasetError, condensed, read_dataset
 from emo_assets.core.dtypes import DTYPES
 from emo_assets.core.models import ModelLoadError, load_configured_model
 from emo_assets.core.paths import UnsafeNameError, activation_file, safe_name
+from emo_assets.core.selection import SelectionError, parse_layers, parse_positions
 
 EXIT_INVALID_INPUT = 2
 EXIT_FAILURE = 1
@@ -68,8 +69,32 @@ def build_parser(defaults) -> argparse.ArgumentParser:
         "instead of forwarding them; --no-reuse forwards every sentence (byte-identical reruns) "
         "(default: %(default)s)",
     )
+    parser.add_argument(
+        "--positions",
+        type=_checked(parse_positions),
+        default=defaults.positions,
+        help="token rows stored per sentence: all | sentence_end | mean | last:N (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--layers",
+        type=_checked(parse_layers),
+        default=defaults.layers,
+        help="layers stored: all, or indices and ranges such as 0,6,11 or 6-11 or -1 (default: %(default)s)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
+
+
+def _checked(parse):
+    """An argparse type from a `core.selection` parser: a bad value exits 2 with its message."""
+
+    def check(value: str) -> str:
+        try:
+            return parse(value)
+        except SelectionError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+
+    return check
 
 
 def _fail(code: int, message: str) -> int:
@@ -138,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         progress=not args.no_progress,
         truncate=args.truncate,
         reuse=args.reuse,
+        positions=args.positions,
+        layers=args.layers,
     )
     print(
         f"{loaded.model_id} ({loaded.architecture}, {loaded.n_layers} layers, d={loaded.d_model}, "

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from emo_assets.core.dtypes import DTYPES
 from emo_assets.core.paths import model_slug, safe_name
+from emo_assets.core.selection import SelectionError, parse_layers, parse_positions
 
 PACKAGED_CONFIG = Path(__file__).resolve().parents[1] / "config.toml"
 
@@ -36,6 +37,8 @@ ENV_OVERRIDES = {
     "EMO_ASSETS_MAX_AGE_HOURS": "freshness limit of activation files",
     "EMO_ASSETS_TRUST_REMOTE_CODE": "1 to let transformers run model code from the hub (off by default)",
     "EMO_ASSETS_REUSE": "0 to forward every sentence instead of reusing rows of identical earlier extractions",
+    "EMO_ASSETS_POSITIONS": "token rows stored per sentence: all | sentence_end | mean | last:N",
+    "EMO_ASSETS_LAYERS": "layers stored: all, or indices and ranges such as 0,6,11 or 6-11 or -1",
 }
 
 DEVICES = ("cpu", "cuda", "auto")
@@ -57,8 +60,15 @@ class ExtractionSettings:
     attention: bool = False
     trust_remote_code: bool = False
     reuse: bool = True  # copy rows already extracted with identical inputs (see core.activations.reuse)
+    positions: str = "all"  # see core.selection
+    layers: str = "all"
 
     def __post_init__(self) -> None:
+        try:  # stored in their canonical spelling (TOML may give the layers as a list of integers)
+            object.__setattr__(self, "positions", parse_positions(self.positions))
+            object.__setattr__(self, "layers", parse_layers(self.layers))
+        except SelectionError as exc:
+            raise ConfigError(f"extraction.{exc}") from exc
         if self.batch_size < 1:
             raise ConfigError(f"extraction.batch_size must be >= 1, got {self.batch_size}")
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
@@ -186,6 +196,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         "storage_dtype": ("EMO_ASSETS_STORAGE_DTYPE", str),
         "trust_remote_code": ("EMO_ASSETS_TRUST_REMOTE_CODE", _truthy),
         "reuse": ("EMO_ASSETS_REUSE", _truthy),
+        "positions": ("EMO_ASSETS_POSITIONS", parse_positions),
+        "layers": ("EMO_ASSETS_LAYERS", parse_layers),
     }
     for key, (var, parse) in overrides.items():
         if var in env:

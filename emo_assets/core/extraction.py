@@ -65,6 +65,14 @@ from emo_assets.core.config import ExtractionSettings
 from emo_assets.core.dtypes import dtype
 from emo_assets.core.layers import HookPoints, find_hook_points
 from emo_assets.core.models import LoadedModel
+from emo_assets.core.selection import (
+    ALL,
+    SelectionError,
+    parse_positions,
+    resolve_layers,
+    rows_per_sentence,
+    selected_token_positions,
+)
 from emo_assets.core.tokenization import bos_token_id
 
 # Devices whose module outputs the writer can read directly (zero-copy capture); any other device gathers the
@@ -90,6 +98,8 @@ class ExtractionOptions:
     attention: bool = False
     storage_dtype: str = "float32"
     truncate: bool = False  # cut sentences longer than the context instead of failing
+    positions: str = "all"  # which rows of each sentence are stored (see core.selection)
+    layers: str = "all"  # which model layers are stored
     batch_size: int = _runtime(32)
     progress: bool = _runtime(False)
     background_write: bool = _runtime(True)  # pwrite on a writer thread, overlapping the next forward pass
@@ -146,6 +156,9 @@ class ExtractionResult:
     wall_seconds: float
     n_nonfinite: int
     reuse: ReuseRecord  # sentences computed now and copied from earlier files
+    positions: str = "all"
+    layers: tuple[int, ...] = ()  # model layer indices stored
+    n_rows: int = 0  # rows per stored layer
     # where the time went (seconds): tokenize, forward, capture (checks + hand-over), write (pwrite, writer
     # thread), queue_wait, hash, fsync, publish; the writer thread's time overlaps the forward passes.
     timings: Mapping[str, float] = field(default_factory=dict, compare=False)
@@ -238,18 +251,21 @@ def extract_to_file(
 
 @dataclass
 class _Tokens:
-    """The token ids of one job's sentences, concatenated, with offsets."""
+    """The token ids of one job's sentences, concatenated, with offsets, and the rows each sentence stores."""
 
     lengths: list[int]
     offsets: np.ndarray
     input_ids: np.ndarray
+    rows: list[int]  # rows per sentence (its token count with `positions = all`)
+    row_offsets: np.ndarray
 
     @classmethod
-    def of(cls, encoded: list[list[int]]) -> _Tokens:
+    def of(cls, encoded: list[list[int]], positions: str) -> _Tokens:
         lengths = [len(ids) for ids in encoded]
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         input_ids = np.fromiter((t for ids in encoded for t in ids), dtype=np.int64, count=int(offsets[-1]))
-        return cls(lengths, offsets, input_ids)
+        rows = rows_per_sentence(positions, lengths)
+        return cls(lengths, offsets, input_ids, rows, np.concatenate([[0], np.cumsum(rows)]).astype(np.int64))
 
 
 # -- planning -------------------------------------------------------------------------------------------------
@@ -270,6 +286,7 @@ class ExtractionPlan:
         self.starts = np.cumsum([0, *counts])
         self.job_of = np.repeat(np.arange(len(self.jobs)), counts)
         self.lengths = [n for t in self.tokens for n in t.lengths]
+        self.rows = [n for t in self.tokens for n in t.rows]
         self.offsets = np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
         self.input_ids = np.concatenate([t.input_ids for t in self.tokens])
 
@@ -287,9 +304,15 @@ def plan_extraction(loaded: LoadedModel, jobs: Sequence[ExtractionJob], options:
             raise ExtractionError(f"{job.output_path}: sentence ids must be unique")
     if options.batch_size < 1:
         raise ExtractionError(f"batch_size must be >= 1, got {options.batch_size}")
+    try:
+        positions = parse_positions(options.positions)
+        layers = resolve_layers(options.layers, loaded.n_layers)
+    except SelectionError as exc:
+        raise ExtractionError(f"{loaded.model_id}: {exc}") from exc
     started = time.perf_counter()
     tokens = [
-        _Tokens.of(tokenize(loaded, j.texts, j.sentence_ids, options.prepend_bos, options.truncate)) for j in jobs
+        _Tokens.of(tokenize(loaded, j.texts, j.sentence_ids, options.prepend_bos, options.truncate), positions)
+        for j in jobs
     ]
     tokenize_s = time.perf_counter() - started
     points = find_hook_points(loaded.model)
@@ -302,10 +325,12 @@ def plan_extraction(loaded: LoadedModel, jobs: Sequence[ExtractionJob], options:
         model_revision=loaded.revision,
         architecture=loaded.architecture,
         compute_dtype=loaded.compute_dtype,
-        hook_points={kind: points.names[kind] for kind in options.kinds},
+        hook_points={kind: [points.names[kind][layer] for layer in layers] for kind in options.kinds},
         prepend_bos=options.prepend_bos,
         truncated_to_context=options.truncate,
         package_version=__version__,
+        positions=positions,
+        layers=layers,
     )
     headers = [
         replace(base, sentence_ids=tuple(job.sentence_ids)).with_source(job.source or DatasetSource()) for job in jobs
@@ -340,7 +365,7 @@ def decide_reuse(plan: ExtractionPlan, options: ExtractionOptions) -> ReuseDecis
     kept = [
         options.reuse
         and job.output_path in map(Path, job.reuse_from)
-        and unchanged_file(job.output_path, header, t.offsets, t.input_ids)
+        and unchanged_file(job.output_path, header, t.row_offsets, t.input_ids, t.offsets)
         for job, header, t in zip(plan.jobs, plan.headers, plan.tokens)
     ]
     candidates = (
@@ -378,6 +403,9 @@ class ForwardStream:
         self.loaded, self.plan = loaded, plan
         self.device = torch.device(loaded.device)
         self.on_host = self.device.type in HOST_DEVICES
+        self.positions, self.layers = plan.base.positions, plan.base.stored_layers
+        # every token's rows straight out of the module outputs; a subset of positions is gathered instead
+        self.zero_copy = self.on_host and self.positions == ALL
         self.n_work = len(work)
         self.batches = [
             sorted((work[p] for p in batch), key=lambda g: plan.job_of[g])  # each job's rows adjacent in a batch
@@ -389,11 +417,11 @@ class ForwardStream:
             "mlp_out": plan.points.mlps,
             "attn_out": plan.points.attentions,
         }
-        self.modules = {kind: all_modules[kind] for kind in options.kinds}
-        if self.on_host:
+        self.modules = {kind: [all_modules[kind][layer] for layer in self.layers] for kind in options.kinds}
+        if self.zero_copy:
             self.capture = HostCapture(self.modules, storage)
         else:
-            max_rows = max((sum(plan.lengths[g] for g in batch) for batch in self.batches), default=1)
+            max_rows = max((sum(plan.rows[g] for g in batch) for batch in self.batches), default=1)
             self.capture = DeviceCapture(
                 self.modules, storage, self.device, loaded.d_model, max_rows, n_groups=len(plan.jobs)
             )
@@ -404,19 +432,19 @@ class ForwardStream:
         """Forward every batch and hand its rows to `writers` (job index -> writer)."""
         bar = tqdm(total=self.n_work, unit="sent", desc=f"{self.loaded.slug}", disable=not progress, leave=False)
         # no_grad rather than inference_mode on the CPU path: the zero-copy capture needs version counters.
-        grad_mode = torch.no_grad() if self.on_host else torch.inference_mode()
+        grad_mode = torch.no_grad() if self.zero_copy else torch.inference_mode()
         with Hooks(self.capture, self.modules), grad_mode, bar:
             for batch in self.batches:
                 lengths = [self.plan.lengths[g] for g in batch]
                 ids, mask = _padded(self.plan.input_ids, self.plan.offsets, batch, max(lengths))
                 ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
                 groups = _groups(batch, self.plan.job_of)
-                if self.on_host:
+                if self.zero_copy:
                     self._host_batch(writers, batch, lengths, ids, mask, groups)
                 else:
                     self._device_batch(writers, batch, lengths, ids, mask, groups)
                 bar.update(len(batch))
-        if not self.on_host:
+        if not self.zero_copy:
             self.nonfinite = self.capture.nonfinite.cpu().numpy()
 
     def _host_batch(self, writers, batch, lengths, ids, mask, groups) -> None:
@@ -441,14 +469,26 @@ class ForwardStream:
 
     def _device_batch(self, writers, batch, lengths, ids, mask, groups) -> None:
         loaded, device = self.loaded, self.device
-        rows = np.concatenate([row * len(ids[0]) + np.arange(n) for row, n in enumerate(lengths)])
-        row_groups = np.repeat(self.plan.job_of[batch], lengths)
+        width = len(ids[0])
+        rows = np.concatenate(
+            [row * width + np.asarray(selected_token_positions(self.positions, n)) for row, n in enumerate(lengths)]
+        )
+        stored = [self.plan.rows[g] for g in batch]  # rows each sentence stores
+        row_groups = np.repeat(self.plan.job_of[batch], stored)
+        mean = None
+        if self.positions == "mean":  # each sentence's gathered rows summed into its one stored row
+            segments = np.repeat(np.arange(len(batch)), lengths)
+            mean = {
+                "segments": to_device(torch.from_numpy(segments), device),
+                "counts": to_device(torch.tensor(lengths, dtype=torch.float32), device),
+            }
         before = time.perf_counter()
         self.capture.start(
             to_device(torch.from_numpy(rows), device),
             to_device(torch.from_numpy(row_groups), device),
-            loaded.n_layers,
+            len(self.layers),
             loaded.d_model,
+            **(mean or {}),
         )
         loaded.model(input_ids=to_device(ids, device), attention_mask=to_device(mask, device))
         self.stats.forward_s += time.perf_counter() - before  # launch time only: the device runs asynchronously
@@ -456,12 +496,12 @@ class ForwardStream:
         arrays, ready, release = self.capture.to_host()
         self.stats.capture_s += time.perf_counter() - before
         countdown = Countdown(len(groups), release)
-        row_starts = np.cumsum([0, *lengths])
+        row_starts = np.cumsum([0, *stored])
         for j, first, end in groups:
             a, b = int(row_starts[first]), int(row_starts[end])
             part = {kind: array[:, a:b] for kind, array in arrays.items()}
             writers[j].write_batch(
-                part, self.plan.local(batch[first:end]), lengths[first:end], ready=ready, release=countdown.done
+                part, self.plan.local(batch[first:end]), stored[first:end], ready=ready, release=countdown.done
             )
 
 
@@ -474,8 +514,9 @@ def _open_writers(
         j: ActivationWriter(
             job.output_path,
             decision.plans[j].header(plan.headers[j], job.output_path),
-            offsets=plan.tokens[j].offsets,
+            offsets=plan.tokens[j].row_offsets,
             input_ids=plan.tokens[j].input_ids,
+            token_offsets=plan.tokens[j].offsets if plan.base.has_token_offsets else None,
             background=options.background_write,
             write_threads=_write_threads(options, on_host),
         )
@@ -508,6 +549,9 @@ def _results(
             wall_seconds=wall * int(t.offsets[-1]) / total_tokens,
             n_nonfinite=int(stream.nonfinite[j]),
             reuse=kept_record(job.output_path) if decision.kept[j] else decision.plans[j].record(job.output_path),
+            positions=plan.base.positions,
+            layers=plan.base.stored_layers,
+            n_rows=int(t.row_offsets[-1]),
             timings=timings,
         )
         for j, (job, t) in enumerate(zip(plan.jobs, plan.tokens))
@@ -532,7 +576,7 @@ def extract_files(
             stack.enter_context(writer)
         before = time.perf_counter()
         for j, writer in writers.items():
-            copy_reused_rows(decision.plans[j], writer, plan.tokens[j].lengths)
+            copy_reused_rows(decision.plans[j], writer, plan.tokens[j].rows)
         copy_s = time.perf_counter() - before
         stream.run(writers, options.progress)
         for writer in writers.values():

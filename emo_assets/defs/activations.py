@@ -30,6 +30,7 @@ from emo_assets.core.extraction import (
 )
 from emo_assets.core.models import LoadedModel
 from emo_assets.core.paths import activation_dir, activation_file
+from emo_assets.core.selection import SelectionError, parse_layers, parse_positions
 from emo_assets.defs.datasets import emotion_dataset_key, emotion_parquet_path
 from emo_assets.defs.deployment import TORCH_OP_TAGS
 from emo_assets.defs.models import LANGUAGE_MODEL
@@ -37,6 +38,23 @@ from emo_assets.defs.partitions import Partitions, fingerprint, partitions_for, 
 from emo_assets.defs.resources import MlflowTracker, ModelCache, TrackedDataset
 
 CODE_VERSION = "1"
+
+
+class ActivationsConfig(dg.Config):
+    """Run config of the activations asset: what to store, when a run should differ from `[extraction]` (empty:
+    the setting). Recorded in the files' headers, the metadata, the input fingerprint and MLflow."""
+
+    positions: str = ""  # all | sentence_end | mean | last:N
+    layers: str = ""  # all, or indices and ranges such as 0,6,11 or 6-11 or -1
+
+    def options(self, settings: Settings) -> ExtractionOptions:
+        """The extraction options of a run; `dg.Failure` naming a bad value."""
+        try:
+            positions = parse_positions(self.positions or settings.extraction.positions)
+            layers = parse_layers(self.layers or settings.extraction.layers)
+        except SelectionError as exc:
+            raise dg.Failure(description=f"activations run config: {exc}") from exc
+        return ExtractionOptions.from_settings(settings.extraction, positions=positions, layers=layers)
 
 
 def activations_key(variant: str) -> dg.AssetKey:
@@ -137,6 +155,8 @@ def _report(
             "dataset_sha256": dataset_sha256,
             "reuse": options.reuse,
             "reuse_sources": ", ".join(sources) or "none",
+            "positions": result.positions,
+            "layers": ",".join(map(str, result.layers)),
         },
         metrics={
             "file_size_mb": size / 2**20,
@@ -172,6 +192,9 @@ def _report(
         "d_model": result.d_model,
         "dtype": result.storage_dtype,
         "layers_saved": ", ".join(result.kinds),
+        "positions": result.positions,
+        "layers": dg.MetadataValue.json(list(result.layers)),
+        "n_rows": result.n_rows,
         "n_nonfinite": result.n_nonfinite,
         "samples_per_s": round(result.samples_per_s, 2),
         "wall_seconds": round(result.wall_seconds, 3),
@@ -188,13 +211,19 @@ def _report(
 
 
 def _extract_model(
-    context, settings: Settings, variant: str, slug: str, emotions, model_cache: ModelCache, mlflow: MlflowTracker
+    context,
+    settings: Settings,
+    variant: str,
+    slug: str,
+    emotions,
+    model_cache: ModelCache,
+    mlflow: MlflowTracker,
+    options: ExtractionOptions,
 ) -> dict[str, str]:
     """Extract every emotion of one model in one forward stream (the model loaded once); return {partition key:
     input fingerprint}."""
     parts = partitions_for(settings)
     loaded = model_cache.get(settings.model_slugs[slug], settings)
-    options = ExtractionOptions.from_settings(settings.extraction)
     jobs = [_job(settings, variant, slug, emotion) for emotion in emotions]
     started = time.time()
     try:
@@ -227,11 +256,12 @@ def _variant_activations(settings: Settings, variant: str) -> dg.AssetsDefinitio
         f"for one model: results/{variant}/activations/<model>/activations_<emotion>.safetensors.",
     )
     def activations(
-        context: dg.AssetExecutionContext, model_cache: ModelCache, mlflow: MlflowTracker
+        context: dg.AssetExecutionContext, config: ActivationsConfig, model_cache: ModelCache, mlflow: MlflowTracker
     ) -> dg.MaterializeResult:
+        options = config.options(settings)
         versions = {}
         for slug, emotions in group_by_model(context.partition_keys, parts, settings.model_slugs):
-            versions |= _extract_model(context, settings, variant, slug, emotions, model_cache, mlflow)
+            versions |= _extract_model(context, settings, variant, slug, emotions, model_cache, mlflow, options)
             model_cache.release(slug)  # after _extract_model returned: no reference to the model is left
         context.add_asset_metadata({"model_loads_in_run": dg.MetadataValue.json(model_cache.loads)})
         return dg.MaterializeResult(data_version=step_data_version(versions))

@@ -31,6 +31,10 @@ class ActivationFile:
     hashes the data section against the stored checksum, so a truncated or bit-flipped file raises
     `ActivationFileError` instead of feeding silent garbage into the analysis. Arrays come back as float32.
     `header` is the typed header; `metadata` the raw `__metadata__` strings.
+
+    Every `layer` argument is a MODEL layer index (negative from the end); `layers` lists the stored ones and
+    asking for another raises `KeyError` naming them. `offsets` delimit each sentence's rows, `token_offsets` its
+    tokens in `input_ids` (the same array when `positions` is `all`).
     """
 
     def __init__(self, path: str | os.PathLike, *, verify: bool = True) -> None:
@@ -55,6 +59,8 @@ class ActivationFile:
             raise ActivationFileError(f"{self.path}: truncated or corrupt: {exc}") from exc
         self.header = ActivationHeader.from_metadata(self.metadata, self.path)
         expected = {"input_ids", "offsets", *self.header.kinds}
+        if self.header.has_token_offsets:
+            expected.add("token_offsets")
         if names != expected:
             raise ActivationFileError(
                 f"{self.path}: tensors {sorted(names)} do not match the header's {sorted(expected)}"
@@ -64,21 +70,27 @@ class ActivationFile:
         self.kinds = [k for k in ACTIVATION_KINDS if k in names]
         self.offsets = self._handle.get_tensor("offsets")
         self.input_ids = self._handle.get_tensor("input_ids")
+        self.token_offsets = self._handle.get_tensor("token_offsets") if self.header.has_token_offsets else self.offsets
         self.n_sentences = len(self.offsets) - 1
-        self.n_tokens = int(self.offsets[-1]) if len(self.offsets) else 0
+        self.n_tokens = len(self.input_ids)
+        self.n_rows = int(self.offsets[-1]) if len(self.offsets) else 0
+        self.layers: tuple[int, ...] = self.header.stored_layers
+        self.positions: str = self.header.positions
         if (
             len(self.offsets) < 2
-            or self.offsets[0] != 0
-            or np.any(np.diff(self.offsets) <= 0)
-            or len(self.input_ids) != self.n_tokens
-            or (self.n_sentences, self.n_tokens) != (self.header.n_sentences, self.header.n_tokens)
+            or len(self.token_offsets) != len(self.offsets)
+            or any(o[0] != 0 or np.any(np.diff(o) <= 0) for o in (self.offsets, self.token_offsets))
+            or int(self.token_offsets[-1]) != self.n_tokens
+            or (self.n_sentences, self.n_tokens, self.n_rows)
+            != (self.header.n_sentences, self.header.n_tokens, self.header.rows)
         ):
-            raise ActivationFileError(f"{self.path}: offsets are not strictly increasing from 0 to n_tokens")
+            raise ActivationFileError(f"{self.path}: offsets are not strictly increasing from 0 to n_tokens / n_rows")
         if verify:
             self.verify()
 
     @property
     def n_layers(self) -> int:
+        """The model's layer count (see `layers` for the stored ones)."""
         return self.header.n_layers
 
     @property
@@ -108,11 +120,16 @@ class ActivationFile:
             )
 
     # -- access ----------------------------------------------------------------------------------------
-    def _check(self, kind: str, layer: int) -> None:
+    def _check(self, kind: str, layer: int) -> int:
+        """The stored position of model layer `layer` of `kind`."""
         if kind not in self.kinds:
             raise KeyError(f"{self.path}: no {kind!r} activations (file has {self.kinds})")
         if not -self.n_layers <= layer < self.n_layers:
             raise IndexError(f"{self.path}: layer {layer} out of range for {self.n_layers} layers")
+        layer %= self.n_layers
+        if layer not in self.layers:
+            raise KeyError(f"{self.path}: layer {layer} is not stored (stored layers: {list(self.layers)})")
+        return self.layers.index(layer)
 
     def _read(self, kind: str, index) -> np.ndarray:
         """`tensor[index]` in its stored values (bfloat16 as uint16 bits), read through safetensors."""
@@ -125,40 +142,39 @@ class ActivationFile:
         return self._torch_handle.get_slice(kind)[index].view(torch.int16).numpy().view(np.uint16)
 
     def raw(self, kind: str) -> np.ndarray:
-        """The whole tensor [n_layers, n_tokens, d_model] in its stored dtype (bfloat16 as uint16)."""
-        self._check(kind, 0)
+        """The whole tensor [len(layers), n_rows, d_model] in its stored dtype (bfloat16 as uint16)."""
+        self._check(kind, self.layers[0])
         return self._read(kind, slice(None))
 
     def raw_rows(self, kind: str, layer: int, start: int, stop: int) -> np.ndarray:
-        """Token rows start:stop of one layer in the stored dtype (bfloat16 as uint16) [stop - start, d_model]."""
-        self._check(kind, layer)
-        return self._read(kind, (layer, slice(start, stop)))
+        """Rows start:stop of one layer in the stored dtype (bfloat16 as uint16) [stop - start, d_model]."""
+        return self._read(kind, (self._check(kind, layer), slice(start, stop)))
 
     def layer(self, kind: str, layer: int) -> np.ndarray:
-        """All token rows of one layer, float32 [n_tokens, d_model]."""
-        self._check(kind, layer)
-        return to_float32(self._read(kind, layer), self.dtype)
+        """All rows of one layer, float32 [n_rows, d_model]."""
+        return to_float32(self._read(kind, self._check(kind, layer)), self.dtype)
 
     def sentence_end(self, kind: str, layer: int) -> np.ndarray:
-        """The last real token of every sentence, dataset order: float32 [n_sentences, d_model]."""
-        self._check(kind, layer)
-        return to_float32(self.mapped(kind)[layer, self.offsets[1:] - 1], self.dtype)
+        """The representative row of every sentence (its last row: the last real token, or the mean with
+        `positions = mean`), dataset order: float32 [n_sentences, d_model]."""
+        stored = self._check(kind, layer)
+        return to_float32(self.mapped(kind)[stored, self.offsets[1:] - 1], self.dtype)
 
     def sentence(self, kind: str, layer: int, index: int) -> np.ndarray:
-        """One sentence's token rows, float32 [n_tokens_i, d_model]."""
-        self._check(kind, layer)
+        """One sentence's rows, float32 [n_rows_i, d_model] (its tokens' rows with `positions = all`)."""
+        stored = self._check(kind, layer)
         start, end = int(self.offsets[index]), int(self.offsets[index + 1])
-        return to_float32(self._read(kind, (layer, slice(start, end))), self.dtype)
+        return to_float32(self._read(kind, (stored, slice(start, end))), self.dtype)
 
     def mapped(self, kind: str) -> np.ndarray:
-        """The whole tensor [n_layers, n_tokens, d_model] as a read-only memory map in its stored dtype (bfloat16
+        """The whole tensor [len(layers), n_rows, d_model] as a read-only memory map in its stored dtype (bfloat16
         as uint16): indexing it copies only the rows asked for, where `layer` copies a whole layer."""
-        self._check(kind, 0)
+        self._check(kind, self.layers[0])
         if kind not in self._maps:
             with open(self.path, "rb") as handle:
                 begin, _ = json.loads(handle.read(self._data_start)[8:])[kind]["data_offsets"]
                 data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-            shape = (self.n_layers, self.n_tokens, self.d_model)
+            shape = (len(self.layers), self.n_rows, self.d_model)
             raw = np.frombuffer(data, dtypes.dtype(self.dtype).numpy_raw, int(np.prod(shape)), self._data_start + begin)
             self._maps[kind] = raw.reshape(shape)
         return self._maps[kind]
