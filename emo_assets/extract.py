@@ -81,6 +81,11 @@ def build_parser(defaults) -> argparse.ArgumentParser:
         default=defaults.layers,
         help="layers stored: all, or indices and ranges such as 0,6,11 or 6-11 or -1 (default: %(default)s)",
     )
+    parser.add_argument(
+        "--estimate",
+        action="store_true",
+        help="print the bytes the extraction would write and the free space, write nothing (no forward pass)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -135,7 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     # torch and transformers are imported here, after the input is known to be valid: a bad dataset or
     # argument is reported without paying for them
     from emo_assets.core.activations import ActivationWriteError, DatasetSource
-    from emo_assets.core.extraction import ExtractionError, ExtractionJob, ExtractionOptions, extract_files
+    from emo_assets.core.activations.diskspace import DiskSpaceError
+    from emo_assets.core.extraction import (
+        ExtractionError,
+        ExtractionJob,
+        ExtractionOptions,
+        estimate_files,
+        extract_files,
+    )
 
     _quiet_transformers()
     try:
@@ -182,7 +194,15 @@ def main(argv: list[str] | None = None) -> int:
         for samples in [dataset.by_emotion(emotion)]
     ]
     try:
-        results = extract_files(loaded, jobs, options)
+        if args.estimate:
+            estimate = estimate_files(loaded, jobs, options)
+            for path, size in estimate.files.items():
+                print(f"{path}: {size} bytes" + ("" if size else " (kept as it is)"))
+            print(estimate.summary())
+            return 0
+        results = extract_files(loaded, jobs, options, on_estimate=lambda estimate: print(estimate.summary()))
+    except DiskSpaceError as exc:
+        return _fail(EXIT_INVALID_INPUT, str(exc))
     except ExtractionError as exc:
         return _fail(EXIT_INVALID_INPUT, f"{args.dataset}: {exc}")
     except ActivationWriteError as exc:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -51,6 +51,7 @@ from emo_assets.core.activations import (
     ReuseRecord,
     kinds_for,
 )
+from emo_assets.core.activations.diskspace import DiskEstimate
 from emo_assets.core.activations.reuse import (
     ReusePlan,
     RowIndex,
@@ -159,6 +160,7 @@ class ExtractionResult:
     positions: str = "all"
     layers: tuple[int, ...] = ()  # model layer indices stored
     n_rows: int = 0  # rows per stored layer
+    estimated_bytes: int = 0  # the size computed before writing (0 for a file kept as it is)
     # where the time went (seconds): tokenize, forward, capture (checks + hand-over), write (pwrite, writer
     # thread), queue_wait, hash, fsync, publish; the writer thread's time overlaps the forward passes.
     timings: Mapping[str, float] = field(default_factory=dict, compare=False)
@@ -532,8 +534,28 @@ def _renew_kept(plan: ExtractionPlan, decision: ReuseDecision) -> None:
             remove_stale_temps(job.output_path)  # a kept file is not published, which is where writers clean up
 
 
+def _disk_estimate(plan: ExtractionPlan, writers: Mapping[int, ActivationWriter]) -> DiskEstimate:
+    return DiskEstimate.of(
+        {job.output_path: writers[j].file_bytes if j in writers else 0 for j, job in enumerate(plan.jobs)}
+    )
+
+
+def estimate_files(
+    loaded: LoadedModel, jobs: Sequence[ExtractionJob], options: ExtractionOptions = ExtractionOptions()
+) -> DiskEstimate:
+    """What `extract_files` would write (tokenized and planned, reuse decided, no forward, nothing written)."""
+    plan = plan_extraction(loaded, jobs, options)
+    decision = decide_reuse(plan, options)
+    return _disk_estimate(plan, _open_writers(plan, decision, options, on_host=True))
+
+
 def _results(
-    plan: ExtractionPlan, decision: ReuseDecision, stream: ForwardStream, timings: dict[str, float], wall: float
+    plan: ExtractionPlan,
+    decision: ReuseDecision,
+    stream: ForwardStream,
+    estimate: DiskEstimate,
+    timings: dict[str, float],
+    wall: float,
 ) -> list[ExtractionResult]:
     total_tokens = sum(int(t.offsets[-1]) for t in plan.tokens)
     return [
@@ -552,6 +574,7 @@ def _results(
             positions=plan.base.positions,
             layers=plan.base.stored_layers,
             n_rows=int(t.row_offsets[-1]),
+            estimated_bytes=estimate.files[job.output_path],
             timings=timings,
         )
         for j, (job, t) in enumerate(zip(plan.jobs, plan.tokens))
@@ -559,11 +582,16 @@ def _results(
 
 
 def extract_files(
-    loaded: LoadedModel, jobs: Sequence[ExtractionJob], options: ExtractionOptions = ExtractionOptions()
+    loaded: LoadedModel,
+    jobs: Sequence[ExtractionJob],
+    options: ExtractionOptions = ExtractionOptions(),
+    on_estimate: Callable[[DiskEstimate], None] | None = None,
 ) -> list[ExtractionResult]:
     """Extract every job's sentences in one forward stream and write one activation file per job.
 
-    Every job is tokenized and checked before anything is written; each file is published atomically."""
+    Every job is tokenized and checked, and the bytes to write checked against the free disk space
+    (`DiskSpaceError`), before anything is written (`on_estimate` is shown the estimate first); each file is
+    published atomically."""
     if not jobs:
         return []
     started = time.perf_counter()
@@ -571,6 +599,10 @@ def extract_files(
     decision = decide_reuse(plan, options)
     stream = ForwardStream(loaded, plan, decision.work(plan), options)
     writers = _open_writers(plan, decision, options, stream.on_host)
+    estimate = _disk_estimate(plan, writers)
+    if on_estimate is not None:
+        on_estimate(estimate)
+    estimate.check()
     with ExitStack() as stack:
         for writer in writers.values():
             stack.enter_context(writer)
@@ -592,4 +624,4 @@ def extract_files(
     for writer in writers.values():
         for key, value in writer.timings.items():
             timings[key] = timings.get(key, 0.0) + value
-    return _results(plan, decision, stream, timings, time.perf_counter() - started)
+    return _results(plan, decision, stream, estimate, timings, time.perf_counter() - started)

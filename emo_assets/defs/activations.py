@@ -20,6 +20,7 @@ import dagster as dg
 import polars as pl
 
 from emo_assets.core.activations import DatasetSource
+from emo_assets.core.activations.diskspace import DiskSpaceError
 from emo_assets.core.config import Settings
 from emo_assets.core.extraction import (
     ExtractionError,
@@ -195,6 +196,7 @@ def _report(
         "positions": result.positions,
         "layers": dg.MetadataValue.json(list(result.layers)),
         "n_rows": result.n_rows,
+        "estimated_bytes": result.estimated_bytes,
         "n_nonfinite": result.n_nonfinite,
         "samples_per_s": round(result.samples_per_s, 2),
         "wall_seconds": round(result.wall_seconds, 3),
@@ -227,8 +229,10 @@ def _extract_model(
     jobs = [_job(settings, variant, slug, emotion) for emotion in emotions]
     started = time.time()
     try:
-        results = extract_files(loaded, jobs, options)
-    except ExtractionError as exc:
+        results = extract_files(
+            loaded, jobs, options, on_estimate=lambda estimate: context.log.info(estimate.summary())
+        )
+    except (ExtractionError, DiskSpaceError) as exc:
         raise dg.Failure(description=f"{variant}/{slug} ({', '.join(emotions)}): {exc}") from exc
     versions = {}
     for job, result in zip(jobs, results):

@@ -116,6 +116,11 @@ class ActivationWriter:
         self._error: BaseException | None = None
         self.timings = {"write_s": 0.0, "hash_s": 0.0, "fsync_s": 0.0, "publish_s": 0.0, "queue_wait_s": 0.0}
 
+    @property
+    def file_bytes(self) -> int:
+        """The size of the file this writer publishes (known before anything is written)."""
+        return self._data_start + self._data_size
+
     # -- lifecycle -------------------------------------------------------------------------------------
     def __enter__(self) -> ActivationWriter:
         self.final_path.parent.mkdir(parents=True, exist_ok=True)
