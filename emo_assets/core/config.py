@@ -62,6 +62,8 @@ class ExtractionSettings:
     reuse: bool = True  # copy rows already extracted with identical inputs (see core.activations.reuse)
     positions: str = "all"  # see core.selection
     layers: str = "all"
+    shard_max_bytes: int = 2**30  # a partition over this is written as shards plus a manifest (0: no bound)
+    shard_sentences: int = 0  # ... or over this many sentences (0: no bound)
 
     def __post_init__(self) -> None:
         try:  # stored in their canonical spelling (TOML may give the layers as a list of integers)
@@ -71,6 +73,11 @@ class ExtractionSettings:
             raise ConfigError(f"extraction.{exc}") from exc
         if self.batch_size < 1:
             raise ConfigError(f"extraction.batch_size must be >= 1, got {self.batch_size}")
+        for name in ("shard_max_bytes", "shard_sentences"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ConfigError(
+                    f"extraction.{name} must be an integer >= 0 (0: no bound), got {getattr(self, name)!r}"
+                )
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
             raise ConfigError(f"extraction.device must be one of {DEVICES}, got {self.device!r}")
         for name in ("compute_dtype", "storage_dtype"):

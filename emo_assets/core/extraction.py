@@ -52,6 +52,8 @@ from emo_assets.core.activations import (
     kinds_for,
 )
 from emo_assets.core.activations.diskspace import DiskEstimate
+from emo_assets.core.activations.format import CHECKSUM_PLACEHOLDER, ReuseSource, ShardRef
+from emo_assets.core.activations.reader import ActivationFile
 from emo_assets.core.activations.reuse import (
     ReusePlan,
     RowIndex,
@@ -59,6 +61,12 @@ from emo_assets.core.activations.reuse import (
     kept_record,
     plan_reuse,
     unchanged_file,
+)
+from emo_assets.core.activations.shards import (
+    remove_orphan_shards,
+    remove_stale_shard_temps,
+    shard_bounds,
+    shard_path,
 )
 from emo_assets.core.atomic import remove_stale_temps
 from emo_assets.core.capture import Countdown, DeviceCapture, Hooks, HostCapture, to_device
@@ -113,6 +121,9 @@ class ExtractionOptions:
     # copy rows of sentences already extracted with identical inputs (`ExtractionJob.reuse_from`) instead of
     # forwarding them; False reproduces a from-scratch file byte for byte
     reuse: bool = _runtime(True)
+    # a file over either bound is written as shards plus a manifest (0: no bound); the rows are the same either way
+    shard_max_bytes: int = _runtime(2**30)
+    shard_sentences: int = _runtime(0)
 
     @classmethod
     def from_settings(cls, settings: ExtractionSettings, **overrides) -> ExtractionOptions:
@@ -161,6 +172,7 @@ class ExtractionResult:
     layers: tuple[int, ...] = ()  # model layer indices stored
     n_rows: int = 0  # rows per stored layer
     estimated_bytes: int = 0  # the size computed before writing (0 for a file kept as it is)
+    files: tuple[Path, ...] = ()  # the files that hold it: `path`, then its shards if it is sharded
     # where the time went (seconds): tokenize, forward, capture (checks + hand-over), write (pwrite, writer
     # thread), queue_wait, hash, fsync, publish; the writer thread's time overlaps the forward passes.
     timings: Mapping[str, float] = field(default_factory=dict, compare=False)
@@ -269,6 +281,18 @@ class _Tokens:
         rows = rows_per_sentence(positions, lengths)
         return cls(lengths, offsets, input_ids, rows, np.concatenate([[0], np.cumsum(rows)]).astype(np.int64))
 
+    def part(self, first: int, end: int) -> _Tokens:
+        """Sentences first:end (one shard)."""
+        a, b = int(self.offsets[first]), int(self.offsets[end])
+        rows = self.row_offsets[first : end + 1]
+        return _Tokens(
+            self.lengths[first:end],
+            self.offsets[first : end + 1] - a,
+            self.input_ids[a:b],
+            self.rows[first:end],
+            rows - rows[0],
+        )
+
 
 # -- planning -------------------------------------------------------------------------------------------------
 @dataclass
@@ -306,6 +330,8 @@ def plan_extraction(loaded: LoadedModel, jobs: Sequence[ExtractionJob], options:
             raise ExtractionError(f"{job.output_path}: sentence ids must be unique")
     if options.batch_size < 1:
         raise ExtractionError(f"batch_size must be >= 1, got {options.batch_size}")
+    if options.shard_max_bytes < 0 or options.shard_sentences < 0:
+        raise ExtractionError("shard_max_bytes and shard_sentences must be >= 0 (0: no bound)")
     try:
         positions = parse_positions(options.positions)
         layers = resolve_layers(options.layers, loaded.n_layers)
@@ -363,19 +389,35 @@ class ReuseDecision:
 def decide_reuse(plan: ExtractionPlan, options: ExtractionOptions) -> ReuseDecision:
     """Which files are already what would be written (kept: a rerun changes no byte, if they may be reused), and
     which sentences of the others have rows in a compatible earlier file (`ExtractionJob.reuse_from`)."""
+    return decide_reuse_all([plan], options)[0]
+
+
+def decide_reuse_all(plans: Sequence[ExtractionPlan], options: ExtractionOptions) -> list[ReuseDecision]:
+    """`decide_reuse` for several plans (the shard waves of one extraction) over one index of the candidates."""
     started = time.perf_counter()
     kept = [
-        options.reuse
-        and job.output_path in map(Path, job.reuse_from)
-        and unchanged_file(job.output_path, header, t.row_offsets, t.input_ids, t.offsets)
-        for job, header, t in zip(plan.jobs, plan.headers, plan.tokens)
+        [
+            options.reuse
+            and job.output_path in map(Path, job.reuse_from)
+            and unchanged_file(job.output_path, header, t.row_offsets, t.input_ids, t.offsets)
+            for job, header, t in zip(plan.jobs, plan.headers, plan.tokens)
+        ]
+        for plan in plans
     ]
-    candidates = (
-        [path for job, keep in zip(plan.jobs, kept) if not keep for path in job.reuse_from] if options.reuse else []
-    )
-    index = RowIndex(plan.base, candidates) if candidates else None
-    plans = [plan_reuse(None if keep else index, t.input_ids, t.offsets) for keep, t in zip(kept, plan.tokens)]
-    return ReuseDecision(kept, plans, time.perf_counter() - started)
+    candidates = [
+        path
+        for plan, keeps in zip(plans, kept)
+        for job, keep in zip(plan.jobs, keeps)
+        if options.reuse and not keep
+        for path in job.reuse_from
+    ]
+    index = RowIndex(plans[0].base, candidates) if candidates else None
+    reuse_plans = [
+        [plan_reuse(None if keep else index, t.input_ids, t.offsets) for keep, t in zip(keeps, plan.tokens)]
+        for plan, keeps in zip(plans, kept)
+    ]
+    seconds = (time.perf_counter() - started) / len(plans)
+    return [ReuseDecision(keeps, chosen, seconds) for keeps, chosen in zip(kept, reuse_plans)]
 
 
 # -- forward stream -------------------------------------------------------------------------------------------
@@ -534,51 +576,236 @@ def _renew_kept(plan: ExtractionPlan, decision: ReuseDecision) -> None:
             remove_stale_temps(job.output_path)  # a kept file is not published, which is where writers clean up
 
 
-def _disk_estimate(plan: ExtractionPlan, writers: Mapping[int, ActivationWriter]) -> DiskEstimate:
-    return DiskEstimate.of(
-        {job.output_path: writers[j].file_bytes if j in writers else 0 for j, job in enumerate(plan.jobs)}
+# -- shards ---------------------------------------------------------------------------------------------------
+@dataclass
+class _Wave:
+    """The k-th shard of every job that has one (a job written as one file is its own only shard): extracted in
+    one forward stream, published before the next wave starts, so a kill loses at most the wave in flight."""
+
+    plan: ExtractionPlan
+    members: list[tuple[int, int]]  # (job, shard index) of each of the wave's files
+    decision: ReuseDecision | None = None
+    writers: dict[int, ActivationWriter] = field(default_factory=dict)
+    stream: ForwardStream | None = None
+    copy_s: float = 0.0
+
+
+def _shard_ranges(plan: ExtractionPlan, options: ExtractionOptions) -> list[list[tuple[int, int]]]:
+    """Each job's sentence ranges (one range: written as one file)."""
+    row_bytes = len(plan.base.kinds) * len(plan.base.stored_layers) * plan.base.d_model
+    row_bytes *= dtype(plan.base.storage_dtype).itemsize
+    return [shard_bounds(t.rows, row_bytes, options.shard_max_bytes, options.shard_sentences) for t in plan.tokens]
+
+
+def _waves(plan: ExtractionPlan, ranges: list[list[tuple[int, int]]]) -> list[_Wave]:
+    waves = []
+    for k in range(max(len(r) for r in ranges)):
+        members = [(j, k) for j, r in enumerate(ranges) if k < len(r)]
+        jobs, tokens, headers = [], [], []
+        for j, k in members:
+            job, (first, end) = plan.jobs[j], ranges[j][k]
+            if len(ranges[j]) > 1:
+                path = shard_path(job.output_path, k)
+                job = ExtractionJob(
+                    job.texts[first:end], job.sentence_ids[first:end], path, job.source, (path, *job.reuse_from)
+                )
+            jobs.append(job)
+            tokens.append(plan.tokens[j].part(first, end))
+            headers.append(replace(plan.headers[j], sentence_ids=tuple(job.sentence_ids)))
+        waves.append(_Wave(ExtractionPlan(jobs, tokens, plan.base, headers, plan.points, 0.0), members))
+    return waves
+
+
+@dataclass
+class _Manifest:
+    """The manifest of one sharded job: its header (shard checksums filled in once they are known) and whether
+    the one at its path already is what would be written."""
+
+    job: int
+    writer: ActivationWriter
+    kept: bool = False
+
+
+def _manifest_writer(plan: ExtractionPlan, j: int, refs: Sequence[ShardRef]) -> ActivationWriter:
+    t = plan.tokens[j]
+    return ActivationWriter(
+        plan.jobs[j].output_path,
+        replace(plan.headers[j], shards=tuple(refs)),
+        offsets=t.row_offsets,
+        input_ids=t.input_ids,
+        token_offsets=t.offsets if plan.base.has_token_offsets else None,
     )
+
+
+def _shard_refs(plan: ExtractionPlan, ranges, waves: list[_Wave], j: int, known: bool) -> list[ShardRef]:
+    """The shards of job `j` as its manifest lists them; checksums of shards not yet written are placeholders
+    (fixed width: the manifest's size is exact either way), unless `known` (after the waves ran)."""
+    final = plan.jobs[j].output_path
+    refs = []
+    for k, (first, end) in enumerate(ranges[j]):
+        path = shard_path(final, k)
+        checksum = ActivationFile(path, verify=False).header.checksum if known else CHECKSUM_PLACEHOLDER
+        refs.append(ShardRef(os.path.relpath(path, final.parent), first, end, checksum))
+    return refs
+
+
+def _plan_manifests(plan: ExtractionPlan, ranges, waves: list[_Wave], options: ExtractionOptions) -> list[_Manifest]:
+    manifests = []
+    for j, job_ranges in enumerate(ranges):
+        if len(job_ranges) == 1:
+            continue
+        shards_kept = all(
+            wave.decision.kept[wave.members.index((j, k))] for k, wave in enumerate(waves[: len(job_ranges)])
+        )
+        refs = _shard_refs(plan, ranges, waves, j, known=shards_kept)
+        writer = _manifest_writer(plan, j, refs)
+        t = plan.tokens[j]
+        kept = (
+            shards_kept
+            and options.reuse
+            and unchanged_file(plan.jobs[j].output_path, writer.header, t.row_offsets, t.input_ids, t.offsets)
+        )
+        manifests.append(_Manifest(j, writer, kept))
+    return manifests
+
+
+def _publish_manifests(plan: ExtractionPlan, ranges, waves: list[_Wave], manifests: list[_Manifest]) -> None:
+    for manifest in manifests:
+        final = plan.jobs[manifest.job].output_path
+        if manifest.kept:
+            os.utime(final)
+            remove_stale_temps(final)
+            continue
+        writer = _manifest_writer(plan, manifest.job, _shard_refs(plan, ranges, waves, manifest.job, known=True))
+        with writer:
+            writer.commit()
+    for j, job in enumerate(plan.jobs):  # shards no manifest lists (fewer shards now, or one file)
+        listed = range(len(ranges[j])) if len(ranges[j]) > 1 else ()
+        remove_orphan_shards(job.output_path, [shard_path(job.output_path, k) for k in listed])
+    for folder in {job.output_path.parent for job in plan.jobs}:
+        remove_stale_shard_temps(folder)
+
+
+# -- writing --------------------------------------------------------------------------------------------------
+def _estimate(plan: ExtractionPlan, waves: list[_Wave], manifests: list[_Manifest]) -> DiskEstimate:
+    files = {}
+    for wave in waves:
+        for w, job in enumerate(wave.plan.jobs):
+            files[job.output_path] = wave.writers[w].file_bytes if w in wave.writers else 0
+    for manifest in manifests:
+        files[plan.jobs[manifest.job].output_path] = 0 if manifest.kept else manifest.writer.file_bytes
+    return DiskEstimate.of(files)
+
+
+def _prepare(
+    loaded: LoadedModel, jobs: Sequence[ExtractionJob], options: ExtractionOptions
+) -> tuple[ExtractionPlan, list, list[_Wave], list[_Manifest], DiskEstimate]:
+    """Everything decided before the first write: the plan, the shards, reuse, the writers and the disk estimate."""
+    plan = plan_extraction(loaded, jobs, options)
+    ranges = _shard_ranges(plan, options)
+    waves = _waves(plan, ranges)
+    on_host = torch.device(loaded.device).type in HOST_DEVICES
+    for wave, decision in zip(waves, decide_reuse_all([wave.plan for wave in waves], options)):
+        wave.decision = decision
+        wave.writers = _open_writers(wave.plan, decision, options, on_host)
+    manifests = _plan_manifests(plan, ranges, waves, options)
+    return plan, ranges, waves, manifests, _estimate(plan, waves, manifests)
 
 
 def estimate_files(
     loaded: LoadedModel, jobs: Sequence[ExtractionJob], options: ExtractionOptions = ExtractionOptions()
 ) -> DiskEstimate:
     """What `extract_files` would write (tokenized and planned, reuse decided, no forward, nothing written)."""
-    plan = plan_extraction(loaded, jobs, options)
-    decision = decide_reuse(plan, options)
-    return _disk_estimate(plan, _open_writers(plan, decision, options, on_host=True))
+    return _prepare(loaded, jobs, options)[-1]
 
 
-def _results(
-    plan: ExtractionPlan,
-    decision: ReuseDecision,
-    stream: ForwardStream,
-    estimate: DiskEstimate,
-    timings: dict[str, float],
-    wall: float,
-) -> list[ExtractionResult]:
+def _run_wave(loaded: LoadedModel, wave: _Wave, options: ExtractionOptions) -> None:
+    """Forward one wave's sentences and publish its files."""
+    plan, decision = wave.plan, wave.decision
+    wave.stream = ForwardStream(loaded, plan, decision.work(plan), options)
+    with ExitStack() as stack:
+        for writer in wave.writers.values():
+            stack.enter_context(writer)
+        before = time.perf_counter()
+        for j, writer in wave.writers.items():
+            copy_reused_rows(decision.plans[j], writer, plan.tokens[j].rows)
+        wave.copy_s = time.perf_counter() - before
+        wave.stream.run(wave.writers, options.progress)
+        for writer in wave.writers.values():
+            writer.commit()
+    _renew_kept(plan, decision)
+
+
+def _timings(plan: ExtractionPlan, waves: list[_Wave]) -> dict[str, float]:
+    timings = {"tokenize_s": plan.tokenize_s}
+    for wave in waves:
+        parts = {
+            "reuse_index_s": wave.decision.seconds,
+            "copy_reused_s": wave.copy_s,
+            "forward_s": wave.stream.stats.forward_s,
+            "capture_s": wave.stream.stats.capture_s,
+        }
+        for writer in wave.writers.values():
+            for key, value in writer.timings.items():
+                parts[key] = parts.get(key, 0.0) + value
+        for key, value in parts.items():
+            timings[key] = timings.get(key, 0.0) + value
+    return timings
+
+
+def _merged_record(final: Path, records: Sequence[tuple[Path, ReuseRecord]]) -> ReuseRecord:
+    """One record for a partition from its shards' records (source paths made relative to the partition's folder)."""
+    counts: dict[str, list] = {}
+    for shard, record in records:
+        for source in record.sources:
+            path = os.path.relpath(os.path.normpath(shard.parent / source.path), final.parent)
+            entry = counts.setdefault(path, [source.checksum, 0])
+            entry[1] += source.sentences
+    return ReuseRecord(
+        computed=sum(r.computed for _, r in records),
+        reused=sum(r.reused for _, r in records),
+        sources=tuple(ReuseSource(path, checksum, n) for path, (checksum, n) in sorted(counts.items())),
+    )
+
+
+def _results(plan: ExtractionPlan, waves: list[_Wave], estimate: DiskEstimate, wall: float) -> list[ExtractionResult]:
+    timings = _timings(plan, waves)
     total_tokens = sum(int(t.offsets[-1]) for t in plan.tokens)
-    return [
-        ExtractionResult(
-            path=job.output_path,
-            n_sentences=len(t.lengths),
-            n_tokens=int(t.offsets[-1]),
-            n_layers=plan.base.n_layers,
-            d_model=plan.base.d_model,
-            kinds=plan.base.kinds,
-            storage_dtype=plan.base.storage_dtype,
-            file_bytes=job.output_path.stat().st_size,
-            wall_seconds=wall * int(t.offsets[-1]) / total_tokens,
-            n_nonfinite=int(stream.nonfinite[j]),
-            reuse=kept_record(job.output_path) if decision.kept[j] else decision.plans[j].record(job.output_path),
-            positions=plan.base.positions,
-            layers=plan.base.stored_layers,
-            n_rows=int(t.row_offsets[-1]),
-            estimated_bytes=estimate.files[job.output_path],
-            timings=timings,
+    parts: dict[int, list] = {}  # job -> [(file, reuse record, non-finite count)]
+    for wave in waves:
+        for w, (j, _) in enumerate(wave.members):
+            path = wave.plan.jobs[w].output_path
+            kept, reuse = wave.decision.kept[w], wave.decision.plans[w]
+            record = kept_record(path) if kept else reuse.record(path)
+            parts.setdefault(j, []).append((path, record, int(wave.stream.nonfinite[w])))
+    results = []
+    for j, (job, t) in enumerate(zip(plan.jobs, plan.tokens)):
+        files = [job.output_path, *(p for p, _, _ in parts[j] if p != job.output_path)]
+        record = (
+            parts[j][0][1] if len(parts[j]) == 1 else _merged_record(job.output_path, [(p, r) for p, r, _ in parts[j]])
         )
-        for j, (job, t) in enumerate(zip(plan.jobs, plan.tokens))
-    ]
+        results.append(
+            ExtractionResult(
+                path=job.output_path,
+                n_sentences=len(t.lengths),
+                n_tokens=int(t.offsets[-1]),
+                n_layers=plan.base.n_layers,
+                d_model=plan.base.d_model,
+                kinds=plan.base.kinds,
+                storage_dtype=plan.base.storage_dtype,
+                file_bytes=sum(os.stat(p).st_size for p in files),
+                wall_seconds=wall * int(t.offsets[-1]) / total_tokens,
+                n_nonfinite=sum(n for _, _, n in parts[j]),
+                reuse=record,
+                positions=plan.base.positions,
+                layers=plan.base.stored_layers,
+                n_rows=int(t.row_offsets[-1]),
+                estimated_bytes=sum(estimate.files[p] for p in files),
+                files=tuple(files),
+                timings=timings,
+            )
+        )
+    return results
 
 
 def extract_files(
@@ -587,7 +814,8 @@ def extract_files(
     options: ExtractionOptions = ExtractionOptions(),
     on_estimate: Callable[[DiskEstimate], None] | None = None,
 ) -> list[ExtractionResult]:
-    """Extract every job's sentences in one forward stream and write one activation file per job.
+    """Extract every job's sentences in one forward stream and write one activation file per job (a job over the
+    shard bound: its shards, one wave after the other, then its manifest).
 
     Every job is tokenized and checked, and the bytes to write checked against the free disk space
     (`DiskSpaceError`), before anything is written (`on_estimate` is shown the estimate first); each file is
@@ -595,33 +823,11 @@ def extract_files(
     if not jobs:
         return []
     started = time.perf_counter()
-    plan = plan_extraction(loaded, jobs, options)
-    decision = decide_reuse(plan, options)
-    stream = ForwardStream(loaded, plan, decision.work(plan), options)
-    writers = _open_writers(plan, decision, options, stream.on_host)
-    estimate = _disk_estimate(plan, writers)
+    plan, ranges, waves, manifests, estimate = _prepare(loaded, jobs, options)
     if on_estimate is not None:
         on_estimate(estimate)
     estimate.check()
-    with ExitStack() as stack:
-        for writer in writers.values():
-            stack.enter_context(writer)
-        before = time.perf_counter()
-        for j, writer in writers.items():
-            copy_reused_rows(decision.plans[j], writer, plan.tokens[j].rows)
-        copy_s = time.perf_counter() - before
-        stream.run(writers, options.progress)
-        for writer in writers.values():
-            writer.commit()
-    _renew_kept(plan, decision)
-    timings = {
-        "tokenize_s": plan.tokenize_s,
-        "reuse_index_s": decision.seconds,
-        "copy_reused_s": copy_s,
-        "forward_s": stream.stats.forward_s,
-        "capture_s": stream.stats.capture_s,
-    }
-    for writer in writers.values():
-        for key, value in writer.timings.items():
-            timings[key] = timings.get(key, 0.0) + value
-    return _results(plan, decision, stream, estimate, timings, time.perf_counter() - started)
+    for wave in waves:
+        _run_wave(loaded, wave, options)
+    _publish_manifests(plan, ranges, waves, manifests)
+    return _results(plan, waves, estimate, time.perf_counter() - started)

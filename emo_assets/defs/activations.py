@@ -137,7 +137,7 @@ def _report(
 
     `started` is when the model's forward stream began: the emotions of one stream are computed together."""
     emotion, dataset_sha256 = job.source.emotion, job.source.sha256
-    size = os.stat(result.path).st_size
+    size = sum(os.stat(path).st_size for path in result.files)  # a sharded partition: its manifest and shards
     inputs = input_fingerprint(options, loaded, emotion, dataset_sha256)
     key = partitions_for(settings).key(loaded.slug, emotion)
     reuse = result.reuse
@@ -197,6 +197,7 @@ def _report(
         "layers": dg.MetadataValue.json(list(result.layers)),
         "n_rows": result.n_rows,
         "estimated_bytes": result.estimated_bytes,
+        "n_files": len(result.files),
         "n_nonfinite": result.n_nonfinite,
         "samples_per_s": round(result.samples_per_s, 2),
         "wall_seconds": round(result.wall_seconds, 3),

@@ -71,6 +71,8 @@ class DiskEstimate:
         for path, size in files.items():
             folder = _existing(Path(path).parent)
             entry = by_device.setdefault(os.stat(folder).st_dev, [Path(path).parent, 0, folder])
+            if len(Path(path).parent.parts) < len(entry[0].parts):  # the output folder, not a shard folder in it
+                entry[0] = Path(path).parent
             entry[1] += size
         volumes = tuple(
             Volume(folder, needed, shutil.disk_usage(existing).free) for folder, needed, existing in by_device.values()

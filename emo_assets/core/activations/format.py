@@ -15,6 +15,13 @@ One safetensors file per model x emotion:
 `layers` lists the model layer indices stored, ascending; `n_layers` stays the model's layer count. A sentence's
 representative row (its last token, or its mean) is always its last row, `offsets[i+1] - 1`.
 
+Sharded partitions: a partition over the shard bound (`[extraction] shard_max_bytes` / `shard_sentences`) is
+written as several files in the folder `<stem>.shards/` next to the partition's path, each a complete activation
+file of a contiguous run of the partition's sentences with its own checksum, published atomically one by one; then
+the partition's path gets a manifest: an activation file with the index tensors of the whole partition
+(`input_ids`, `offsets`, `token_offsets`), no activation tensors, and `shards` in its header (each shard's path,
+sentence range and checksum). `ActivationFile` presents a manifest and its shards as one file.
+
 The `__metadata__` strings are the fields of `ActivationHeader`; every key is named once, in `_KEYS`, and is
 written and read only through `ActivationHeader.to_metadata` / `from_metadata`. The header JSON has sorted keys
 and no timestamps, so the same inputs give byte-identical files. The checksum field has a fixed width, so it
@@ -95,6 +102,24 @@ class ReuseRecord:
 
 
 @dataclass(frozen=True)
+class ShardRef:
+    """One shard of a sharded partition, as its manifest lists it: sentences `first:end` of the partition."""
+
+    path: str  # relative to the manifest's folder
+    first: int
+    end: int
+    checksum: str  # the shard's data_xxh3_128
+
+    def as_dict(self) -> dict:
+        return {"path": self.path, "sentences": [self.first, self.end], "data_xxh3_128": self.checksum}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping) -> ShardRef:
+        first, end = raw["sentences"]
+        return cls(str(raw["path"]), int(first), int(end), str(raw["data_xxh3_128"]))
+
+
+@dataclass(frozen=True)
 class DatasetSource:
     """Where a file's sentences come from (recorded in its header; None fields are not recorded)."""
 
@@ -140,6 +165,7 @@ class ActivationHeader:
     positions: str = "all"
     layers: tuple[int, ...] | None = None
     n_rows: int | None = None
+    shards: tuple[ShardRef, ...] | None = None  # a manifest: the rows are in these files, not in this one
 
     def __post_init__(self) -> None:
         unknown = set(self.kinds) - set(ACTIVATION_KINDS)
@@ -175,6 +201,8 @@ class ActivationHeader:
                 continue
             if name == "reuse":
                 meta[key] = value.to_json()
+            elif name == "shards":
+                meta[key] = json.dumps([shard.as_dict() for shard in value], sort_keys=True, ensure_ascii=False)
             elif encoding == _STR:
                 meta[key] = value
             elif encoding == _INT:
@@ -210,6 +238,8 @@ class ActivationHeader:
             try:
                 if name == "reuse":
                     values[name] = ReuseRecord.from_json(raw)
+                elif name == "shards":
+                    values[name] = tuple(ShardRef.from_dict(item) for item in json.loads(raw))
                 elif encoding == _STR:
                     values[name] = raw
                 elif encoding == _INT:
@@ -292,6 +322,7 @@ _KEYS = {
     "positions": ("positions", _STR),
     "layers": ("layers", _JSON),
     "n_rows": ("n_rows", _INT),
+    "shards": ("shards", _JSON_UNICODE),
 }
 _SINCE_VERSION_2 = ("positions", "layers", "n_rows")  # left out of a version-1 header: it is written back as it was
 _REQUIRED = ("format_version", "n_layers", "d_model", "kinds", "storage_dtype", "n_sentences", "n_tokens", "checksum")
@@ -321,10 +352,11 @@ def layout(header: ActivationHeader) -> dict[str, TensorEntry]:
     specs = [("input_ids", "I64", (header.n_tokens,), 8), ("offsets", "I64", (header.n_sentences + 1,), 8)]
     if header.has_token_offsets:
         specs.append(("token_offsets", "I64", (header.n_sentences + 1,), 8))
-    specs += [
-        (kind, stored.safetensors, (len(header.stored_layers), header.rows, header.d_model), stored.itemsize)
-        for kind in header.kinds
-    ]
+    if header.shards is None:  # a manifest holds the index tensors only
+        specs += [
+            (kind, stored.safetensors, (len(header.stored_layers), header.rows, header.d_model), stored.itemsize)
+            for kind in header.kinds
+        ]
     entries, start = {}, 0
     for name, code, shape, size in specs:
         entries[name] = TensorEntry(name, code, shape, start, size)

@@ -91,7 +91,7 @@ class ActivationWriter:
             raise ValueError(f"token_offsets are needed exactly when positions is not 'all' (got {header.positions})")
         self._token_offsets = None if token_offsets is None else tokens
         self.header = header.with_shape(len(self.offsets) - 1, len(input_ids), self.n_rows)
-        self.kinds = self.header.kinds
+        self.kinds = self.header.kinds if self.header.shards is None else ()  # a manifest holds no activations
         self.n_layers, self.d_model = len(header.stored_layers), header.d_model
         self.storage_dtype = header.storage_dtype
         self._row_bytes = self.d_model * dtype(self.storage_dtype).itemsize
