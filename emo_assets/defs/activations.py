@@ -230,9 +230,7 @@ def _extract_model(
     jobs = [_job(settings, variant, slug, emotion) for emotion in emotions]
     started = time.time()
     try:
-        results = extract_files(
-            loaded, jobs, options, on_estimate=lambda estimate: context.log.info(estimate.summary())
-        )
+        results = extract_files(loaded, jobs, options)
     except (ExtractionError, DiskSpaceError) as exc:
         raise dg.Failure(description=f"{variant}/{slug} ({', '.join(emotions)}): {exc}") from exc
     versions = {}
