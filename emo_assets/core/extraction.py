@@ -69,7 +69,7 @@ from emo_assets.core.activations.shards import (
     shard_path,
 )
 from emo_assets.core.atomic import remove_stale_temps
-from emo_assets.core.capture import Countdown, DeviceCapture, Hooks, HostCapture, to_device
+from emo_assets.core.capture import Countdown, DeviceCapture, Hooks, HostCapture, retain_freed_memory, to_device
 from emo_assets.core.config import ExtractionSettings
 from emo_assets.core.dtypes import dtype
 from emo_assets.core.layers import HookPoints, find_hook_points
@@ -477,6 +477,8 @@ class ForwardStream:
         bar = tqdm(total=self.n_work, unit="sent", desc=f"{self.loaded.slug}", disable=not progress, leave=False)
         # no_grad rather than inference_mode on the CPU path: the zero-copy capture needs version counters.
         grad_mode = torch.no_grad() if self.zero_copy else torch.inference_mode()
+        if self.zero_copy:
+            retain_freed_memory()  # captured outputs outlive their forward: let the next one reuse freed pages
         with Hooks(self.capture, self.modules), grad_mode, bar:
             for batch in self.batches:
                 lengths = [self.plan.lengths[g] for g in batch]

@@ -133,7 +133,11 @@ class ActivationWriter:
         if self._token_offsets is not None:
             self._pwrite(self._token_offsets.tobytes(), self._data_start + self.entries["token_offsets"].start)
         if self._write_threads > 1:
-            self._pool = ThreadPoolExecutor(self._write_threads, thread_name_prefix="ActivationWriter-pwrite")
+            self._pool = ThreadPoolExecutor(
+                self._write_threads,
+                thread_name_prefix="ActivationWriter-pwrite",
+                initializer=fileio.lower_thread_priority,
+            )
         if self._background:
             self._queue = queue.Queue()
             self._slots = threading.Semaphore(self._queue_depth)
@@ -180,6 +184,7 @@ class ActivationWriter:
 
     # -- writer thread ---------------------------------------------------------------------------------
     def _run(self) -> None:
+        fileio.lower_thread_priority()
         while True:
             job = self._queue.get()
             if job is None:
