@@ -27,6 +27,7 @@ from emo_assets.core.extraction import (
     ExtractionJob,
     ExtractionOptions,
     ExtractionResult,
+    estimate_files,
     extract_files,
 )
 from emo_assets.core.models import LoadedModel
@@ -241,6 +242,52 @@ def _extract_model(
     return versions
 
 
+def estimate_job_name(variant: str) -> str:
+    return f"{variant}_activations_disk_estimate"
+
+
+def _disk_estimate_job(settings: Settings, variant: str) -> dg.JobDefinition:
+    """The bytes every activations partition of `variant` would write and the free space, without extracting:
+    each model loaded and its sentences tokenized, no forward pass, nothing written; recorded as observations of
+    the activations partitions (`estimated_bytes`) and logged."""
+    parts = partitions_for(settings)
+
+    @dg.op(name=f"{variant}_estimate_activations_disk", tags=TORCH_OP_TAGS)
+    def estimate(context: dg.OpExecutionContext, config: ActivationsConfig, model_cache: ModelCache) -> None:
+        options = config.options(settings)
+        for slug, model_id in settings.model_slugs.items():
+            loaded = model_cache.get(model_id, settings)
+            jobs = [_job(settings, variant, slug, emotion) for emotion in settings.emotions]
+            try:
+                disk = estimate_files(loaded, jobs, options)
+            except ExtractionError as exc:
+                raise dg.Failure(description=f"{variant}/{slug}: {exc}") from exc
+            for job in jobs:
+                context.log_event(
+                    dg.AssetObservation(
+                        asset_key=activations_key(variant),
+                        partition=parts.key(slug, job.source.emotion),
+                        metadata={
+                            "estimated_bytes": disk.partition_bytes(job.output_path),
+                            "positions": options.positions,
+                            "layers": options.layers,
+                        },
+                    )
+                )
+            context.log.info(f"{variant}/{slug}: {disk.summary()}")
+            model_cache.release(slug)
+
+    @dg.job(
+        name=estimate_job_name(variant),
+        description=f"The bytes each {variant}/activations partition would write, and the free space: nothing is "
+        "extracted or written (recorded as observations of the partitions)",
+    )
+    def disk_estimate():
+        estimate()
+
+    return disk_estimate
+
+
 def _variant_activations(settings: Settings, variant: str) -> dg.AssetsDefinition:
     parts = partitions_for(settings)
 
@@ -273,4 +320,7 @@ def _variant_activations(settings: Settings, variant: str) -> dg.AssetsDefinitio
 
 
 def build_defs(settings: Settings) -> dg.Definitions:
-    return dg.Definitions(assets=[_variant_activations(settings, variant) for variant in settings.datasets])
+    return dg.Definitions(
+        assets=[_variant_activations(settings, variant) for variant in settings.datasets],
+        jobs=[_disk_estimate_job(settings, variant) for variant in settings.datasets],
+    )

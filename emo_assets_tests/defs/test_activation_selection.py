@@ -6,7 +6,7 @@ import mlflow
 
 from emo_assets.core.activations import ActivationFile
 from emo_assets.definitions import build_defs
-from emo_assets.defs.activations import activation_path, activations_key
+from emo_assets.defs.activations import activation_path, activations_key, estimate_job_name
 from emo_assets.defs.jobs import LOAD_MODELS, datasets_job
 from emo_assets.defs.partitions import partitions_for
 from emo_assets_tests.defs.conftest import make_settings, partition_metadata
@@ -56,3 +56,26 @@ def test_selection_from_settings_and_run_config_is_recorded(tmp_path, own_datase
     assert not bad.success
     failure = next(e for e in bad.all_events if e.event_type_value == "STEP_FAILURE")
     assert "positions 'middle' is not one of" in failure.event_specific_data.error.message
+
+
+def test_disk_estimate_job_records_the_bytes_without_extracting(tmp_path, own_datasets, mlflow_uri, instance):
+    settings = make_settings(
+        tmp_path, {"baseline": own_datasets["baseline"]}, mlflow_uri, EMO_ASSETS_MODELS="tiny-gpt2"
+    )
+    defs = build_defs(settings)
+    assert run_jobs(defs, [LOAD_MODELS, datasets_job("baseline")], instance)
+    job = defs.resolve_job_def(estimate_job_name("baseline"))
+    result = job.execute_in_process(instance=instance, raise_on_error=False)
+    assert result.success
+    observed = {
+        e.asset_observation_data.asset_observation.partition: e.asset_observation_data.asset_observation.metadata
+        for e in result.all_events
+        if e.event_type_value == "ASSET_OBSERVATION"
+    }
+    parts = partitions_for(settings)
+    assert set(observed) == {parts.key("tiny-gpt2", emotion) for emotion in settings.emotions}
+    path = activation_path(settings, "baseline", "tiny-gpt2", "anger")
+    assert not path.parent.exists()  # nothing extracted
+    key = parts.key("tiny-gpt2", "anger")
+    assert _materialize(defs, settings, instance, key).success
+    assert observed[key]["estimated_bytes"].value == path.stat().st_size  # exact

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from emo_assets.core.activations.shards import shard_folder
+
 MARGIN_FRACTION = 0.02
 MARGIN_BYTES = 4 * 2**20
 
@@ -82,6 +84,11 @@ class DiskEstimate:
     @property
     def total(self) -> int:
         return sum(self.files.values())
+
+    def partition_bytes(self, final: Path) -> int:
+        """The bytes written for the partition at `final`: the file, or its manifest and shards."""
+        shards = shard_folder(Path(final))
+        return sum(size for path, size in self.files.items() if path == Path(final) or Path(path).parent == shards)
 
     def check(self) -> None:
         """`DiskSpaceError` naming the estimate, the free space and the folder when a filesystem lacks room."""
