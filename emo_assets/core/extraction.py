@@ -24,10 +24,22 @@ How and why:
 * Base model, compute dtype as loaded (fp32 default), storage dtype configurable. `ExtractionResult.timings`
   says where the time went.
 
-`extract_files` runs four parts, each callable and testable alone: planning (`plan_extraction`: checks,
-tokens, headers), reuse (`decide_reuse`: kept files, copied sentences), the forward stream (`ForwardStream`:
-batches, capture, hand-over to the writers) and writing (the writers, opened, fed and committed). They stay in one
-module because they share one invariant: a batch's rows are adjacent per file, in dataset order.
+* What is stored (`ExtractionOptions.positions` / `layers`, see `emo_assets.core.selection`): with every token's
+  rows the CPU capture is zero-copy; a subset of positions (or a mean) is gathered by `DeviceCapture` on any
+  device. Only the stored layers' modules are hooked.
+* Disk cost up front: every writer is built (not entered) before the first write, so the exact bytes of every file
+  are known and checked against the free space (`emo_assets.core.activations.diskspace`).
+* Shards: a job over the shard bound is cut into runs of sentences, each its own activation file; the k-th shards
+  of all jobs form one wave (one forward stream), published before the next wave starts, and each job's manifest
+  is written last (`emo_assets.core.activations.shards`). A rerun keeps every published shard that is exactly
+  what it would write, so a killed extraction forwards only the sentences of the shards it had not published.
+
+`extract_files` runs its parts in order, each callable and testable alone: planning (`plan_extraction`: checks,
+tokens, headers), shards (`_waves`), reuse (`decide_reuse_all`: kept files, copied sentences), writers and the disk
+check (`_prepare`), the forward stream (`ForwardStream`: batches, capture, hand-over to the writers), then the
+manifests and the results. The module is longer than the others because these parts share one plan object and
+one invariant (a batch's rows are adjacent per file, in dataset order), and the tests reach the stream and its
+device choice (`HOST_DEVICES`) through this one module.
 """
 
 from __future__ import annotations
