@@ -15,7 +15,7 @@ from emo_assets_tests.pipeline import run_jobs
 
 def _materialize(defs, settings, instance, key, config=None):
     return dg.materialize(
-        [*defs.assets],
+        [*defs.assets, *defs.asset_checks],  # the checks too: they read the stored layers and rows
         selection=[activations_key("baseline")],
         instance=instance,
         resources=defs.resources,
