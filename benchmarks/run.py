@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             n,
             ratio=paired(times["floor"], ext),
             ratio_label="floor / extract",
-            target="extract / floor speed >= 0.95",
+            target=f"extract / floor speed >= {TARGETS['2']}",
         )
         extraction.passed = extraction.ratio >= TARGETS["2"]
         phases = contenders["extract"].timings
