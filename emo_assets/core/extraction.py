@@ -632,8 +632,8 @@ def _waves(plan: ExtractionPlan, ranges: list[list[tuple[int, int]]]) -> list[_W
 
 @dataclass
 class _Manifest:
-    """The manifest of one sharded job: its header (shard checksums filled in once they are known) and whether
-    the one at its path already is what would be written."""
+    """The manifest of one sharded job: a writer of its exact size (shard checksums are placeholders until the
+    shards are written) and whether the one at its path already is what would be written."""
 
     job: int
     writer: ActivationWriter
@@ -651,7 +651,7 @@ def _manifest_writer(plan: ExtractionPlan, j: int, refs: Sequence[ShardRef]) -> 
     )
 
 
-def _shard_refs(plan: ExtractionPlan, ranges, waves: list[_Wave], j: int, known: bool) -> list[ShardRef]:
+def _shard_refs(plan: ExtractionPlan, ranges, j: int, known: bool) -> list[ShardRef]:
     """The shards of job `j` as its manifest lists them; checksums of shards not yet written are placeholders
     (fixed width: the manifest's size is exact either way), unless `known` (after the waves ran)."""
     final = plan.jobs[j].output_path
@@ -671,7 +671,7 @@ def _plan_manifests(plan: ExtractionPlan, ranges, waves: list[_Wave], options: E
         shards_kept = all(
             wave.decision.kept[wave.members.index((j, k))] for k, wave in enumerate(waves[: len(job_ranges)])
         )
-        refs = _shard_refs(plan, ranges, waves, j, known=shards_kept)
+        refs = _shard_refs(plan, ranges, j, known=shards_kept)
         writer = _manifest_writer(plan, j, refs)
         t = plan.tokens[j]
         kept = (
@@ -683,14 +683,15 @@ def _plan_manifests(plan: ExtractionPlan, ranges, waves: list[_Wave], options: E
     return manifests
 
 
-def _publish_manifests(plan: ExtractionPlan, ranges, waves: list[_Wave], manifests: list[_Manifest]) -> None:
+def _publish_manifests(plan: ExtractionPlan, ranges, manifests: list[_Manifest]) -> None:
+    """Write each manifest whose shards are all published (or renew a kept one), then drop unlisted shards."""
     for manifest in manifests:
         final = plan.jobs[manifest.job].output_path
         if manifest.kept:
             os.utime(final)
             remove_stale_temps(final)
             continue
-        writer = _manifest_writer(plan, manifest.job, _shard_refs(plan, ranges, waves, manifest.job, known=True))
+        writer = _manifest_writer(plan, manifest.job, _shard_refs(plan, ranges, manifest.job, known=True))
         with writer:
             writer.commit()
     for j, job in enumerate(plan.jobs):  # shards no manifest lists (fewer shards now, or one file)
@@ -843,5 +844,5 @@ def extract_files(
     estimate.check()
     for wave in waves:
         _run_wave(loaded, wave, options)
-    _publish_manifests(plan, ranges, waves, manifests)
+    _publish_manifests(plan, ranges, manifests)
     return _results(plan, waves, estimate, time.perf_counter() - started)
