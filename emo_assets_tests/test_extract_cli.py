@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -135,6 +136,85 @@ def test_missing_dataset_exits_2(cli_env, tmp_path, capsys):
     _assert_rejected(
         ["--model", "tiny-gpt2", "--dataset", str(tmp_path / "none.jsonl")], tmp_path, capsys, "none.jsonl"
     )
+
+
+@pytest.mark.parametrize("where", ["file", "file/sub", "/proc/nope"])
+def test_an_output_that_cannot_be_a_folder_exits_2_before_the_model_loads(cli_env, tmp_path, capsys, where):
+    """The model named does not exist: had it been loaded first, the exit would be 1 with its error."""
+    (tmp_path / "file").write_text("not a folder")
+    output = where if where.startswith("/") else str(tmp_path / where)
+    args = ["--model", str(tmp_path / "no-such-model"), "--dataset", str(cli_env["baseline"]), "--output", output]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --output {output}") and err.count("\n") == 1
+    assert (tmp_path / "file").read_text() == "not a folder" and not Path("/proc/nope").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # the write check left nothing behind
+
+
+def test_an_unknown_device_exits_2_with_one_line(cli_env, tmp_path, capsys):
+    _assert_rejected(
+        ["--model", "tiny-gpt2", "--dataset", str(cli_env["baseline"]), "--device", "tpu"],
+        tmp_path,
+        capsys,
+        "error: --device must be one of ('cpu', 'cuda', 'auto') or cuda:N, got 'tpu'\n",
+    )
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("EMO_ASSETS_MAX_AGE_HOURS", "soon"), ("EMO_ASSETS_REUSE", "maybe"), ("EMO_ASSETS_TRUST_REMOTE_CODE", "maybe")],
+)
+def test_an_invalid_environment_value_exits_2_naming_it(cli_env, tmp_path, capsys, monkeypatch, variable, value):
+    monkeypatch.setenv(variable, value)
+    _assert_rejected(
+        ["--model", "tiny-gpt2", "--dataset", str(cli_env["baseline"])], tmp_path, capsys, f"{variable}={value!r}: "
+    )
+
+
+def test_another_models_files_are_kept_unless_overwrite_is_given(cli_env, tmp_path, capsys):
+    out = tmp_path / "out"
+    base = ["--dataset", str(cli_env["baseline"]), "--output", str(out), "--emotion", "anger", "--no-progress"]
+    assert main(["--model", "tiny-gpt2", *base]) == 0
+    first = (out / "activations_anger.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["--model", "tiny-pythia", *base]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'activations_anger.safetensors'} holds the activations of model 'tiny-gpt2'" in err
+    assert "--overwrite" in err and (out / "activations_anger.safetensors").read_bytes() == first
+    assert main(["--model", "tiny-gpt2", *base]) == 0  # the same model may rerun into its own folder
+    assert main(["--model", "tiny-pythia", *base, "--overwrite"]) == 0
+    assert ActivationFile(out / "activations_anger.safetensors").header.model_id == "tiny-pythia"
+
+
+def test_a_file_that_is_not_activations_is_not_replaced_without_overwrite(cli_env, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "activations_anger.safetensors").write_text("my notes")
+    args = ["--model", "tiny-gpt2", "--dataset", str(cli_env["baseline"]), "--output", str(tmp_path / "out")]
+    assert main([*args, "--emotion", "anger", "--no-progress"]) == 2
+    assert "is not a readable activation file" in capsys.readouterr().err
+    assert (tmp_path / "out" / "activations_anger.safetensors").read_text() == "my notes"
+
+
+def test_a_repeated_emotion_flag_extracts_each_emotion_asked_for(cli_env, tmp_path):
+    out = tmp_path / "out"
+    args = ["--model", "tiny-gpt2", "--dataset", str(cli_env["baseline"]), "--output", str(out), "--no-progress"]
+    assert main([*args, "--emotion", "neutral", "--emotion", "anger", "--emotion", "neutral"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["activations_anger.safetensors", "activations_neutral.safetensors"]
+    records = read_records(cli_env["baseline"])
+    for emotion in ("anger", "neutral"):
+        expected = [r["id"] for r in records if r["emotion"] == emotion]
+        assert ActivationFile(out / f"activations_{emotion}.safetensors").sentence_ids == expected
+
+
+def test_a_dataset_of_only_the_emotion_asked_for_is_accepted(cli_env, tmp_path, capsys):
+    records = [r for r in read_records(cli_env["baseline"]) if r["emotion"] == "anger"]
+    anger_only = write_records(tmp_path / "anger_only.jsonl", records)
+    args = ["--model", "tiny-gpt2", "--dataset", str(anger_only), "--no-progress"]
+    assert main([*args, "--output", str(tmp_path / "out"), "--emotion", "anger"]) == 0
+    stored = ActivationFile(tmp_path / "out" / "activations_anger.safetensors")
+    assert stored.sentence_ids == [r["id"] for r in records]
+    # every emotion asked for (here: all, by default) must still have sentences
+    _assert_rejected(args, tmp_path / "all", capsys, "no samples for emotion 'gratitude'")
 
 
 @pytest.mark.slow

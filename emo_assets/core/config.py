@@ -8,9 +8,11 @@ files. Adding a model or a dataset variant is an edit of the TOML, not of code.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +41,18 @@ ENV_OVERRIDES = {
 }
 
 DEVICES = ("cpu", "cuda", "auto")
+_CUDA_INDEX = re.compile(r"cuda:[0-9]+")
+# The words a boolean variable accepts; anything else is an error rather than a silent "false".
+BOOLEAN_WORDS = {
+    "1": True,
+    "true": True,
+    "yes": True,
+    "on": True,
+    "0": False,
+    "false": False,
+    "no": False,
+    "off": False,
+}
 # Where runs execute (`EMO_ASSETS_DEPLOYMENT`; deploy/<name>/ holds each one's configuration).
 DEPLOYMENTS = ("local", "cluster", "kubernetes")
 
@@ -61,8 +75,7 @@ class ExtractionSettings:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"extraction.batch_size must be >= 1, got {self.batch_size}")
-        if self.device not in DEVICES and not self.device.startswith("cuda:"):
-            raise ConfigError(f"extraction.device must be one of {DEVICES}, got {self.device!r}")
+        check_device(self.device, "extraction.device")
         for name in ("compute_dtype", "storage_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"extraction.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
@@ -127,12 +140,40 @@ class Settings:
         return {model_slug(m): m for m in self.models}
 
 
-def _truthy(value: str) -> bool:
-    return value.lower() in ("1", "true", "yes")
+def check_device(device: str, what: str) -> str:
+    """`device` if it is one of `DEVICES` or `cuda:N`; else `ConfigError` naming `what` (a key or a flag)."""
+    if device not in DEVICES and not _CUDA_INDEX.fullmatch(device):
+        raise ConfigError(f"{what} must be one of {DEVICES} or cuda:N, got {device!r}")
+    return device
+
+
+def _boolean(value: str) -> bool:
+    try:
+        return BOOLEAN_WORDS[value.strip().lower()]
+    except KeyError:
+        raise ValueError(f"not a boolean; use one of {sorted(BOOLEAN_WORDS)}") from None
+
+
+def _positive_hours(value: str) -> float:
+    try:
+        hours = float(value)
+    except ValueError:
+        hours = math.nan
+    if not math.isfinite(hours) or hours <= 0:
+        raise ValueError("not a positive number of hours")
+    return hours
 
 
 def _split(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _parsed(env: Mapping[str, str], var: str, parse: Callable[[str], object]) -> object:
+    """`parse(env[var])`, or `ConfigError` naming the variable and its value."""
+    try:
+        return parse(env[var])
+    except ValueError as exc:
+        raise ConfigError(f"{var}={env[var]!r}: {exc}") from exc
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
@@ -184,15 +225,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         "device": ("EMO_ASSETS_DEVICE", str),
         "compute_dtype": ("EMO_ASSETS_COMPUTE_DTYPE", str),
         "storage_dtype": ("EMO_ASSETS_STORAGE_DTYPE", str),
-        "trust_remote_code": ("EMO_ASSETS_TRUST_REMOTE_CODE", _truthy),
-        "reuse": ("EMO_ASSETS_REUSE", _truthy),
+        "trust_remote_code": ("EMO_ASSETS_TRUST_REMOTE_CODE", _boolean),
+        "reuse": ("EMO_ASSETS_REUSE", _boolean),
     }
     for key, (var, parse) in overrides.items():
-        if var in env:
-            try:
-                ext[key] = parse(env[var])
-            except ValueError as exc:
-                raise ConfigError(f"{var}={env[var]!r}: {exc}") from exc
+        if env.get(var):  # set and not empty: an empty variable keeps the TOML's value
+            ext[key] = _parsed(env, var, parse)
     try:
         extraction = ExtractionSettings(**ext)
     except TypeError as exc:
@@ -217,7 +255,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         extraction=extraction,
         mlflow_tracking_uri=tracking_uri,
         mlflow_experiment=mlflow_cfg.get("experiment", "emo_assets"),
-        max_age_hours=float(env.get("EMO_ASSETS_MAX_AGE_HOURS") or freshness.get("max_age_hours", 168)),
+        max_age_hours=_parsed(env, "EMO_ASSETS_MAX_AGE_HOURS", _positive_hours)
+        if env.get("EMO_ASSETS_MAX_AGE_HOURS")
+        else float(freshness.get("max_age_hours", 168)),
         freshness_cron=freshness.get("schedule_cron", "0 6 * * *"),
         analysis=AnalysisSettings.from_toml(raw.get("analysis", {})),
     )
