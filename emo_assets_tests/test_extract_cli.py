@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 
 from emo_assets.core.activations import ActivationFile
+from emo_assets.core.models import corpus_texts, weights_sha256
+from emo_assets.core.offline_models import tiny_model_dir
 from emo_assets.extract import main
-from emo_assets_tests.conftest import REPO_ROOT, read_records, write_records
+from emo_assets_tests.conftest import BASELINE, EXTENDED, REPO_ROOT, read_records, write_records
 
 EMOTIONS = ("gratitude", "anger", "apology", "neutral")
 
@@ -215,6 +217,34 @@ def test_a_dataset_of_only_the_emotion_asked_for_is_accepted(cli_env, tmp_path, 
     assert stored.sentence_ids == [r["id"] for r in records]
     # every emotion asked for (here: all, by default) must still have sentences
     _assert_rejected(args, tmp_path / "all", capsys, "no samples for emotion 'gratitude'")
+
+
+def test_an_offline_model_name_means_one_model_from_any_folder(tmp_path, monkeypatch, small_datasets):
+    """The packaged configuration, run from the project folder (as `make demo`) and from another folder with another
+    EMO_ASSETS_ROOT: the same tiny model, trained on the committed dataset files, writes the same bytes."""
+    for name in ("EMO_ASSETS_DATASETS", "EMO_ASSETS_CONFIG", "EMO_ASSETS_ROOT"):
+        monkeypatch.delenv(name, raising=False)
+    dataset = str(small_datasets["baseline"])
+    args = ["--model", "tiny-gpt2", "--dataset", dataset, "--emotion", "anger", "--no-progress"]
+    monkeypatch.chdir(REPO_ROOT)
+    assert main([*args, "--output", str(tmp_path / "from_project")]) == 0
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    monkeypatch.setenv("EMO_ASSETS_ROOT", str(tmp_path / "another_root"))
+    assert main([*args, "--output", "out"]) == 0
+    name = "activations_anger.safetensors"
+    assert (tmp_path / "elsewhere" / "out" / name).read_bytes() == (tmp_path / "from_project" / name).read_bytes()
+    committed = tiny_model_dir("tiny-gpt2", corpus_texts([BASELINE, EXTENDED]))
+    assert ActivationFile(tmp_path / "from_project" / name).header.model_revision == weights_sha256(committed)
+
+
+def test_a_missing_configured_dataset_stops_a_tiny_model_instead_of_changing_it(
+    small_datasets, tmp_path, monkeypatch, capsys
+):
+    absent = tmp_path / "absent.jsonl"
+    monkeypatch.setenv("EMO_ASSETS_DATASETS", f"baseline={small_datasets['baseline']},extended={absent}")
+    args = ["--model", "tiny-gpt2", "--dataset", str(small_datasets["baseline"]), "--emotion", "anger"]
+    _assert_rejected(args, tmp_path, capsys, str(absent), "EMO_ASSETS_ROOT", code=1)
 
 
 @pytest.mark.slow

@@ -20,11 +20,14 @@ from emo_assets.core.dtypes import DTYPES
 from emo_assets.core.paths import model_slug, safe_name
 
 PACKAGED_CONFIG = Path(__file__).resolve().parents[1] / "config.toml"
+# The checkout the package runs from (an editable install, as `make setup` makes); None for an installed wheel.
+SOURCE_TREE = PACKAGED_CONFIG.parents[1] if (PACKAGED_CONFIG.parents[1] / "pyproject.toml").is_file() else None
 
 # environment variable -> what it overrides
 ENV_OVERRIDES = {
     "EMO_ASSETS_CONFIG": "path of the TOML file to read instead of the packaged one",
-    "EMO_ASSETS_ROOT": "project root that relative paths are resolved against (default: cwd)",
+    "EMO_ASSETS_ROOT": "project root that relative paths are resolved against (default: cwd; the packaged "
+    "config's dataset files are read from the checkout the package runs from)",
     "EMO_ASSETS_PROFILE": "model profile (paper | offline | any profile in the TOML)",
     "EMO_ASSETS_MODELS": "comma-separated model list, replaces the profile's models",
     "EMO_ASSETS_DATASETS": "comma-separated variant=path pairs, replaces the dataset variants",
@@ -187,9 +190,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
 
     root = Path(env.get("EMO_ASSETS_ROOT") or os.getcwd()).resolve()
 
-    def resolve(path: str | Path) -> Path:
+    def resolve(path: str | Path, base: Path = root) -> Path:
         path = Path(path).expanduser()
-        return path if path.is_absolute() else root / path
+        return path if path.is_absolute() else base / path
 
     profile = env.get("EMO_ASSETS_PROFILE") or raw.get("profile", "offline")
     profiles = raw.get("profiles", {})
@@ -206,7 +209,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             raise ConfigError("EMO_ASSETS_DATASETS must be comma-separated variant=path pairs")
         datasets = {name: resolve(path) for name, path in pairs}
     else:
-        datasets = {name: resolve(spec["path"]) for name, spec in raw.get("datasets", {}).items()}
+        # The packaged config names the project's own dataset files: from a checkout they are read there wherever the
+        # command runs, so a variant, and an offline tiny model trained on the variants' texts, is the same from any
+        # folder and any EMO_ASSETS_ROOT. Results, and the paths of a config of the user's, follow the root.
+        base = SOURCE_TREE if config_path == PACKAGED_CONFIG and SOURCE_TREE is not None else root
+        datasets = {name: resolve(spec["path"], base) for name, spec in raw.get("datasets", {}).items()}
 
     emotions = _split(env["EMO_ASSETS_EMOTIONS"]) if "EMO_ASSETS_EMOTIONS" in env else raw.get("emotions", [])
     for emotion in emotions:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import tomllib
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 
@@ -89,3 +90,19 @@ def test_the_validator_reports_a_bad_variable_in_one_line(tmp_path):
     )
     assert proc.returncode == 0 and "Traceback" not in proc.stderr
     assert "EMO_ASSETS_MAX_AGE_HOURS='soon': not a positive number of hours" in proc.stderr
+
+
+def test_the_packaged_datasets_are_the_checkouts_files_from_any_root(tmp_path, monkeypatch):
+    """They name the project's own files (and so the tiny models' corpus); results and a user's config follow
+    the root."""
+    checkout = PACKAGED_CONFIG.parents[1]
+    raw = tomllib.loads(PACKAGED_CONFIG.read_text(encoding="utf-8"))
+    monkeypatch.chdir(tmp_path)
+    for env in ({}, {"EMO_ASSETS_ROOT": str(tmp_path / "root")}):
+        settings = load_settings(env)
+        assert settings.datasets == {name: checkout / spec["path"] for name, spec in raw["datasets"].items()}
+        assert settings.results_dir == Path(env.get("EMO_ASSETS_ROOT", tmp_path)) / raw["results_dir"]
+    own = tmp_path / "my_config.toml"
+    own.write_text(PACKAGED_CONFIG.read_text(encoding="utf-8"), encoding="utf-8")
+    settings = load_settings({"EMO_ASSETS_CONFIG": str(own), "EMO_ASSETS_ROOT": str(tmp_path / "root")})
+    assert settings.datasets == {name: tmp_path / "root" / spec["path"] for name, spec in raw["datasets"].items()}
