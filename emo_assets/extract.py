@@ -17,10 +17,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from emo_assets.core.config import ConfigError, check_device, load_settings
+from emo_assets.core.config import ConfigError, Settings, check_device, load_settings
 from emo_assets.core.datasets import DatasetError, condensed, read_dataset
 from emo_assets.core.dtypes import DTYPES
 from emo_assets.core.models import ModelLoadError, load_configured_model
+from emo_assets.core.offline_models import TINY_RECIPES
 from emo_assets.core.paths import UnsafeNameError, activation_file, safe_name
 
 EXIT_INVALID_INPUT = 2
@@ -116,7 +117,11 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
 
-    problem = _output_problem(args.output) or (None if args.overwrite else _other_model_file(outputs, args.model))
+    problem = (
+        _tiny_model_corpus_problem(args.model, settings)
+        or _output_problem(args.output)
+        or (None if args.overwrite else _other_model_file(outputs, args.model))
+    )
     if problem is not None:
         return _fail(EXIT_INVALID_INPUT, problem)
 
@@ -194,6 +199,18 @@ def _requested_emotions(requested: list[str] | None, configured: tuple[str, ...]
         if emotion not in configured:
             raise _InputError(f"--emotion {emotion!r} is not one of {list(configured)}")
     return [emotion for emotion in configured if not requested or emotion in requested]
+
+
+def _tiny_model_corpus_problem(model_id: str, settings: Settings) -> str | None:
+    """A tiny offline model is trained on the configured dataset files' texts: one of them missing would make it
+    another model without a word (the graph reports a missing file itself, the CLI reads only `--dataset`)."""
+    missing = [str(path) for path in settings.datasets.values() if not path.is_file()]
+    if model_id not in TINY_RECIPES or not missing:
+        return None
+    return (
+        f"--model {model_id} is trained on the texts of the configured dataset files, and {missing} do not exist "
+        f"(relative paths are resolved against {settings.root}): set EMO_ASSETS_DATASETS or EMO_ASSETS_ROOT"
+    )
 
 
 def _output_problem(output: Path) -> str | None:

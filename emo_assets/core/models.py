@@ -14,8 +14,7 @@ The CLI and the Dagster resource both load through `load_configured_model`, so a
 line and from the asset graph is the same model with the same revision. The tiny offline models train their
 tokenizer on the texts of *all* configured dataset files (`corpus_texts`), so `baseline` and `extended`
 activations come from one and the same tiny model. The packaged configuration reads those files from the checkout
-wherever the command runs (`config.SOURCE_TREE`), so a tiny model's name means one model from any folder; a
-configured file that is missing stops the load instead of training a different model on fewer texts.
+wherever the command runs (`config.SOURCE_TREE`), so a tiny model's name means one model from any folder.
 """
 
 from __future__ import annotations
@@ -291,20 +290,8 @@ def load_configured_model(
         device=device or extraction.device,
         compute_dtype=compute_dtype or extraction.compute_dtype,
         trust_remote_code=extraction.trust_remote_code,
-        training_texts=lambda: _configured_corpus(settings),
+        training_texts=lambda: corpus_texts(settings.datasets.values()),
     )
-
-
-def _configured_corpus(settings: Settings) -> list[str]:
-    """The texts of every configured dataset file; a missing one would silently make another tiny model."""
-    missing = [str(path) for path in settings.datasets.values() if not Path(path).is_file()]
-    if missing:
-        raise ModelLoadError(
-            f"the offline tiny models train their tokenizer on every configured dataset file, and {missing} "
-            f"(root {settings.root}) do not exist: set EMO_ASSETS_ROOT to the project folder or EMO_ASSETS_DATASETS "
-            "to the dataset files"
-        )
-    return corpus_texts(settings.datasets.values())
 
 
 def _sane_max_length(tokenizer) -> int | None:
