@@ -157,13 +157,14 @@ def _boolean(value: str) -> bool:
         raise ValueError(f"not a boolean; use one of {sorted(BOOLEAN_WORDS)}") from None
 
 
-def _positive_hours(value: str) -> float:
+def _hours(value: str) -> float:
+    """A number of hours, 0 or more (0: every file counts as too old)."""
     try:
         hours = float(value)
     except ValueError:
         hours = math.nan
-    if not math.isfinite(hours) or hours <= 0:
-        raise ValueError("not a positive number of hours")
+    if not math.isfinite(hours) or hours < 0:
+        raise ValueError("not a number of hours (0 or more)")
     return hours
 
 
@@ -262,7 +263,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         extraction=extraction,
         mlflow_tracking_uri=tracking_uri,
         mlflow_experiment=mlflow_cfg.get("experiment", "emo_assets"),
-        max_age_hours=_parsed(env, "EMO_ASSETS_MAX_AGE_HOURS", _positive_hours)
+        max_age_hours=_parsed(env, "EMO_ASSETS_MAX_AGE_HOURS", _hours)
         if env.get("EMO_ASSETS_MAX_AGE_HOURS")
         else float(freshness.get("max_age_hours", 168)),
         freshness_cron=freshness.get("schedule_cron", "0 6 * * *"),

@@ -50,8 +50,8 @@ def test_bad_values_name_the_key(raw, message):
 @pytest.mark.parametrize(
     ("variable", "value", "message"),
     [
-        ("EMO_ASSETS_MAX_AGE_HOURS", "soon", "EMO_ASSETS_MAX_AGE_HOURS='soon': not a positive number of hours"),
-        ("EMO_ASSETS_MAX_AGE_HOURS", "-1", "EMO_ASSETS_MAX_AGE_HOURS='-1': not a positive number of hours"),
+        ("EMO_ASSETS_MAX_AGE_HOURS", "soon", "EMO_ASSETS_MAX_AGE_HOURS='soon': not a number of hours (0 or more)"),
+        ("EMO_ASSETS_MAX_AGE_HOURS", "-1", "EMO_ASSETS_MAX_AGE_HOURS='-1': not a number of hours (0 or more)"),
         ("EMO_ASSETS_REUSE", "maybe", "EMO_ASSETS_REUSE='maybe': not a boolean; use one of"),
         ("EMO_ASSETS_TRUST_REMOTE_CODE", "maybe", "EMO_ASSETS_TRUST_REMOTE_CODE='maybe': not a boolean; use one of"),
         ("EMO_ASSETS_DEVICE", "tpu", "extraction.device must be one of ('cpu', 'cuda', 'auto') or cuda:N, got 'tpu'"),
@@ -89,7 +89,7 @@ def test_the_validator_reports_a_bad_variable_in_one_line(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 0 and "Traceback" not in proc.stderr
-    assert "EMO_ASSETS_MAX_AGE_HOURS='soon': not a positive number of hours" in proc.stderr
+    assert "EMO_ASSETS_MAX_AGE_HOURS='soon': not a number of hours (0 or more)" in proc.stderr
 
 
 def test_the_packaged_datasets_are_the_checkouts_files_from_any_root(tmp_path, monkeypatch):
