@@ -12,6 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PROFILE ?= offline
 STAMP := $(VENV)/.installed-stamp
+BENCH_STAMP := $(VENV)/.bench-installed-stamp
 
 # The id of the experiment `emo_assets` in results/mlflow.db (empty when there is none yet): read with sqlite,
 # as importing mlflow takes seconds.
@@ -19,7 +20,7 @@ export MLFLOW_EXPERIMENT_ID := import pathlib, sqlite3; db = pathlib.Path("resul
   row = db.is_file() and sqlite3.connect(db).execute("SELECT experiment_id FROM experiments WHERE name = 'emo_assets'").fetchone(); \
   print(row[0] if row else "", end="")
 
-.PHONY: setup demo test test-fast bench ui mlflow-ui check-defs lock clean-results readme-results cluster-up cluster-down lint format
+.PHONY: setup setup-bench demo test test-fast bench ui mlflow-ui check-defs lock clean-results readme-results cluster-up cluster-down lint format
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +30,15 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+## setup plus the benchmark's contenders (TransformerLens, nnsight), pinned like the rest: CI installs them so that
+## their agreement with the extraction is tested.
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,bench]"
+	$(BIN)/python -m pip check
+	touch $(BENCH_STAMP)
+
+setup-bench: $(BENCH_STAMP)
 
 ## The whole pipeline on the offline models (no network needed), recorded in the local Dagster instance.
 demo: setup
@@ -78,7 +88,7 @@ format: setup
 ## Regenerate constraints.txt (pinned versions of every dependency except torch) from a fresh resolve.
 lock:
 	rm -rf /tmp/emo-assets-lock && $(PYTHON) -m venv /tmp/emo-assets-lock
-	/tmp/emo-assets-lock/bin/pip install --quiet "$(TORCH_SPEC)" && /tmp/emo-assets-lock/bin/pip install --quiet -e ".[dev]"
+	/tmp/emo-assets-lock/bin/pip install --quiet "$(TORCH_SPEC)" && /tmp/emo-assets-lock/bin/pip install --quiet -e ".[dev,bench]"
 	/tmp/emo-assets-lock/bin/pip freeze --exclude-editable | grep -v -E '^(torch|emo.assets)[=@ ]' > constraints.txt
 
 ## Empties results/ (keeping its README.md) and the Dagster history.

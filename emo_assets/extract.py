@@ -1,23 +1,27 @@
-"""Extraction CLI: `python -m emo_assets.extract --model gpt2 --output DIR [--emotion E]`.
+"""Extraction CLI: `python -m emo_assets.extract --model gpt2 --output DIR [--emotion E ...]`.
 
 `--dataset` defaults to `data/emotion_dataset.jsonl`; no `--emotion` means every emotion, one file each, written
-as `<output>/activations_<emotion>.safetensors`. The whole dataset is validated, and every sentence checked
-against the model's context, before anything is written.
+as `<output>/activations_<emotion>.safetensors` (`--emotion` may be repeated). The dataset must hold sentences
+of each emotion asked for. The whole dataset is validated, every sentence checked against the model's context,
+and the output folder checked (writable; no file of another model replaced without `--overwrite`), before
+anything is written.
 
-Exit codes: 0 success; 2 invalid input (dataset, emotion, names; nothing written); 1 model loading or
-extraction failure.
+Exit codes: 0 success; 2 invalid input (dataset, emotion, device, output folder, names; nothing written);
+1 model loading or extraction failure.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
-from emo_assets.core.config import ConfigError, load_settings
+from emo_assets.core.config import ConfigError, Settings, check_device, load_settings
 from emo_assets.core.datasets import DatasetError, condensed, read_dataset
 from emo_assets.core.dtypes import DTYPES
 from emo_assets.core.models import ModelLoadError, load_configured_model
+from emo_assets.core.offline_models import TINY_RECIPES
 from emo_assets.core.paths import UnsafeNameError, activation_file, safe_name
 from emo_assets.core.selection import SelectionError, parse_layers, parse_positions
 
@@ -36,7 +40,11 @@ def build_parser(defaults) -> argparse.ArgumentParser:
     parser.add_argument(
         "--output", required=True, type=Path, help="output directory for activations_<emotion>.safetensors"
     )
-    parser.add_argument("--emotion", help="extract only this emotion (default: every configured emotion)")
+    parser.add_argument(
+        "--emotion",
+        action="append",
+        help="extract only this emotion; repeat for several (default: every configured emotion)",
+    )
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--device", default=defaults.device, help="cpu | cuda | auto (default: %(default)s)")
     parser.add_argument(
@@ -86,6 +94,11 @@ def build_parser(defaults) -> argparse.ArgumentParser:
         action="store_true",
         help="print the bytes the extraction would write and the free space, write nothing (no forward pass)",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace activation files in --output that hold another model's activations (refused by default)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -117,16 +130,13 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(EXIT_INVALID_INPUT, f"--batch-size must be >= 1, got {args.batch_size}")
     emotions = settings.emotions
     try:
-        if args.emotion is not None:
-            safe_name(args.emotion, "emotion")
-            if args.emotion not in emotions:
-                return _fail(EXIT_INVALID_INPUT, f"--emotion {args.emotion!r} is not one of {list(emotions)}")
-        dataset = read_dataset(args.dataset, emotions, strict=args.strict)
-        targets = [args.emotion] if args.emotion else dataset.emotions()
+        check_device(args.device, "--device")
+        targets = _requested_emotions(args.emotion, emotions)
+        dataset = read_dataset(args.dataset, emotions, required=targets, strict=args.strict)
         outputs = {emotion: activation_file(args.output, emotion) for emotion in targets}
     except DatasetError as exc:
         return _fail(EXIT_INVALID_INPUT, f"invalid dataset {args.dataset}:\n{exc}")
-    except UnsafeNameError as exc:
+    except (ConfigError, UnsafeNameError, _InputError) as exc:
         return _fail(EXIT_INVALID_INPUT, str(exc))
     shown, hidden = condensed(dataset.warnings)
     for warning in shown:
@@ -136,6 +146,14 @@ def main(argv: list[str] | None = None) -> int:
             f"warning: {hidden} more, listed by `python -m emo_assets.validate {args.dataset} --all-warnings`",
             file=sys.stderr,
         )
+
+    problem = (
+        _tiny_model_corpus_problem(args.model, settings)
+        or _output_problem(args.output)
+        or (None if args.overwrite else _other_model_file(outputs, args.model))
+    )
+    if problem is not None:
+        return _fail(EXIT_INVALID_INPUT, problem)
 
     # torch and transformers are imported here, after the input is known to be valid: a bad dataset or
     # argument is reported without paying for them
@@ -159,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             read_dataset(
                 args.dataset,
                 emotions,
+                required=targets,
                 strict=args.strict,
                 token_counter=loaded.count_tokens,
                 max_tokens=loaded.context_length - int(args.prepend_bos),
@@ -214,6 +233,64 @@ def main(argv: list[str] | None = None) -> int:
             f"{result.file_bytes / 2**20:.2f} MB, {result.wall_seconds:.2f}s ({result.samples_per_s:.1f} samples/s)"
         )
     return 0
+
+
+class _InputError(ValueError):
+    """A command-line value that is not valid; the message is the whole error line."""
+
+
+def _requested_emotions(requested: list[str] | None, configured: tuple[str, ...]) -> list[str]:
+    """The emotions to extract, in the configured order: the `--emotion` values, or every configured one."""
+    for emotion in requested or ():
+        safe_name(emotion, "emotion")
+        if emotion not in configured:
+            raise _InputError(f"--emotion {emotion!r} is not one of {list(configured)}")
+    return [emotion for emotion in configured if not requested or emotion in requested]
+
+
+def _tiny_model_corpus_problem(model_id: str, settings: Settings) -> str | None:
+    """A tiny offline model is trained on the configured dataset files' texts: one of them missing would make it
+    another model without a word (the graph reports a missing file itself, the CLI reads only `--dataset`)."""
+    missing = [str(path) for path in settings.datasets.values() if not path.is_file()]
+    if model_id not in TINY_RECIPES or not missing:
+        return None
+    return (
+        f"--model {model_id} is trained on the texts of the configured dataset files, and {missing} do not exist "
+        f"(relative paths are resolved against {settings.root}): set EMO_ASSETS_DATASETS or EMO_ASSETS_ROOT"
+    )
+
+
+def _output_problem(output: Path) -> str | None:
+    """Why the activation files cannot be written under `output` (checked by writing a temp entry that is
+    removed at once, since `os.access` says yes to root on read-only places such as /proc), or None."""
+    existing = output
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == output else f"is under {existing}, which is a file"
+        return f"--output {output} {where}, not a folder"
+    try:
+        with tempfile.TemporaryDirectory(dir=existing, prefix=".emo_assets-write-check-"):
+            pass
+    except OSError as exc:
+        return f"--output {output}: cannot write in {existing} ({exc.strerror or exc})"
+    return None
+
+
+def _other_model_file(outputs: dict[str, Path], model_id: str) -> str | None:
+    """The refusal of a run that would replace a file holding another model's (or unreadable) activations."""
+    from emo_assets.core.activations import ActivationFile, ActivationFileError
+
+    for path in outputs.values():
+        if not path.exists():
+            continue
+        try:
+            held = ActivationFile(path, verify=False).header.model_id
+        except ActivationFileError as exc:
+            return f"{path} exists and is not a readable activation file ({exc}); --overwrite replaces it"
+        if held != model_id:
+            return f"{path} holds the activations of model {held!r}, not {model_id!r}; --overwrite replaces it"
+    return None
 
 
 def _quiet_transformers() -> None:

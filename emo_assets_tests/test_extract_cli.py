@@ -8,12 +8,15 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from emo_assets.core.activations import ActivationFile
+from emo_assets.core.models import corpus_texts, weights_sha256
+from emo_assets.core.offline_models import tiny_model_dir
 from emo_assets.extract import main
-from emo_assets_tests.conftest import REPO_ROOT, read_records, write_records
+from emo_assets_tests.conftest import BASELINE, EXTENDED, REPO_ROOT, read_records, write_records
 
 EMOTIONS = ("gratitude", "anger", "apology", "neutral")
 
@@ -135,6 +138,113 @@ def test_missing_dataset_exits_2(cli_env, tmp_path, capsys):
     _assert_rejected(
         ["--model", "tiny-gpt2", "--dataset", str(tmp_path / "none.jsonl")], tmp_path, capsys, "none.jsonl"
     )
+
+
+@pytest.mark.parametrize("where", ["file", "file/sub", "/proc/nope"])
+def test_an_output_that_cannot_be_a_folder_exits_2_before_the_model_loads(cli_env, tmp_path, capsys, where):
+    """The model named does not exist: had it been loaded first, the exit would be 1 with its error."""
+    (tmp_path / "file").write_text("not a folder")
+    output = where if where.startswith("/") else str(tmp_path / where)
+    args = ["--model", str(tmp_path / "no-such-model"), "--dataset", str(cli_env["baseline"]), "--output", output]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --output {output}") and err.count("\n") == 1
+    assert (tmp_path / "file").read_text() == "not a folder" and not Path("/proc/nope").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # the write check left nothing behind
+
+
+def test_an_unknown_device_exits_2_with_one_line(cli_env, tmp_path, capsys):
+    _assert_rejected(
+        ["--model", "tiny-gpt2", "--dataset", str(cli_env["baseline"]), "--device", "tpu"],
+        tmp_path,
+        capsys,
+        "error: --device must be one of ('cpu', 'cuda', 'auto') or cuda:N, got 'tpu'\n",
+    )
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("EMO_ASSETS_MAX_AGE_HOURS", "soon"), ("EMO_ASSETS_REUSE", "maybe"), ("EMO_ASSETS_TRUST_REMOTE_CODE", "maybe")],
+)
+def test_an_invalid_environment_value_exits_2_naming_it(cli_env, tmp_path, capsys, monkeypatch, variable, value):
+    monkeypatch.setenv(variable, value)
+    _assert_rejected(
+        ["--model", "tiny-gpt2", "--dataset", str(cli_env["baseline"])], tmp_path, capsys, f"{variable}={value!r}: "
+    )
+
+
+def test_another_models_files_are_kept_unless_overwrite_is_given(cli_env, tmp_path, capsys):
+    out = tmp_path / "out"
+    base = ["--dataset", str(cli_env["baseline"]), "--output", str(out), "--emotion", "anger", "--no-progress"]
+    assert main(["--model", "tiny-gpt2", *base]) == 0
+    first = (out / "activations_anger.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["--model", "tiny-pythia", *base]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'activations_anger.safetensors'} holds the activations of model 'tiny-gpt2'" in err
+    assert "--overwrite" in err and (out / "activations_anger.safetensors").read_bytes() == first
+    assert main(["--model", "tiny-gpt2", *base]) == 0  # the same model may rerun into its own folder
+    assert main(["--model", "tiny-pythia", *base, "--overwrite"]) == 0
+    assert ActivationFile(out / "activations_anger.safetensors").header.model_id == "tiny-pythia"
+
+
+def test_a_file_that_is_not_activations_is_not_replaced_without_overwrite(cli_env, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "activations_anger.safetensors").write_text("my notes")
+    args = ["--model", "tiny-gpt2", "--dataset", str(cli_env["baseline"]), "--output", str(tmp_path / "out")]
+    assert main([*args, "--emotion", "anger", "--no-progress"]) == 2
+    assert "is not a readable activation file" in capsys.readouterr().err
+    assert (tmp_path / "out" / "activations_anger.safetensors").read_text() == "my notes"
+
+
+def test_a_repeated_emotion_flag_extracts_each_emotion_asked_for(cli_env, tmp_path):
+    out = tmp_path / "out"
+    args = ["--model", "tiny-gpt2", "--dataset", str(cli_env["baseline"]), "--output", str(out), "--no-progress"]
+    assert main([*args, "--emotion", "neutral", "--emotion", "anger", "--emotion", "neutral"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["activations_anger.safetensors", "activations_neutral.safetensors"]
+    records = read_records(cli_env["baseline"])
+    for emotion in ("anger", "neutral"):
+        expected = [r["id"] for r in records if r["emotion"] == emotion]
+        assert ActivationFile(out / f"activations_{emotion}.safetensors").sentence_ids == expected
+
+
+def test_a_dataset_of_only_the_emotion_asked_for_is_accepted(cli_env, tmp_path, capsys):
+    records = [r for r in read_records(cli_env["baseline"]) if r["emotion"] == "anger"]
+    anger_only = write_records(tmp_path / "anger_only.jsonl", records)
+    args = ["--model", "tiny-gpt2", "--dataset", str(anger_only), "--no-progress"]
+    assert main([*args, "--output", str(tmp_path / "out"), "--emotion", "anger"]) == 0
+    stored = ActivationFile(tmp_path / "out" / "activations_anger.safetensors")
+    assert stored.sentence_ids == [r["id"] for r in records]
+    # every emotion asked for (here: all, by default) must still have sentences
+    _assert_rejected(args, tmp_path / "all", capsys, "no samples for emotion 'gratitude'")
+
+
+def test_an_offline_model_name_means_one_model_from_any_folder(tmp_path, monkeypatch, small_datasets):
+    """The packaged configuration, run from the project folder (as `make demo`) and from another folder with another
+    EMO_ASSETS_ROOT: the same tiny model, trained on the committed dataset files, writes the same bytes."""
+    for name in ("EMO_ASSETS_DATASETS", "EMO_ASSETS_CONFIG", "EMO_ASSETS_ROOT"):
+        monkeypatch.delenv(name, raising=False)
+    dataset = str(small_datasets["baseline"])
+    args = ["--model", "tiny-gpt2", "--dataset", dataset, "--emotion", "anger", "--no-progress"]
+    monkeypatch.chdir(REPO_ROOT)
+    assert main([*args, "--output", str(tmp_path / "from_project")]) == 0
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    monkeypatch.setenv("EMO_ASSETS_ROOT", str(tmp_path / "another_root"))
+    assert main([*args, "--output", "out"]) == 0
+    name = "activations_anger.safetensors"
+    assert (tmp_path / "elsewhere" / "out" / name).read_bytes() == (tmp_path / "from_project" / name).read_bytes()
+    committed = tiny_model_dir("tiny-gpt2", corpus_texts([BASELINE, EXTENDED]))
+    assert ActivationFile(tmp_path / "from_project" / name).header.model_revision == weights_sha256(committed)
+
+
+def test_a_missing_configured_dataset_stops_a_tiny_model_instead_of_changing_it(
+    small_datasets, tmp_path, monkeypatch, capsys
+):
+    absent = tmp_path / "absent.jsonl"
+    monkeypatch.setenv("EMO_ASSETS_DATASETS", f"baseline={small_datasets['baseline']},extended={absent}")
+    args = ["--model", "tiny-gpt2", "--dataset", str(small_datasets["baseline"]), "--emotion", "anger"]
+    _assert_rejected(args, tmp_path, capsys, "--model tiny-gpt2 is trained on", str(absent), "EMO_ASSETS_ROOT")
 
 
 @pytest.mark.slow

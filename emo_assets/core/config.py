@@ -8,9 +8,11 @@ files. Adding a model or a dataset variant is an edit of the TOML, not of code.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,11 +21,14 @@ from emo_assets.core.paths import model_slug, safe_name
 from emo_assets.core.selection import SelectionError, parse_layers, parse_positions
 
 PACKAGED_CONFIG = Path(__file__).resolve().parents[1] / "config.toml"
+# The checkout the package runs from (an editable install, as `make setup` makes); None for an installed wheel.
+SOURCE_TREE = PACKAGED_CONFIG.parents[1] if (PACKAGED_CONFIG.parents[1] / "pyproject.toml").is_file() else None
 
 # environment variable -> what it overrides
 ENV_OVERRIDES = {
     "EMO_ASSETS_CONFIG": "path of the TOML file to read instead of the packaged one",
-    "EMO_ASSETS_ROOT": "project root that relative paths are resolved against (default: cwd)",
+    "EMO_ASSETS_ROOT": "project root that relative paths are resolved against (default: cwd; the packaged "
+    "config's dataset files are read from the checkout the package runs from)",
     "EMO_ASSETS_PROFILE": "model profile (paper | offline | any profile in the TOML)",
     "EMO_ASSETS_MODELS": "comma-separated model list, replaces the profile's models",
     "EMO_ASSETS_DATASETS": "comma-separated variant=path pairs, replaces the dataset variants",
@@ -42,6 +47,18 @@ ENV_OVERRIDES = {
 }
 
 DEVICES = ("cpu", "cuda", "auto")
+_CUDA_INDEX = re.compile(r"cuda:[0-9]+")
+# The words a boolean variable accepts; anything else is an error rather than a silent "false".
+BOOLEAN_WORDS = {
+    "1": True,
+    "true": True,
+    "yes": True,
+    "on": True,
+    "0": False,
+    "false": False,
+    "no": False,
+    "off": False,
+}
 # Where runs execute (`EMO_ASSETS_DEPLOYMENT`; deploy/<name>/ holds each one's configuration).
 DEPLOYMENTS = ("local", "cluster", "kubernetes")
 
@@ -78,8 +95,7 @@ class ExtractionSettings:
                 raise ConfigError(
                     f"extraction.{name} must be an integer >= 0 (0: no bound), got {getattr(self, name)!r}"
                 )
-        if self.device not in DEVICES and not self.device.startswith("cuda:"):
-            raise ConfigError(f"extraction.device must be one of {DEVICES}, got {self.device!r}")
+        check_device(self.device, "extraction.device")
         for name in ("compute_dtype", "storage_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"extraction.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
@@ -144,12 +160,41 @@ class Settings:
         return {model_slug(m): m for m in self.models}
 
 
-def _truthy(value: str) -> bool:
-    return value.lower() in ("1", "true", "yes")
+def check_device(device: str, what: str) -> str:
+    """`device` if it is one of `DEVICES` or `cuda:N`; else `ConfigError` naming `what` (a key or a flag)."""
+    if device not in DEVICES and not _CUDA_INDEX.fullmatch(device):
+        raise ConfigError(f"{what} must be one of {DEVICES} or cuda:N, got {device!r}")
+    return device
+
+
+def _boolean(value: str) -> bool:
+    try:
+        return BOOLEAN_WORDS[value.strip().lower()]
+    except KeyError:
+        raise ValueError(f"not a boolean; use one of {sorted(BOOLEAN_WORDS)}") from None
+
+
+def _hours(value: str) -> float:
+    """A number of hours, 0 or more (0: every file counts as too old)."""
+    try:
+        hours = float(value)
+    except ValueError:
+        hours = math.nan
+    if not math.isfinite(hours) or hours < 0:
+        raise ValueError("not a number of hours (0 or more)")
+    return hours
 
 
 def _split(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _parsed(env: Mapping[str, str], var: str, parse: Callable[[str], object]) -> object:
+    """`parse(env[var])`, or `ConfigError` naming the variable and its value."""
+    try:
+        return parse(env[var])
+    except ValueError as exc:
+        raise ConfigError(f"{var}={env[var]!r}: {exc}") from exc
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
@@ -163,9 +208,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
 
     root = Path(env.get("EMO_ASSETS_ROOT") or os.getcwd()).resolve()
 
-    def resolve(path: str | Path) -> Path:
+    def resolve(path: str | Path, base: Path = root) -> Path:
         path = Path(path).expanduser()
-        return path if path.is_absolute() else root / path
+        return path if path.is_absolute() else base / path
 
     profile = env.get("EMO_ASSETS_PROFILE") or raw.get("profile", "offline")
     profiles = raw.get("profiles", {})
@@ -182,7 +227,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             raise ConfigError("EMO_ASSETS_DATASETS must be comma-separated variant=path pairs")
         datasets = {name: resolve(path) for name, path in pairs}
     else:
-        datasets = {name: resolve(spec["path"]) for name, spec in raw.get("datasets", {}).items()}
+        # The packaged config names the project's own dataset files: from a checkout they are read there wherever the
+        # command runs, so a variant, and an offline tiny model trained on the variants' texts, is the same from any
+        # folder and any EMO_ASSETS_ROOT. Results, and the paths of a config of the user's, follow the root.
+        base = SOURCE_TREE if config_path == PACKAGED_CONFIG and SOURCE_TREE is not None else root
+        datasets = {name: resolve(spec["path"], base) for name, spec in raw.get("datasets", {}).items()}
 
     emotions = _split(env["EMO_ASSETS_EMOTIONS"]) if "EMO_ASSETS_EMOTIONS" in env else raw.get("emotions", [])
     for emotion in emotions:
@@ -201,17 +250,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         "device": ("EMO_ASSETS_DEVICE", str),
         "compute_dtype": ("EMO_ASSETS_COMPUTE_DTYPE", str),
         "storage_dtype": ("EMO_ASSETS_STORAGE_DTYPE", str),
-        "trust_remote_code": ("EMO_ASSETS_TRUST_REMOTE_CODE", _truthy),
-        "reuse": ("EMO_ASSETS_REUSE", _truthy),
+        "trust_remote_code": ("EMO_ASSETS_TRUST_REMOTE_CODE", _boolean),
+        "reuse": ("EMO_ASSETS_REUSE", _boolean),
         "positions": ("EMO_ASSETS_POSITIONS", parse_positions),
         "layers": ("EMO_ASSETS_LAYERS", parse_layers),
     }
     for key, (var, parse) in overrides.items():
-        if var in env:
-            try:
-                ext[key] = parse(env[var])
-            except ValueError as exc:
-                raise ConfigError(f"{var}={env[var]!r}: {exc}") from exc
+        if env.get(var):  # set and not empty: an empty variable keeps the TOML's value
+            ext[key] = _parsed(env, var, parse)
     try:
         extraction = ExtractionSettings(**ext)
     except TypeError as exc:
@@ -236,7 +282,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         extraction=extraction,
         mlflow_tracking_uri=tracking_uri,
         mlflow_experiment=mlflow_cfg.get("experiment", "emo_assets"),
-        max_age_hours=float(env.get("EMO_ASSETS_MAX_AGE_HOURS") or freshness.get("max_age_hours", 168)),
+        max_age_hours=_parsed(env, "EMO_ASSETS_MAX_AGE_HOURS", _hours)
+        if env.get("EMO_ASSETS_MAX_AGE_HOURS")
+        else float(freshness.get("max_age_hours", 168)),
         freshness_cron=freshness.get("schedule_cron", "0 6 * * *"),
         analysis=AnalysisSettings.from_toml(raw.get("analysis", {})),
     )

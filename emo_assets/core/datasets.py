@@ -133,13 +133,14 @@ def read_dataset(
     path: StrPath,
     emotions: Sequence[str] = DEFAULT_EMOTIONS,
     *,
+    required: Sequence[str] | None = None,
     strict: bool = False,
     token_counter: Callable[[str], int] | None = None,
     max_tokens: int | None = None,
 ) -> Dataset:
     """Read a valid dataset or raise `DatasetError` listing every problem (warnings only under `strict`)."""
     dataset, issues = validate_dataset(
-        path, emotions, strict=strict, token_counter=token_counter, max_tokens=max_tokens
+        path, emotions, required=required, strict=strict, token_counter=token_counter, max_tokens=max_tokens
     )
     if dataset is None:
         raise DatasetError(issues)
@@ -150,18 +151,21 @@ def validate_dataset(
     path: StrPath,
     emotions: Sequence[str] = DEFAULT_EMOTIONS,
     *,
+    required: Sequence[str] | None = None,
     strict: bool = False,
     token_counter: Callable[[str], int] | None = None,
     max_tokens: int | None = None,
 ) -> tuple[Dataset | None, list[Issue]]:
     """Check a dataset file; return (the dataset, or None if there is any error; all issues in file order).
 
-    Bad content and unreadable or missing files are reported as issues, never raised.
+    Every record's emotion must be one of `emotions`; each of `required` (default: all of `emotions`) must have
+    at least one sample. Bad content and unreadable or missing files are reported as issues, never raised.
     """
     if max_tokens is not None and token_counter is None:
         raise ValueError("max_tokens needs a token_counter")
     emotions = tuple(emotions)
-    validator = _Validator(str(path), emotions, strict, token_counter, max_tokens)
+    required = emotions if required is None else tuple(required)
+    validator = _Validator(str(path), emotions, required, strict, token_counter, max_tokens)
     hasher = hashlib.sha256()
     problem = _not_a_regular_file(path)
     if problem is not None:
@@ -295,6 +299,7 @@ class _Validator:
         self,
         path: str,
         emotions: tuple[str, ...],
+        required: tuple[str, ...],
         strict: bool,
         token_counter: Callable[[str], int] | None,
         max_tokens: int | None,
@@ -307,6 +312,7 @@ class _Validator:
         self.issues: list[Issue] = []
         self.samples: list[Sample] = []
         self.counts = dict.fromkeys(emotions, 0)
+        self.required = required
         self.first_line_of_id: dict[str, int] = {}
         self.first_line_of_text: dict[str, int] = {}
         self.records = 0  # non-blank lines seen
@@ -402,7 +408,7 @@ class _Validator:
         if self.records == 0:
             self.add(None, "file", "no samples (the file is empty or has only blank lines)")
             return self.issues
-        for emotion, count in self.counts.items():
-            if count == 0:
+        for emotion in self.required:
+            if self.counts[emotion] == 0:
                 self.add(None, "emotion", f"no samples for emotion {emotion!r}")
         return self.issues

@@ -13,7 +13,8 @@ load problem keeps transformers' report.
 The CLI and the Dagster resource both load through `load_configured_model`, so a model extracted from the command
 line and from the asset graph is the same model with the same revision. The tiny offline models train their
 tokenizer on the texts of *all* configured dataset files (`corpus_texts`), so `baseline` and `extended`
-activations come from one and the same tiny model.
+activations come from one and the same tiny model. The packaged configuration reads those files from the checkout
+wherever the command runs (`config.SOURCE_TREE`), so a tiny model's name means one model from any folder.
 """
 
 from __future__ import annotations
