@@ -147,3 +147,25 @@ def test_rows_are_reused_from_a_sharded_file(tiny, sentences, tmp_path):
     stored = ActivationFile(copy.path)
     for index in range(20):
         np.testing.assert_array_equal(stored.sentence("mlp_out", 2, index), source.sentence("mlp_out", 2, index + 5))
+
+
+def test_the_analysis_reads_a_sharded_partition_as_one_file(tiny, sentences, tmp_path):
+    """The analysis' loader (`ModelActivations`) gets the same arrays from sharded and single files."""
+    from emo_assets.core.analysis.inputs import ModelActivations
+
+    texts, ids = sentences
+    loaded = {}
+    for name, options in (("single", ExtractionOptions()), ("sharded", ExtractionOptions(**SHARDED))):
+        files = {}
+        for emotion, part in (("anger", slice(0, 15)), ("neutral", slice(15, 30))):
+            path = tmp_path / name / f"activations_{emotion}.safetensors"
+            extract_to_file(tiny, texts[part], ids[part], path, options)
+            files[emotion] = ActivationFile(path)
+        loaded[name] = ModelActivations.from_files("baseline", "tiny-gpt2", files)
+    single, sharded = loaded["single"], loaded["sharded"]
+    assert sharded.sentence_ids == single.sentence_ids and sharded.labels == single.labels
+    np.testing.assert_array_equal(sharded.offsets, single.offsets)
+    for kind in ("resid_post", "mlp_out"):
+        np.testing.assert_allclose(sharded.sentence_end(kind), single.sentence_end(kind), atol=1e-5, rtol=1e-5)
+        for a, b in zip(sharded.token_blocks(kind), single.token_blocks(kind)):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
