@@ -23,6 +23,7 @@ from emo_assets.core.dtypes import DTYPES
 from emo_assets.core.models import ModelLoadError, load_configured_model
 from emo_assets.core.offline_models import TINY_RECIPES
 from emo_assets.core.paths import UnsafeNameError, activation_file, safe_name
+from emo_assets.core.selection import SelectionError, parse_layers, parse_positions
 
 EXIT_INVALID_INPUT = 2
 EXIT_FAILURE = 1
@@ -77,12 +78,41 @@ def build_parser(defaults) -> argparse.ArgumentParser:
         "(default: %(default)s)",
     )
     parser.add_argument(
+        "--positions",
+        type=_checked(parse_positions),
+        default=defaults.positions,
+        help="token rows stored per sentence: all | sentence_end | mean | last:N (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--layers",
+        type=_checked(parse_layers),
+        default=defaults.layers,
+        help="layers stored: all, or indices and ranges such as 0,6,11 or 6-11 or -1 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--estimate",
+        action="store_true",
+        help="print the bytes the extraction would write and the free space, write nothing (no forward pass)",
+    )
+    parser.add_argument(
         "--overwrite",
         action="store_true",
         help="replace activation files in --output that hold another model's activations (refused by default)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
+
+
+def _checked(parse):
+    """An argparse type from a `core.selection` parser: a bad value exits 2 with its message."""
+
+    def check(value: str) -> str:
+        try:
+            return parse(value)
+        except SelectionError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+
+    return check
 
 
 def _fail(code: int, message: str) -> int:
@@ -128,7 +158,14 @@ def main(argv: list[str] | None = None) -> int:
     # torch and transformers are imported here, after the input is known to be valid: a bad dataset or
     # argument is reported without paying for them
     from emo_assets.core.activations import ActivationWriteError, DatasetSource
-    from emo_assets.core.extraction import ExtractionError, ExtractionJob, ExtractionOptions, extract_files
+    from emo_assets.core.activations.diskspace import DiskSpaceError
+    from emo_assets.core.extraction import (
+        ExtractionError,
+        ExtractionJob,
+        ExtractionOptions,
+        estimate_files,
+        extract_files,
+    )
 
     _quiet_transformers()
     try:
@@ -157,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         progress=not args.no_progress,
         truncate=args.truncate,
         reuse=args.reuse,
+        positions=args.positions,
+        layers=args.layers,
     )
     print(
         f"{loaded.model_id} ({loaded.architecture}, {loaded.n_layers} layers, d={loaded.d_model}, "
@@ -174,7 +213,15 @@ def main(argv: list[str] | None = None) -> int:
         for samples in [dataset.by_emotion(emotion)]
     ]
     try:
-        results = extract_files(loaded, jobs, options)
+        if args.estimate:
+            estimate = estimate_files(loaded, jobs, options)
+            for path, size in estimate.files.items():
+                print(f"{path}: {size} bytes" + ("" if size else " (kept as it is)"))
+            print(estimate.summary())
+            return 0
+        results = extract_files(loaded, jobs, options, on_estimate=lambda estimate: print(estimate.summary()))
+    except DiskSpaceError as exc:
+        return _fail(EXIT_INVALID_INPUT, str(exc))
     except ExtractionError as exc:
         return _fail(EXIT_INVALID_INPUT, f"{args.dataset}: {exc}")
     except ActivationWriteError as exc:

@@ -34,7 +34,7 @@ def test_harness_writes_the_table_and_json(tmp_path, offline_models):
             "--reps",
             "1",
             "--skip",
-            "graph,rss,sweep,bf16,paper,cli-tl,fixed",
+            "graph,rss,sweep,bf16,paper,cli-tl,fixed,storage,resume",
             "--out",
             str(out),
         ],
@@ -112,7 +112,7 @@ def test_paper_rows_on_tiny_stand_ins(tmp_path):
             "--reps",
             "1",
             "--skip",
-            "seed,tl,nnsight,graph,rss,sweep,bf16",
+            "seed,tl,nnsight,graph,rss,sweep,bf16,storage,resume",
             "--paper-tiny",
             "--paper-per-emotion",
             "6",
@@ -163,3 +163,23 @@ def test_paper_rows_on_tiny_stand_ins(tmp_path):
     parts = sum(p["wall_s"] for name, p in phases.items() if name != "total")
     assert abs(parts - phases["total"]["wall_s"]) <= 0.01 + 1e-3 * parts
     assert fixed["extra"]["imports_inside_transformers_s"]["torch"] > 0
+
+
+def test_storage_rows_measure_bytes_per_token_and_the_estimate(tmp_path, offline_models):
+    """Rows 12-13 on tiny-gpt2: the written bytes per token (`os.stat`) of the default selection are the layout's
+    (every layer's two kinds, fp32, plus the 8-byte token id); every estimate equals the written size."""
+    from benchmarks.storage import selection_rows
+
+    loaded = offline_models["tiny-gpt2"]
+    texts = [r["text"] for r in read_records(DATASETS["baseline"])][:40]
+    ids = [f"s{i}" for i in range(len(texts))]
+    bytes_row, estimate_row = selection_rows(loaded, texts, ids, tmp_path, "float32")
+    per_token = bytes_row.extra["gpt2_size_written_bytes_per_token"]
+    payload = 2 * loaded.n_layers * loaded.d_model * 4 + 8
+    assert payload <= per_token["positions=all layers=all"] <= payload * 1.05  # + the header and offsets
+    assert per_token["positions=sentence_end layers=all"] < per_token["positions=all layers=all"] / 5
+    assert estimate_row.passed and estimate_row.ratio == 1.0
+    for sizes in estimate_row.extra["bytes"].values():
+        assert sizes["estimated"] == sizes["written"] > 0
+    one_b = bytes_row.extra["1b_size_computed_bytes_per_token"]["positions=all layers=all"]
+    assert 2 * 16 * 2048 * 4 < one_b < 2 * 16 * 2048 * 4 * 1.01

@@ -5,7 +5,8 @@ folder (so the final `os.replace` is a rename on one filesystem), flushed and fs
 path, and the folder is fsynced so the rename itself survives a crash. On any error the temp file is removed
 and the previous file at the final path is untouched. A process killed with SIGKILL cannot run cleanup, so
 temp files carry a recognisable name (`.<final name>.tmp-<pid>-<random>`) and `remove_stale_temps` deletes
-those of dead processes on the next successful write. A temp file named with *this* process's pid that this
+those of dead processes in the folder on the next successful write there, whatever file they were meant to
+become (a killed run of several files leaves one temp per file; a later run of any of them clears them all). A temp file named with *this* process's pid that this
 process did not create is stale too: it was left by an earlier process with the same pid (a restarted
 container's entry point is PID 1 again), so the pid alone cannot tell that its writer is gone.
 """
@@ -65,18 +66,14 @@ def fsync_dir(directory: Path) -> None:
 
 
 def remove_stale_temps(final: Path) -> list[Path]:
-    """Delete temp files left next to `final` by processes that no longer run (e.g. after SIGKILL)."""
+    """Delete the temp files in `final`'s folder (of any final name) whose writer process no longer runs (e.g.
+    after SIGKILL); temps of running writers stay."""
     removed = []
     if not final.parent.is_dir():
         return removed
     for entry in final.parent.iterdir():
         match = _TEMP_RE.match(entry.name)
-        if (
-            match
-            and match["final"] == final.name
-            and not entry.is_dir()
-            and _writer_gone(entry.name, int(match["pid"]))
-        ):
+        if match and not entry.is_dir() and _writer_gone(entry.name, int(match["pid"])):
             with contextlib.suppress(FileNotFoundError):
                 entry.unlink()
                 removed.append(entry)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from emo_assets.core.dtypes import DTYPES
 from emo_assets.core.paths import model_slug, safe_name
+from emo_assets.core.selection import SelectionError, parse_layers, parse_positions
 
 PACKAGED_CONFIG = Path(__file__).resolve().parents[1] / "config.toml"
 # The checkout the package runs from (an editable install, as `make setup` makes); None for an installed wheel.
@@ -41,6 +42,8 @@ ENV_OVERRIDES = {
     "EMO_ASSETS_MAX_AGE_HOURS": "freshness limit of activation files",
     "EMO_ASSETS_TRUST_REMOTE_CODE": "1 to let transformers run model code from the hub (off by default)",
     "EMO_ASSETS_REUSE": "0 to forward every sentence instead of reusing rows of identical earlier extractions",
+    "EMO_ASSETS_POSITIONS": "token rows stored per sentence: all | sentence_end | mean | last:N",
+    "EMO_ASSETS_LAYERS": "layers stored: all, or indices and ranges such as 0,6,11 or 6-11 or -1",
 }
 
 DEVICES = ("cpu", "cuda", "auto")
@@ -74,10 +77,24 @@ class ExtractionSettings:
     attention: bool = False
     trust_remote_code: bool = False
     reuse: bool = True  # copy rows already extracted with identical inputs (see core.activations.reuse)
+    positions: str = "all"  # see core.selection
+    layers: str = "all"
+    shard_max_bytes: int = 2**30  # a partition over this is written as shards plus a manifest (0: no bound)
+    shard_sentences: int = 0  # ... or over this many sentences (0: no bound)
 
     def __post_init__(self) -> None:
+        try:  # stored in their canonical spelling (TOML may give the layers as a list of integers)
+            object.__setattr__(self, "positions", parse_positions(self.positions))
+            object.__setattr__(self, "layers", parse_layers(self.layers))
+        except SelectionError as exc:
+            raise ConfigError(f"extraction.{exc}") from exc
         if self.batch_size < 1:
             raise ConfigError(f"extraction.batch_size must be >= 1, got {self.batch_size}")
+        for name in ("shard_max_bytes", "shard_sentences"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ConfigError(
+                    f"extraction.{name} must be an integer >= 0 (0: no bound), got {getattr(self, name)!r}"
+                )
         check_device(self.device, "extraction.device")
         for name in ("compute_dtype", "storage_dtype"):
             if getattr(self, name) not in DTYPES:
@@ -235,6 +252,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         "storage_dtype": ("EMO_ASSETS_STORAGE_DTYPE", str),
         "trust_remote_code": ("EMO_ASSETS_TRUST_REMOTE_CODE", _boolean),
         "reuse": ("EMO_ASSETS_REUSE", _boolean),
+        "positions": ("EMO_ASSETS_POSITIONS", parse_positions),
+        "layers": ("EMO_ASSETS_LAYERS", parse_layers),
     }
     for key, (var, parse) in overrides.items():
         if env.get(var):  # set and not empty: an empty variable keeps the TOML's value

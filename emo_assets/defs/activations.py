@@ -20,16 +20,19 @@ import dagster as dg
 import polars as pl
 
 from emo_assets.core.activations import DatasetSource
+from emo_assets.core.activations.diskspace import DiskSpaceError
 from emo_assets.core.config import Settings
 from emo_assets.core.extraction import (
     ExtractionError,
     ExtractionJob,
     ExtractionOptions,
     ExtractionResult,
+    estimate_files,
     extract_files,
 )
 from emo_assets.core.models import LoadedModel
 from emo_assets.core.paths import activation_dir, activation_file
+from emo_assets.core.selection import SelectionError, parse_layers, parse_positions
 from emo_assets.defs.datasets import emotion_dataset_key, emotion_parquet_path
 from emo_assets.defs.deployment import TORCH_OP_TAGS
 from emo_assets.defs.models import LANGUAGE_MODEL
@@ -37,6 +40,23 @@ from emo_assets.defs.partitions import Partitions, fingerprint, partitions_for, 
 from emo_assets.defs.resources import MlflowTracker, ModelCache, TrackedDataset
 
 CODE_VERSION = "1"
+
+
+class ActivationsConfig(dg.Config):
+    """Run config of the activations asset: what to store, when a run should differ from `[extraction]` (empty:
+    the setting). Recorded in the files' headers, the metadata, the input fingerprint and MLflow."""
+
+    positions: str = ""  # all | sentence_end | mean | last:N
+    layers: str = ""  # all, or indices and ranges such as 0,6,11 or 6-11 or -1
+
+    def options(self, settings: Settings) -> ExtractionOptions:
+        """The extraction options of a run; `dg.Failure` naming a bad value."""
+        try:
+            positions = parse_positions(self.positions or settings.extraction.positions)
+            layers = parse_layers(self.layers or settings.extraction.layers)
+        except SelectionError as exc:
+            raise dg.Failure(description=f"activations run config: {exc}") from exc
+        return ExtractionOptions.from_settings(settings.extraction, positions=positions, layers=layers)
 
 
 def activations_key(variant: str) -> dg.AssetKey:
@@ -118,7 +138,7 @@ def _report(
 
     `started` is when the model's forward stream began: the emotions of one stream are computed together."""
     emotion, dataset_sha256 = job.source.emotion, job.source.sha256
-    size = os.stat(result.path).st_size
+    size = sum(os.stat(path).st_size for path in result.files)  # a sharded partition: its manifest and shards
     inputs = input_fingerprint(options, loaded, emotion, dataset_sha256)
     key = partitions_for(settings).key(loaded.slug, emotion)
     reuse = result.reuse
@@ -137,6 +157,8 @@ def _report(
             "dataset_sha256": dataset_sha256,
             "reuse": options.reuse,
             "reuse_sources": ", ".join(sources) or "none",
+            "positions": result.positions,
+            "layers": ",".join(map(str, result.layers)),
         },
         metrics={
             "file_size_mb": size / 2**20,
@@ -172,6 +194,11 @@ def _report(
         "d_model": result.d_model,
         "dtype": result.storage_dtype,
         "layers_saved": ", ".join(result.kinds),
+        "positions": result.positions,
+        "layers": dg.MetadataValue.json(list(result.layers)),
+        "n_rows": result.n_rows,
+        "estimated_bytes": result.estimated_bytes,
+        "n_files": len(result.files),
         "n_nonfinite": result.n_nonfinite,
         "samples_per_s": round(result.samples_per_s, 2),
         "wall_seconds": round(result.wall_seconds, 3),
@@ -188,18 +215,24 @@ def _report(
 
 
 def _extract_model(
-    context, settings: Settings, variant: str, slug: str, emotions, model_cache: ModelCache, mlflow: MlflowTracker
+    context,
+    settings: Settings,
+    variant: str,
+    slug: str,
+    emotions,
+    model_cache: ModelCache,
+    mlflow: MlflowTracker,
+    options: ExtractionOptions,
 ) -> dict[str, str]:
     """Extract every emotion of one model in one forward stream (the model loaded once); return {partition key:
     input fingerprint}."""
     parts = partitions_for(settings)
     loaded = model_cache.get(settings.model_slugs[slug], settings)
-    options = ExtractionOptions.from_settings(settings.extraction)
     jobs = [_job(settings, variant, slug, emotion) for emotion in emotions]
     started = time.time()
     try:
         results = extract_files(loaded, jobs, options)
-    except ExtractionError as exc:
+    except (ExtractionError, DiskSpaceError) as exc:
         raise dg.Failure(description=f"{variant}/{slug} ({', '.join(emotions)}): {exc}") from exc
     versions = {}
     for job, result in zip(jobs, results):
@@ -207,6 +240,52 @@ def _extract_model(
         metadata, versions[key] = _report(context, settings, variant, loaded, options, job, result, mlflow, started)
         context.add_asset_metadata(metadata, partition_key=key)
     return versions
+
+
+def estimate_job_name(variant: str) -> str:
+    return f"{variant}_activations_disk_estimate"
+
+
+def _disk_estimate_job(settings: Settings, variant: str) -> dg.JobDefinition:
+    """The bytes every activations partition of `variant` would write and the free space, without extracting:
+    each model loaded and its sentences tokenized, no forward pass, nothing written; recorded as observations of
+    the activations partitions (`estimated_bytes`) and logged."""
+    parts = partitions_for(settings)
+
+    @dg.op(name=f"{variant}_estimate_activations_disk", tags=TORCH_OP_TAGS)
+    def estimate(context: dg.OpExecutionContext, config: ActivationsConfig, model_cache: ModelCache) -> None:
+        options = config.options(settings)
+        for slug, model_id in settings.model_slugs.items():
+            loaded = model_cache.get(model_id, settings)
+            jobs = [_job(settings, variant, slug, emotion) for emotion in settings.emotions]
+            try:
+                disk = estimate_files(loaded, jobs, options)
+            except ExtractionError as exc:
+                raise dg.Failure(description=f"{variant}/{slug}: {exc}") from exc
+            for job in jobs:
+                context.log_event(
+                    dg.AssetObservation(
+                        asset_key=activations_key(variant),
+                        partition=parts.key(slug, job.source.emotion),
+                        metadata={
+                            "estimated_bytes": disk.partition_bytes(job.output_path),
+                            "positions": options.positions,
+                            "layers": options.layers,
+                        },
+                    )
+                )
+            context.log.info(f"{variant}/{slug}: {disk.summary()}")
+            model_cache.release(slug)
+
+    @dg.job(
+        name=estimate_job_name(variant),
+        description=f"The bytes each {variant}/activations partition would write, and the free space: nothing is "
+        "extracted or written (recorded as observations of the partitions)",
+    )
+    def disk_estimate():
+        estimate()
+
+    return disk_estimate
 
 
 def _variant_activations(settings: Settings, variant: str) -> dg.AssetsDefinition:
@@ -227,11 +306,12 @@ def _variant_activations(settings: Settings, variant: str) -> dg.AssetsDefinitio
         f"for one model: results/{variant}/activations/<model>/activations_<emotion>.safetensors.",
     )
     def activations(
-        context: dg.AssetExecutionContext, model_cache: ModelCache, mlflow: MlflowTracker
+        context: dg.AssetExecutionContext, config: ActivationsConfig, model_cache: ModelCache, mlflow: MlflowTracker
     ) -> dg.MaterializeResult:
+        options = config.options(settings)
         versions = {}
         for slug, emotions in group_by_model(context.partition_keys, parts, settings.model_slugs):
-            versions |= _extract_model(context, settings, variant, slug, emotions, model_cache, mlflow)
+            versions |= _extract_model(context, settings, variant, slug, emotions, model_cache, mlflow, options)
             model_cache.release(slug)  # after _extract_model returned: no reference to the model is left
         context.add_asset_metadata({"model_loads_in_run": dg.MetadataValue.json(model_cache.loads)})
         return dg.MaterializeResult(data_version=step_data_version(versions))
@@ -240,4 +320,7 @@ def _variant_activations(settings: Settings, variant: str) -> dg.AssetsDefinitio
 
 
 def build_defs(settings: Settings) -> dg.Definitions:
-    return dg.Definitions(assets=[_variant_activations(settings, variant) for variant in settings.datasets])
+    return dg.Definitions(
+        assets=[_variant_activations(settings, variant) for variant in settings.datasets],
+        jobs=[_disk_estimate_job(settings, variant) for variant in settings.datasets],
+    )

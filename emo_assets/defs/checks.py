@@ -117,7 +117,7 @@ def _activation_problems(context, settings: Settings, variant: str, keys: list[s
         if expected != file.n_sentences:
             problems["sample_count"][key] = f"{file.n_sentences} sentences, emotion_dataset[{emotion}] has {expected}"
         nonfinite = sum(
-            int((~np.isfinite(file.layer(kind, layer))).sum()) for kind in file.kinds for layer in range(file.n_layers)
+            int((~np.isfinite(file.layer(kind, layer))).sum()) for kind in file.kinds for layer in file.layers
         )
         if nonfinite:
             problems["values_finite"][key] = f"{nonfinite} non-finite values"
@@ -130,9 +130,9 @@ def _activation_problems(context, settings: Settings, variant: str, keys: list[s
                 f"language_model[{slug}] has {facts['n_layers']} x {facts['d_model']}"
             )
         offsets = np.asarray(file.offsets)
-        if offsets[0] != 0 or np.any(np.diff(offsets) <= 0) or offsets[-1] != file.header.n_tokens:
+        if offsets[0] != 0 or np.any(np.diff(offsets) <= 0) or offsets[-1] != file.header.rows:
             problems["offsets_valid"][key] = (
-                f"offsets {offsets[:3]}...{offsets[-1]} do not run from 0 to n_tokens {file.header.n_tokens}"
+                f"offsets {offsets[:3]}...{offsets[-1]} do not run from 0 to n_rows {file.header.rows}"
             )
     return problems
 

@@ -87,8 +87,12 @@ def test_header_round_trips_through_metadata():
         emotion="anger",
         hook_points={"resid_post": ["h.0", "h.1"]},
         reuse=ReuseRecord(computed=1, reused=1, sources=(ReuseSource("a/b.safetensors", "f" * 32, 1),)),
+        positions="last:3",
+        layers=(1,),
+        n_rows=4,
     )
     meta = header.to_metadata()
+    assert (meta["format_version"], meta["positions"], meta["layers"], meta["n_rows"]) == ("2", "last:3", "[1]", "4")
     assert all(isinstance(v, str) for v in meta.values())
     assert "dataset_path" not in meta  # None fields are not recorded
     back = ActivationHeader.from_metadata(meta)
@@ -108,7 +112,7 @@ def _file_with_metadata(path: Path, **changes: str) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("version", "reason"), [("2", "newer than this emo_assets reads"), ("x", "is unknown"), ("0", "is unknown")]
+    ("version", "reason"), [("3", "newer than this emo_assets reads"), ("x", "is unknown"), ("0", "is unknown")]
 )
 def test_unknown_or_newer_format_version_is_refused_naming_the_file(tmp_path, version, reason):
     path = _file_with_metadata(tmp_path / "future.safetensors", format_version=version)

@@ -209,3 +209,26 @@ def test_length_sorted_batches_cover_every_sentence_once():
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     flat = [lengths[i] for b in batches for i in b]
     assert flat == sorted(flat, reverse=True)
+
+
+def test_planning_and_reuse_decide_the_work_without_writing(offline_models, extracted, tmp_path):
+    """The parts of `extract_files` alone: planning tokenizes and writes nothing; the reuse decision keeps an
+    identical file (no work) and forwards every sentence of a new one."""
+    from emo_assets.core.extraction import ExtractionJob, decide_reuse, plan_extraction
+
+    loaded = offline_models["tiny-gpt2"]
+    done = extracted["tiny-gpt2"].path
+    source = DatasetSource(emotion="mixed", path="inline", sha256="0" * 64)
+    options = ExtractionOptions(batch_size=4, attention=True)
+    jobs = [
+        ExtractionJob(TEXTS, IDS, done, source, reuse_from=[done]),
+        ExtractionJob(TEXTS[:3], IDS[:3], tmp_path / "new.safetensors", source),
+    ]
+    plan = plan_extraction(loaded, jobs, options)
+    assert list(tmp_path.iterdir()) == []
+    expected = [len(loaded.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in TEXTS]
+    assert plan.lengths == expected + expected[:3]
+    decision = decide_reuse(plan, options)
+    assert decision.kept == [True, False]
+    assert decision.work(plan) == [len(TEXTS) + i for i in range(3)]
+    assert plan.local(decision.work(plan)) == [0, 1, 2]

@@ -86,6 +86,22 @@ def start_writeback(fd: int) -> None:
         _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # errors are harmless: fsync in commit is authoritative
 
 
+# How much lower the writer's threads run than the forward (Linux nice increment of the calling thread).
+BACKGROUND_NICE = 10
+
+
+def lower_thread_priority() -> None:
+    """Run the calling thread at a lower priority than the forward pass (Linux, per thread; a no-op elsewhere).
+
+    Why: on a CPU where torch's threads occupy every core, a writer thread at the same priority preempts one of
+    them for whole time slices while the other waits at the next barrier, so its work costs the forward about its
+    full duration; at a lower priority it runs in the gaps between the forward's parallel regions and, when it
+    falls behind, while the caller waits for a queue slot."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+
+
 class Call(threading.Thread):
     """Run `function(*args)` on a thread; `join()`, then `error` holds its OSError, if any."""
 

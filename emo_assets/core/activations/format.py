@@ -2,20 +2,36 @@
 
 One safetensors file per model x emotion:
 
-* `input_ids`   [n_tokens] int64               the real tokens of every sentence, concatenated (no padding)
-* `offsets`     [n_sentences + 1] int64        sentence i owns rows offsets[i]:offsets[i+1]
-* `resid_post`  [n_layers, n_tokens, d_model]  residual stream after each block
-* `mlp_out`     [n_layers, n_tokens, d_model]  output of each block's MLP
-* `attn_out`    [n_layers, n_tokens, d_model]  output of each block's attention (only when requested)
+* `input_ids`      [n_tokens] int64            the real tokens of every sentence, concatenated (no padding)
+* `offsets`        [n_sentences + 1] int64     sentence i owns rows offsets[i]:offsets[i+1]
+* `token_offsets`  [n_sentences + 1] int64     sentence i owns tokens token_offsets[i]:token_offsets[i+1] of
+                                               `input_ids` (only when `positions` is not `all`: then rows and
+                                               tokens differ; with `all` both are `offsets`)
+* `resid_post`     [len(layers), n_rows, d_model]  residual stream after each stored block
+* `mlp_out`        [len(layers), n_rows, d_model]  output of each stored block's MLP
+* `attn_out`       [len(layers), n_rows, d_model]  output of each stored block's attention (only when requested)
+
+`positions` (`all` | `sentence_end` | `mean` | `last:N`, see `selection`) says which rows a sentence stores;
+`layers` lists the model layer indices stored, ascending; `n_layers` stays the model's layer count. A sentence's
+representative row (its last token, or its mean) is always its last row, `offsets[i+1] - 1`.
+
+Sharded partitions: a partition over the shard bound (`[extraction] shard_max_bytes` / `shard_sentences`) is
+written as several files in the folder `<stem>.shards/` next to the partition's path, each a complete activation
+file of a contiguous run of the partition's sentences with its own checksum, published atomically one by one; then
+the partition's path gets a manifest: an activation file with the index tensors of the whole partition
+(`input_ids`, `offsets`, `token_offsets`), no activation tensors, and `shards` in its header (each shard's path,
+sentence range and checksum). `ActivationFile` presents a manifest and its shards as one file.
 
 The `__metadata__` strings are the fields of `ActivationHeader`; every key is named once, in `_KEYS`, and is
 written and read only through `ActivationHeader.to_metadata` / `from_metadata`. The header JSON has sorted keys
 and no timestamps, so the same inputs give byte-identical files. The checksum field has a fixed width, so it
 can be patched in after the data is written without moving the data section.
 
-Format versions: `1` is the only one so far. The optional `reuse` field (rows copied from earlier files, see
-`emo_assets.core.activations.reuse`) only adds a key that readers of version 1 ignore, so it did not need a new
-version. A file whose version is newer than `FORMAT_VERSION` is refused with a message naming it.
+Format versions: `2` added `positions`, `layers`, `n_rows` and the `token_offsets` tensor. A version-1 file
+reads as `positions = all`, every layer, `n_rows = n_tokens` (its rows are what version 2 stores with those
+defaults), and is written back byte for byte (the version-2 keys are left out of a version-1 header). The optional
+`reuse` field (rows copied from earlier files, see `emo_assets.core.activations.reuse`) only adds a key that older
+readers ignore. A file whose version is newer than `FORMAT_VERSION` is refused with a message naming it.
 """
 
 from __future__ import annotations
@@ -28,10 +44,11 @@ from dataclasses import dataclass, field, fields, replace
 import numpy as np
 
 from emo_assets.core.dtypes import dtype
+from emo_assets.core.selection import ALL, parse_positions
 
 FORMAT_NAME = "emo_assets.activations"
-FORMAT_VERSION = 1
-READABLE_VERSIONS = (1,)
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 ACTIVATION_KINDS = ("resid_post", "mlp_out", "attn_out")  # storage order in the file
 BASE_KINDS = ("resid_post", "mlp_out")  # always extracted (and what the analysis reads); attn_out is optional
 CHECKSUM_PLACEHOLDER = "0" * 32
@@ -85,6 +102,24 @@ class ReuseRecord:
 
 
 @dataclass(frozen=True)
+class ShardRef:
+    """One shard of a sharded partition, as its manifest lists it: sentences `first:end` of the partition."""
+
+    path: str  # relative to the manifest's folder
+    first: int
+    end: int
+    checksum: str  # the shard's data_xxh3_128
+
+    def as_dict(self) -> dict:
+        return {"path": self.path, "sentences": [self.first, self.end], "data_xxh3_128": self.checksum}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping) -> ShardRef:
+        first, end = raw["sentences"]
+        return cls(str(raw["path"]), int(first), int(end), str(raw["data_xxh3_128"]))
+
+
+@dataclass(frozen=True)
 class DatasetSource:
     """Where a file's sentences come from (recorded in its header; None fields are not recorded)."""
 
@@ -100,9 +135,10 @@ _STR, _INT, _JSON, _JSON_UNICODE = "str", "int", "json", "json-unicode"
 
 @dataclass(frozen=True)
 class ActivationHeader:
-    """Everything `__metadata__` holds. Shape fields (`n_layers`, `d_model`, `kinds`, `storage_dtype`) describe
-    the tensors; the writer fills `n_sentences`, `n_tokens` and `checksum`. Provenance fields are None when a file
-    does not record them (they are then absent from `__metadata__`)."""
+    """Everything `__metadata__` holds. Shape fields (`n_layers`, `d_model`, `kinds`, `storage_dtype`,
+    `positions`, `layers`) describe the tensors; the writer fills `n_sentences`, `n_tokens`, `n_rows` and
+    `checksum`. Provenance fields are None when a file does not record them (they are then absent from
+    `__metadata__`). `layers` None means every layer and `n_rows` None means one row per token (version 1)."""
 
     n_layers: int
     d_model: int
@@ -126,22 +162,47 @@ class ActivationHeader:
     dataset_sha256: str | None = None
     package_version: str | None = None
     reuse: ReuseRecord | None = field(default=None, compare=False)
+    positions: str = "all"
+    layers: tuple[int, ...] | None = None
+    n_rows: int | None = None
+    shards: tuple[ShardRef, ...] | None = None  # a manifest: the rows are in these files, not in this one
 
     def __post_init__(self) -> None:
         unknown = set(self.kinds) - set(ACTIVATION_KINDS)
         if unknown:
             raise ValueError(f"unknown activation kinds {sorted(unknown)}")
         dtype(self.storage_dtype)  # ValueError naming the accepted dtypes
+        parse_positions(self.positions)  # SelectionError (a ValueError) naming the value
+        layers = self.stored_layers
+        if list(layers) != sorted(set(layers)) or any(not 0 <= layer < self.n_layers for layer in layers):
+            raise ValueError(f"layers {list(layers)} must be ascending, unique and within 0..{self.n_layers - 1}")
+
+    @property
+    def stored_layers(self) -> tuple[int, ...]:
+        """The model layer indices whose rows the file holds, ascending."""
+        return tuple(range(self.n_layers)) if self.layers is None else tuple(self.layers)
+
+    @property
+    def rows(self) -> int:
+        """Rows per stored layer."""
+        return self.n_tokens if self.n_rows is None else self.n_rows
+
+    @property
+    def has_token_offsets(self) -> bool:
+        """Whether rows and tokens differ, so that the file holds a `token_offsets` tensor."""
+        return self.positions != ALL
 
     def to_metadata(self) -> dict[str, str]:
         """The `__metadata__` strings (None fields left out)."""
         meta = {"format": FORMAT_NAME}
         for name, (key, encoding) in _KEYS.items():
             value = getattr(self, name)
-            if value is None:
+            if value is None or (name in _SINCE_VERSION_2 and self.format_version < 2):
                 continue
             if name == "reuse":
                 meta[key] = value.to_json()
+            elif name == "shards":
+                meta[key] = json.dumps([shard.as_dict() for shard in value], sort_keys=True, ensure_ascii=False)
             elif encoding == _STR:
                 meta[key] = value
             elif encoding == _INT:
@@ -177,6 +238,8 @@ class ActivationHeader:
             try:
                 if name == "reuse":
                     values[name] = ReuseRecord.from_json(raw)
+                elif name == "shards":
+                    values[name] = tuple(ShardRef.from_dict(item) for item in json.loads(raw))
                 elif encoding == _STR:
                     values[name] = raw
                 elif encoding == _INT:
@@ -196,11 +259,12 @@ class ActivationHeader:
 
     def row_inputs(self) -> tuple | None:
         """Everything besides a sentence's token ids that decides its rows: model and revision, architecture and
-        hooked modules, compute and storage dtype, kinds, BOS and truncation, format version. Two files with equal
+        hooked modules, compute and storage dtype, kinds, BOS and truncation, stored positions and layers. Two files with equal
         `row_inputs` hold interchangeable rows for equal token ids (the tokenizer, the text, the BOS choice and
         truncation all act through the ids). None when a file does not record enough to tell."""
         values = (
-            self.format_version,
+            self.positions,
+            self.stored_layers,
             self.model_id,
             self.model_revision,
             self.architecture,
@@ -224,8 +288,11 @@ class ActivationHeader:
             dataset_sha256=source.sha256,
         )
 
-    def with_shape(self, n_sentences: int, n_tokens: int) -> ActivationHeader:
-        return replace(self, n_sentences=n_sentences, n_tokens=n_tokens)
+    def with_shape(self, n_sentences: int, n_tokens: int, n_rows: int | None = None) -> ActivationHeader:
+        """The header with its sizes; `n_rows` is recorded in version 2 (None: one row per token)."""
+        if self.format_version >= 2 and n_rows is None:
+            n_rows = n_tokens
+        return replace(self, n_sentences=n_sentences, n_tokens=n_tokens, n_rows=n_rows)
 
 
 # field -> (`__metadata__` key, encoding). The one place where keys are spelled.
@@ -252,7 +319,12 @@ _KEYS = {
     "dataset_sha256": ("dataset_sha256", _STR),
     "package_version": ("package_version", _STR),
     "reuse": ("reuse", _JSON_UNICODE),
+    "positions": ("positions", _STR),
+    "layers": ("layers", _JSON),
+    "n_rows": ("n_rows", _INT),
+    "shards": ("shards", _JSON_UNICODE),
 }
+_SINCE_VERSION_2 = ("positions", "layers", "n_rows")  # left out of a version-1 header: it is written back as it was
 _REQUIRED = ("format_version", "n_layers", "d_model", "kinds", "storage_dtype", "n_sentences", "n_tokens", "checksum")
 assert set(_KEYS) == {f.name for f in fields(ActivationHeader)}, "every header field needs a metadata key"
 
@@ -278,10 +350,13 @@ def layout(header: ActivationHeader) -> dict[str, TensorEntry]:
     """Tensor placement: the int64 index tensors first (8-byte aligned), then the activations by kind."""
     stored = dtype(header.storage_dtype)
     specs = [("input_ids", "I64", (header.n_tokens,), 8), ("offsets", "I64", (header.n_sentences + 1,), 8)]
-    specs += [
-        (kind, stored.safetensors, (header.n_layers, header.n_tokens, header.d_model), stored.itemsize)
-        for kind in header.kinds
-    ]
+    if header.has_token_offsets:
+        specs.append(("token_offsets", "I64", (header.n_sentences + 1,), 8))
+    if header.shards is None:  # a manifest holds the index tensors only
+        specs += [
+            (kind, stored.safetensors, (len(header.stored_layers), header.rows, header.d_model), stored.itemsize)
+            for kind in header.kinds
+        ]
     entries, start = {}, 0
     for name, code, shape, size in specs:
         entries[name] = TensorEntry(name, code, shape, start, size)

@@ -2,7 +2,7 @@
 
 A sentence's rows are a function of the token ids the model sees and of the file-level inputs in
 `ActivationHeader.row_inputs` (model revision, compute and storage dtype, kinds and hooked modules, BOS,
-truncation, format version). The ids already carry the text, the tokenizer and the BOS choice: the same text
+truncation, stored positions and layers: rows are never reused across different selections). The ids already carry the text, the tokenizer and the BOS choice: the same text
 under another tokenizer gives other ids, so it is never matched. `RowIndex` maps the token ids of every sentence
 in compatible earlier files (another variant's file, the previous version of this file) to where its rows lie;
 the extraction copies those rows instead of forwarding the sentence. Copied rows were computed in other batches,
@@ -32,7 +32,7 @@ CHUNK_BYTES = 64 * 1024 * 1024  # rows copied per write, all kinds and layers to
 @dataclass(frozen=True)
 class RowLocation:
     source: int  # index into RowIndex.files
-    start: int  # first token row in that file
+    start: int  # first row of the sentence in that file
 
 
 class RowIndex:
@@ -57,10 +57,10 @@ class RowIndex:
                 continue
             self.files.append(file)
             index = len(self.files) - 1
-            ids, offsets = np.asarray(file.input_ids), file.offsets
+            ids, tokens, rows = np.asarray(file.input_ids), file.token_offsets, file.offsets
             for i in range(file.n_sentences):
-                start, end = int(offsets[i]), int(offsets[i + 1])
-                self._where.setdefault(ids[start:end].tobytes(), RowLocation(index, start))
+                start, end = int(tokens[i]), int(tokens[i + 1])
+                self._where.setdefault(ids[start:end].tobytes(), RowLocation(index, int(rows[i])))
 
     def lookup(self, token_ids: np.ndarray) -> RowLocation | None:
         """Where rows for exactly these token ids lie, if any source has them and verifies."""
@@ -113,18 +113,21 @@ class ReusePlan:
         )
 
 
-def unchanged_file(path: Path, header: ActivationHeader, offsets: np.ndarray, input_ids: np.ndarray) -> bool:
-    """Whether the file at `path` already is what would be written: it verifies, holds the same tokens and the
-    same header apart from its checksum and reuse record. Such a file is kept as it is, so a rerun changes no
-    byte."""
+def unchanged_file(
+    path: Path, header: ActivationHeader, offsets: np.ndarray, input_ids: np.ndarray, token_offsets: np.ndarray
+) -> bool:
+    """Whether the file at `path` already is what would be written: it verifies, holds the same tokens and rows
+    (`offsets` rows, `token_offsets` tokens) and the same header apart from its checksum and reuse record. Such a
+    file is kept as it is, so a rerun changes no byte."""
     try:
         existing = ActivationFile(path)
     except ActivationFileError:
         return False
-    expected = replace(header.with_shape(len(offsets) - 1, int(offsets[-1])), checksum=existing.header.checksum)
+    shaped = header.with_shape(len(offsets) - 1, len(input_ids), int(offsets[-1]))
     return (
-        existing.header == expected
+        existing.header == replace(shaped, checksum=existing.header.checksum)
         and np.array_equal(existing.offsets, offsets)
+        and np.array_equal(existing.token_offsets, token_offsets)
         and np.array_equal(existing.input_ids, input_ids)
     )
 
@@ -137,19 +140,20 @@ def kept_record(path: Path) -> ReuseRecord:
     )
 
 
-def plan_reuse(index: RowIndex | None, input_ids: np.ndarray, offsets: np.ndarray) -> ReusePlan:
-    """Which sentences of a file (its `input_ids` / `offsets`) `index` already holds."""
+def plan_reuse(index: RowIndex | None, input_ids: np.ndarray, token_offsets: np.ndarray) -> ReusePlan:
+    """Which sentences of a file (its `input_ids` / `token_offsets`) `index` already holds."""
     locations = {}
     if index is not None:
-        for i in range(len(offsets) - 1):
-            location = index.lookup(input_ids[offsets[i] : offsets[i + 1]])
+        for i in range(len(token_offsets) - 1):
+            location = index.lookup(input_ids[token_offsets[i] : token_offsets[i + 1]])
             if location is not None:
                 locations[i] = location
-    return ReusePlan(locations, index, len(offsets) - 1)
+    return ReusePlan(locations, index, len(token_offsets) - 1)
 
 
 def copy_reused_rows(plan: ReusePlan, writer, lengths: Sequence[int]) -> None:
-    """Hand the reused sentences' rows to `writer` (an `ActivationWriter`), in chunks of at most `CHUNK_BYTES`.
+    """Hand the reused sentences' rows (`lengths`: rows per sentence) to `writer` (an `ActivationWriter`), in
+    chunks of at most `CHUNK_BYTES`.
 
     Sentences whose rows are consecutive in one source are read as one slice per (kind, layer)."""
     if not plan.locations:
@@ -182,7 +186,7 @@ def _copy_chunk(plan: ReusePlan, writer, targets: list[int], lengths: Sequence[i
         array = np.empty((writer.n_layers, position, writer.d_model), dtype=raw)
         for source, start, at, n in runs:
             file = plan.index.files[source]
-            for layer in range(writer.n_layers):
-                array[layer, at : at + n] = file.raw_rows(kind, layer, start, start + n)
+            for stored, layer in enumerate(writer.header.stored_layers):
+                array[stored, at : at + n] = file.raw_rows(kind, layer, start, start + n)
         arrays[kind] = array
     writer.write_batch(arrays, targets, [lengths[i] for i in targets])

@@ -40,9 +40,11 @@ class ActivationWriteError(OSError):
 class ActivationWriter:
     """Streams one activation file. Use as a context manager; `commit()` publishes it atomically.
 
-    `offsets` and `input_ids` (dataset order) fix every row's position before any activation arrives; `header`
-    describes the file (its `n_sentences`, `n_tokens` and checksum are filled in here; `self.header` is the final one
-    after `commit`).
+    `offsets` (rows) and `input_ids` (dataset order) fix every row's position before any activation arrives;
+    `token_offsets` says which tokens each sentence owns when that differs from its rows (`positions` other than
+    `all`; None: the tokens are the rows). `header` describes the file (its `n_sentences`, `n_tokens`, `n_rows` and
+    checksum are filled in here; `self.header` is the final one after `commit`). `n_layers` is the number of stored
+    layers (`header.stored_layers`).
     `write_batch` takes, per kind, the batch's rows and writes each sentence's rows at its dataset-order position
     (see `write_batch` for the two accepted layouts).
 
@@ -66,6 +68,7 @@ class ActivationWriter:
         *,
         offsets: np.ndarray,
         input_ids: np.ndarray,
+        token_offsets: np.ndarray | None = None,
         background: bool = False,
         queue_depth: int = 1,
         write_threads: int = 1,
@@ -74,12 +77,22 @@ class ActivationWriter:
         self.final_path = Path(final_path)
         self.offsets = np.ascontiguousarray(offsets, dtype=np.int64)
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
-        self.n_tokens = int(self.offsets[-1])
-        if len(input_ids) != self.n_tokens or self.offsets[0] != 0 or np.any(np.diff(self.offsets) <= 0):
-            raise ValueError("offsets must start at 0, increase strictly and end at len(input_ids)")
-        self.header = header.with_shape(len(self.offsets) - 1, self.n_tokens)
-        self.kinds = self.header.kinds
-        self.n_layers, self.d_model = header.n_layers, header.d_model
+        self.n_rows = int(self.offsets[-1])
+        tokens = self.offsets if token_offsets is None else np.ascontiguousarray(token_offsets, dtype=np.int64)
+        for name, bounds, end in (("offsets", self.offsets, None), ("token_offsets", tokens, len(input_ids))):
+            if (
+                bounds[0] != 0
+                or np.any(np.diff(bounds) <= 0)
+                or len(bounds) != len(self.offsets)
+                or end not in (None, bounds[-1])
+            ):
+                raise ValueError(f"{name} must start at 0, increase strictly and end at len(input_ids)")
+        if (token_offsets is not None) != header.has_token_offsets:
+            raise ValueError(f"token_offsets are needed exactly when positions is not 'all' (got {header.positions})")
+        self._token_offsets = None if token_offsets is None else tokens
+        self.header = header.with_shape(len(self.offsets) - 1, len(input_ids), self.n_rows)
+        self.kinds = self.header.kinds if self.header.shards is None else ()  # a manifest holds no activations
+        self.n_layers, self.d_model = len(header.stored_layers), header.d_model
         self.storage_dtype = header.storage_dtype
         self._row_bytes = self.d_model * dtype(self.storage_dtype).itemsize
         self.entries = layout(self.header)
@@ -103,6 +116,11 @@ class ActivationWriter:
         self._error: BaseException | None = None
         self.timings = {"write_s": 0.0, "hash_s": 0.0, "fsync_s": 0.0, "publish_s": 0.0, "queue_wait_s": 0.0}
 
+    @property
+    def file_bytes(self) -> int:
+        """The size of the file this writer publishes (known before anything is written)."""
+        return self._data_start + self._data_size
+
     # -- lifecycle -------------------------------------------------------------------------------------
     def __enter__(self) -> ActivationWriter:
         self.final_path.parent.mkdir(parents=True, exist_ok=True)
@@ -112,8 +130,14 @@ class ActivationWriter:
         self._pwrite(self._header, 0)
         self._pwrite(self._input_ids.tobytes(), self._data_start + self.entries["input_ids"].start)
         self._pwrite(self.offsets.tobytes(), self._data_start + self.entries["offsets"].start)
+        if self._token_offsets is not None:
+            self._pwrite(self._token_offsets.tobytes(), self._data_start + self.entries["token_offsets"].start)
         if self._write_threads > 1:
-            self._pool = ThreadPoolExecutor(self._write_threads, thread_name_prefix="ActivationWriter-pwrite")
+            self._pool = ThreadPoolExecutor(
+                self._write_threads,
+                thread_name_prefix="ActivationWriter-pwrite",
+                initializer=fileio.lower_thread_priority,
+            )
         if self._background:
             self._queue = queue.Queue()
             self._slots = threading.Semaphore(self._queue_depth)
@@ -160,6 +184,7 @@ class ActivationWriter:
 
     # -- writer thread ---------------------------------------------------------------------------------
     def _run(self) -> None:
+        fileio.lower_thread_priority()
         while True:
             job = self._queue.get()
             if job is None:
@@ -316,7 +341,7 @@ class ActivationWriter:
                 else:
                     merged.append([None, packed_rows[j], packed_rows[j + 1]])
             spans.append(merged)
-        layer_bytes = self.n_tokens * self._row_bytes
+        layer_bytes = self.n_rows * self._row_bytes
         units = []
         for kind in self.kinds:
             base = self._data_start + self.entries[kind].start
@@ -334,7 +359,7 @@ class ActivationWriter:
         """Check completeness, patch the checksum, fsync, rename over the final path. Returns the path."""
         self._stop_thread(drop_pending=False)
         self._raise_pending()
-        expected = self.n_tokens * self.n_layers
+        expected = self.n_rows * self.n_layers
         missing = {k: expected - n for k, n in self._written.items() if n != expected}
         if missing:
             self.abort()
@@ -385,9 +410,12 @@ def write_activation_file(
     offsets: np.ndarray,
     input_ids: np.ndarray,
     header: ActivationHeader,
+    token_offsets: np.ndarray | None = None,
 ) -> Path:
-    """Write a whole file from in-memory arrays [n_layers, n_tokens, d_model] of `header.kinds` (tests, tools)."""
-    with ActivationWriter(final_path, header, offsets=offsets, input_ids=input_ids) as writer:
+    """Write a whole file from in-memory arrays [len(layers), n_rows, d_model] of `header.kinds` (tests, tools)."""
+    with ActivationWriter(
+        final_path, header, offsets=offsets, input_ids=input_ids, token_offsets=token_offsets
+    ) as writer:
         lengths = np.diff(offsets).tolist()
         writer.write_batch(activations, range(len(lengths)), lengths)
         return writer.commit()
