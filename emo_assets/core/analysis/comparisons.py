@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from emo_assets.core.analysis.alignment import LayerGrams, cross_model_subspace_rows, rsa_matrix
+from emo_assets.core.analysis.alignment import LayerSet, cross_model_subspace_rows, rsa_matrix
 from emo_assets.core.analysis.blas import one_blas_thread
 from emo_assets.core.analysis.inputs import (
     ModelActivations,
@@ -116,7 +116,7 @@ def cross_model_alignment_step(
     with one_blas_thread():
         for kind in kinds:
             X = {slug: acts.sentence_end(kind)[:, rows_of[slug]] for slug, acts in models.items()}
-            grams = {slug: LayerGrams(X[slug], slug) for slug in slugs}
+            layer_sets = {slug: LayerSet(X[slug], slug) for slug in slugs}
             cos, subspaces = {}, {}
             for slug, acts in models.items():
                 stored = _stored_outputs(Path(results_dir), acts, kind, X[slug], rows_of[slug], labels, emotions, k)
@@ -127,7 +127,7 @@ def cross_model_alignment_step(
                 else:
                     cos[slug], subspaces[slug] = stored
             for a, b in itertools.combinations_with_replacement(slugs, 2):
-                plain, debiased = grams[a].cka(grams[b]), grams[a].cka(grams[b], debiased=True)
+                plain, debiased = layer_sets[a].ckas(layer_sets[b])
                 pearson, spearman, n_pairs = rsa_matrix(cos[a], cos[b])
                 matched = set(matched_layers(len(X[a]), len(X[b])))
                 for la, lb in itertools.product(range(len(X[a])), range(len(X[b]))):
