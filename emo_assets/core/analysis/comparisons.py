@@ -32,6 +32,7 @@ from emo_assets.core.analysis.inputs import (
     model_analysis_dir,
     reference_emotion,
 )
+from emo_assets.core.analysis.layerwise import layer_chunks
 from emo_assets.core.analysis.model_analysis import StepResult
 from emo_assets.core.analysis.plots import plot_cka_heatmaps
 from emo_assets.core.analysis.subspaces import DEFAULT_K, Subspace, emotion_subspaces_by_layer
@@ -115,7 +116,7 @@ def cross_model_alignment_step(
     heatmap: dict[tuple[str, str], np.ndarray] = {}
     with one_blas_thread():
         for kind in kinds:
-            X = {slug: acts.sentence_end(kind)[:, rows_of[slug]] for slug, acts in models.items()}
+            X = {slug: acts.sentence_end_layers(kind, rows_of[slug]) for slug, acts in models.items()}
             layer_sets = {slug: LayerSet(X[slug], slug) for slug in slugs}
             cos, subspaces = {}, {}
             for slug, acts in models.items():
@@ -219,7 +220,7 @@ def _stored_outputs(
     """One model's centred emotion cosine matrix and emotion subspaces per layer of `kind`, read from its
     `emotion_vectors` and `emotion_subspaces` outputs instead of computed again, or why they do not fit.
 
-    `X` [n_layers, n, d] holds the model's `rows` compared here, labelled `labels`. They must be all of its
+    `X` [n_layers, n, d] (an array or a lazy stack) holds the model's `rows` compared here, labelled `labels`. They must be all of its
     sentences with its own labels and emotion order, the files must have been written for the same model,
     dataset, emotions, reference and k, and their emotion means must be those of `X` (up to summation order):
     files of other activations are never used."""
@@ -240,7 +241,12 @@ def _stored_outputs(
             return f"{path} was written for other activations or settings"
         tensors.update(stored)
     y = np.asarray(labels)
-    means = np.stack([X[:, y == emotion].mean(axis=1, dtype=np.float64) for emotion in emotions], axis=1)
+    means = np.concatenate(
+        [
+            np.stack([chunk[:, y == emotion].mean(axis=1, dtype=np.float64) for emotion in emotions], axis=1)
+            for _, chunk in layer_chunks(X)
+        ]
+    )
     tolerance = 1e-9 * max(float(np.abs(means).max()), 1.0)
     stored_means = tensors.get(f"{kind}/means")
     if stored_means is None or stored_means.shape != means.shape or np.abs(stored_means - means).max() > tolerance:

@@ -235,6 +235,17 @@ class ModelActivations:
         self.texts = [by_id[sid].text for sid in self.sentence_ids]
 
     # -- arrays -----------------------------------------------------------------------------------------
+    def sentence_end_layer(self, kind: str, layer: int, rows: np.ndarray | None = None) -> np.ndarray:
+        """Sentence-end activations of one layer: float32 [n_sentences, d_model] (or the sentences `rows`), read
+        from each file's memory map (`ActivationFile.sentence_end`)."""
+        out = np.concatenate([self.files[e].sentence_end(kind, layer) for e in self.emotions])
+        return out if rows is None else out[rows]
+
+    def sentence_end_layers(self, kind: str, rows: np.ndarray | None = None) -> LayerStack:
+        """Every layer's sentence-end activations [n_layers, n_sentences, d_model] as a `LayerStack`, which reads a
+        layer only when it is asked for."""
+        return LayerStack(self, kind, rows)
+
     def sentence_end(self, kind: str) -> np.ndarray:
         """Sentence-end activations of every layer: float32 [n_layers, n_sentences, d_model]."""
         out = np.empty((self.n_layers, self.n_sentences, self.d_model), dtype=np.float32)
@@ -272,6 +283,27 @@ class ModelActivations:
             "n_layers": str(self.n_layers),
             "d_model": str(self.d_model),
         }
+
+
+class LayerStack:
+    """One kind's sentence-end activations of one model seen as [n_layers, n_sentences, d_model] (`shape`, `len`),
+    where `[layer]` reads that layer from the memory-mapped files (float32 [n, d]): the analysis holds the layers
+    at hand, not the whole block (see `layerwise`). `rows` keeps only those sentences, in that order."""
+
+    ndim = 3
+
+    def __init__(self, acts: ModelActivations, kind: str, rows: np.ndarray | None = None) -> None:
+        self.acts, self.kind, self.rows = acts, kind, rows
+        n = acts.n_sentences if rows is None else len(rows)
+        self.shape = (acts.n_layers, n, acts.d_model)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, layer: int) -> np.ndarray:
+        if not isinstance(layer, (int, np.integer)) or not 0 <= layer < len(self):
+            raise IndexError(f"{self.acts.slug}/{self.kind}: layer {layer!r} is not one of 0..{len(self) - 1}")
+        return self.acts.sentence_end_layer(self.kind, int(layer), self.rows)
 
 
 # (path, device, inode, size, mtime in ns, stored checksum) of the files whose data this process has hashed

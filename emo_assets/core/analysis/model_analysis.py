@@ -87,7 +87,7 @@ def _out_dir(acts: ModelActivations, results_dir: Path) -> Path:
 
 def _vectors_by_layer(kind: str, acts: ModelActivations) -> list[EmotionVectors]:
     return emotion_vectors_by_layer(
-        acts.sentence_end(kind), acts.labels, acts.emotions, reference_emotion(acts.emotions)
+        acts.sentence_end_layers(kind), acts.labels, acts.emotions, reference_emotion(acts.emotions)
     )
 
 
@@ -320,7 +320,7 @@ def emotion_subspaces_step(
 
     with one_blas_thread():
         for kind in acts.kinds:
-            by_layer = emotion_subspaces_by_layer(acts.sentence_end(kind), acts.labels, acts.emotions, k)
+            by_layer = emotion_subspaces_by_layer(acts.sentence_end_layers(kind), acts.labels, acts.emotions, k)
             for layer, subspaces in enumerate(by_layer):
                 if missing := [e for e in acts.emotions if e not in subspaces]:
                     result.notes.append(
@@ -388,7 +388,7 @@ def linear_probes_step(acts: ModelActivations, results_dir: Path, *, cv_folds: i
     result = StepResult()
     settings = ProbeSettings(n_splits=int(cv_folds), seed=int(seed))
     with one_blas_thread():
-        activations = {kind: acts.sentence_end(kind) for kind in acts.kinds}
+        activations = {kind: acts.sentence_end_layers(kind) for kind in acts.kinds}
         probes = probe_layers(activations, acts.labels, acts.texts, acts.emotions, settings)
     table = probes.table.with_columns(pl.lit(acts.slug).alias("model")).select(["model", *probes.table.columns])
     result.table("probes", table, out / "probes.parquet", {"model": acts.slug, "variant": acts.variant})

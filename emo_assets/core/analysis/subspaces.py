@@ -24,6 +24,7 @@ import numpy as np
 
 from emo_assets.core.analysis.blas import single_blas_thread
 from emo_assets.core.analysis.labels import DEFAULT_EMOTIONS, as_float64_2d, encode_labels
+from emo_assets.core.analysis.layerwise import layer_chunks
 
 try:  # scipy is a scikit-learn dependency, but the fallback keeps this module importable without it
     from scipy.linalg import subspace_angles as _scipy_subspace_angles
@@ -196,19 +197,20 @@ def emotion_subspaces_by_layer(
     emotions: Sequence[str] = DEFAULT_EMOTIONS,
     k: int = DEFAULT_K,
 ) -> list[dict[str, Subspace]]:
-    """`emotion_subspaces` for each layer of `X_layers` [n_layers, n_sentences, d], all layers of an emotion at
-    once (see `_pca_subspaces`)."""
+    """`emotion_subspaces` for each layer of `X_layers` [n_layers, n_sentences, d] (an array or a lazy stack), the
+    layers of each `layerwise.layer_chunks` group of an emotion at once (see `_pca_subspaces`)."""
     if np.ndim(X_layers) != 3:
         raise ValueError(f"X_layers must be [n_layers, n_sentences, d], got shape {np.shape(X_layers)}")
-    X_layers = np.asarray(X_layers, dtype=np.float64)  # float64 before the rank tolerance, as `emotion_subspaces`
     y = encode_labels(labels, emotions)
-    if len(y) != X_layers.shape[1]:
-        raise ValueError(f"{len(y)} labels for {X_layers.shape[1]} rows of activations")
+    if len(y) != np.shape(X_layers)[1]:
+        raise ValueError(f"{len(y)} labels for {np.shape(X_layers)[1]} rows of activations")
     by_layer: list[dict[str, Subspace]] = [{} for _ in range(len(X_layers))]
-    for e, emotion in enumerate(emotions):
-        for layer, sub in enumerate(_pca_subspaces(X_layers[:, y == e], k)):
-            if sub is not None:
-                by_layer[layer][emotion] = sub
+    for layers, chunk in layer_chunks(X_layers):
+        chunk = np.asarray(chunk, dtype=np.float64)  # float64 before the rank tolerance, as `emotion_subspaces`
+        for e, emotion in enumerate(emotions):
+            for layer, sub in zip(layers, _pca_subspaces(chunk[:, y == e], k)):
+                if sub is not None:
+                    by_layer[layer][emotion] = sub
     return by_layer
 
 
