@@ -10,10 +10,12 @@ Design (see the science notes):
   streams, which would otherwise dominate the L2 penalty. When the standardised rows are wider than the
   training fold (d = 768 > 224 sentences), the regression is fitted on their coordinates in the span of the
   training rows instead (`row_space_features`): the L2-regularised minimiser lies in that span and the map is an
-  isometry, so it is the same regression on n_train instead of d features. It is solved by
-  `logistic.fit_multinomial` (scikit-learn's objective, batched Newton-CG) for all folds of a layer and both
-  the true and the control labels at once, to a gradient ten times smaller than where scikit-learn's lbfgs
-  stops (its tol 1e-4), so the held-out predictions are the optimum's but for points on a decision boundary;
+  isometry, so it is the same regression on n_train instead of d features; with more training rows than
+  features it is solved on the standardised features themselves (the primal problem, linear in n). It is
+  solved by `logistic.fit_multinomial` (scikit-learn's objective, batched Newton-CG) for all folds of a layer
+  (groups of folds past a memory budget) and both the true and the control labels at once, to a gradient ten
+  times smaller than where scikit-learn's lbfgs stops (its tol 1e-4), so the held-out predictions are the
+  optimum's but for points on a decision boundary;
 - bag-of-words baseline = word counts (scikit-learn CountVectorizer's tokens, vocabulary from the training fold
   only) then the same regression, fitted per fold: scikit-learn's Pipeline(CountVectorizer, LogisticRegression)
   on the sentence texts. Gratitude, apology and anger are lexically marked ("thanks", "sorry", "furious"), so
@@ -39,6 +41,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from emo_assets.core.analysis import layerwise
 from emo_assets.core.analysis.blas import side_by_side, single_blas_thread
 from emo_assets.core.analysis.labels import DEFAULT_EMOTIONS, as_float64_2d, encode_labels
 from emo_assets.core.analysis.logistic import fit_multinomial
@@ -138,26 +141,48 @@ def cross_validate_labelings(
     features_of_fold: FeaturesOfFold, X, labelings: Sequence[np.ndarray], folds: Folds, settings: ProbeSettings
 ) -> list[CVScore]:
     """`cross_validate` for several labelings of the same rows (the true labels and the control), on the same
-    folds and features: one batched fit (`logistic.fit_multinomial`) for every fold and labeling."""
-    features = [features_of_fold(X, train, test) for train, test in folds]
-    n = max(len(train) for train, _ in folds)
-    r = max(F_train.shape[1] for F_train, _ in features)
-    n_classes = int(max(labels.max() for labels in labelings)) + 1
-    batch = np.zeros((len(folds), n, r))
-    onehot = np.zeros((len(folds), len(labelings), n_classes, n))
-    rows = np.zeros((len(folds), n))
-    for b, ((F_train, _), (train, _)) in enumerate(zip(features, folds)):
-        batch[b, : len(train), : F_train.shape[1]] = F_train
-        rows[b, : len(train)] = 1
-        for j, labels in enumerate(labelings):
-            onehot[b, j, labels[train], np.arange(len(train))] = 1
-    fit = fit_multinomial(batch, onehot, rows, settings.C, settings.tol, settings.max_iter)
+    folds and features: one batched fit (`logistic.fit_multinomial`) for every fold and labeling, or, where the
+    folds' features together exceed `layerwise.CHUNK_BYTES` (tens of thousands of sentences), one per group of
+    folds that fits, so that memory stays that of a few copies of one fold's features."""
     accuracies = np.zeros((len(labelings), len(folds)))
-    for b, ((_, F_test), (_, test)) in enumerate(zip(features, folds)):
-        predicted = fit.decision(b, F_test).argmax(axis=1)
+    converged = np.ones(len(labelings), dtype=bool)
+    group: list[tuple[int, tuple[np.ndarray, np.ndarray]]] = []
+    for b, (train, test) in enumerate(folds):
+        group.append((b, features_of_fold(X, train, test)))
+        size = sum(F_train.size for _, (F_train, _) in group) * 8
+        if b == len(folds) - 1 or size + size // len(group) > layerwise.CHUNK_BYTES:
+            converged &= _fit_folds(group, folds, labelings, settings, accuracies)
+            group = []
+    return [CVScore(accuracies[j], bool(converged[j])) for j in range(len(labelings))]
+
+
+def _fit_folds(
+    group: list[tuple[int, tuple[np.ndarray, np.ndarray]]],
+    folds: Folds,
+    labelings: Sequence[np.ndarray],
+    settings: ProbeSettings,
+    accuracies: np.ndarray,
+) -> np.ndarray:
+    """One batched fit of the folds `group` [(fold index, (training, test) features)]: their held-out accuracies
+    into `accuracies` [labeling, fold]; returns per labeling whether every fit converged."""
+    n = max(len(folds[b][0]) for b, _ in group)
+    r = max(F_train.shape[1] for _, (F_train, _) in group)
+    n_classes = int(max(labels.max() for labels in labelings)) + 1
+    batch = np.zeros((len(group), n, r))
+    onehot = np.zeros((len(group), len(labelings), n_classes, n))
+    rows = np.zeros((len(group), n))
+    for g, (b, (F_train, _)) in enumerate(group):
+        train = folds[b][0]
+        batch[g, : len(train), : F_train.shape[1]] = F_train
+        rows[g, : len(train)] = 1
         for j, labels in enumerate(labelings):
-            accuracies[j, b] = np.mean(predicted[j] == labels[test])
-    return [CVScore(accuracies[j], bool(fit.converged[:, j].all())) for j in range(len(labelings))]
+            onehot[g, j, labels[train], np.arange(len(train))] = 1
+    fit = fit_multinomial(batch, onehot, rows, settings.C, settings.tol, settings.max_iter)
+    for g, (b, (_, F_test)) in enumerate(group):
+        predicted = fit.decision(g, F_test).argmax(axis=1)
+        for j, labels in enumerate(labelings):
+            accuracies[j, b] = np.mean(predicted[j] == labels[folds[b][1]])
+    return fit.converged.all(axis=0)
 
 
 @dataclass(frozen=True)
