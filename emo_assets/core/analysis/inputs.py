@@ -44,6 +44,7 @@ CROSS_MODEL = "_cross_model"
 CROSS_VARIANT = "_cross_variant"
 KINDS = BASE_KINDS  # the kinds analysed (attn_out, when stored, is left out)
 REPORT_NAME = "report.md"
+ALL_POSITIONS = "all"  # every token of a sentence stored: what the token-level analysis needs
 
 
 # -- paths ------------------------------------------------------------------------------------------------
@@ -124,10 +125,20 @@ class ModelActivations:
     prepend_bos: bool
     texts: list[str] | None = None  # per sentence, when a dataset was given
     notes: list[str] = field(default_factory=list)
+    positions: str = ALL_POSITIONS  # the rows stored per sentence (`stored_positions`)
 
     @property
     def n_sentences(self) -> int:
         return len(self.labels)
+
+    def token_level_unavailable(self) -> str | None:
+        """Why the token-level analysis cannot run on these files, or None when every token is stored."""
+        if self.positions == ALL_POSITIONS:
+            return None
+        return (
+            f"the activation files store positions = {self.positions} (one representative row per sentence, "
+            "not every token); token-level vectors need an extraction with positions = all"
+        )
 
     @property
     def counts(self) -> dict[str, int]:
@@ -181,6 +192,9 @@ class ModelActivations:
                 f"{variant}/{slug}: the emotion files come from different models, shapes or datasets "
                 f"(model_id, revision, n_layers, d_model, dataset_sha256): {facts}"
             )
+        positions = {emotion: stored_positions(f) for emotion, f in files.items()}
+        if len(set(positions.values())) != 1:
+            raise AnalysisInputError(f"{variant}/{slug}: the emotion files store different positions: {positions}")
         common = [k for k in kinds if all(k in f.kinds for f in files.values())]
         if not common:
             raise AnalysisInputError(f"{variant}/{slug}: no activation kind of {list(kinds)} in every file")
@@ -207,6 +221,7 @@ class ModelActivations:
             kinds=tuple(common),
             dataset_sha256=first.header.dataset_sha256 or "",
             prepend_bos=bool(first.header.prepend_bos),
+            positions=positions[emotions[0]],
         )
         if dataset_path is not None:
             acts.attach_texts(dataset_path)
@@ -283,6 +298,13 @@ class ModelActivations:
             "n_layers": str(self.n_layers),
             "d_model": str(self.d_model),
         }
+
+
+def stored_positions(file: ActivationFile) -> str:
+    """Which rows of each sentence a file stores: `all` | `sentence_end` | `mean` | `last:N` (the `positions` of
+    activation format version 2, exposed by the reader); files without it store every token (`all`). With any
+    of them, a sentence's representative row is its last one, which is what `sentence_end_layer` reads."""
+    return str(getattr(file, "positions", None) or getattr(file.header, "positions", None) or ALL_POSITIONS)
 
 
 class LayerStack:
@@ -410,6 +432,8 @@ def token_strings(
     Without a `tokenizer`, the model folder's `tokenizer.json` is read with the `tokenizers` library first;
     where there is none, or it does not pass the check on its own, transformers' `AutoTokenizer` decides.
     """
+    if (reason := acts.token_level_unavailable()) is not None:
+        return TokenStrings(None, f"not applicable: {reason}")
     ids = acts.input_ids()
     if tokenizer is None:
         try:

@@ -197,6 +197,8 @@ def token_vectors_step(
     out = _out_dir(acts, results_dir)
     result = StepResult()
     lexicon = {e: list(stems) for e, stems in lexicon.items() if e in acts.emotions}
+    if (reason := acts.token_level_unavailable()) is not None:
+        return _token_vectors_not_applicable(acts, out, lexicon, reason)
     matches = None
     lex_rows = []
     if tokens.tokens is not None:
@@ -281,10 +283,9 @@ def token_vectors_step(
         "token_status": tokens.status,
     }
     result.files["vectors"] = write_safetensors(tensors, out / "token_vectors.safetensors", meta)
-    table = frame(rows)
+    table = frame(rows, TOKEN_VECTOR_SCHEMA)
     result.table("token_vectors", table, out / "token_vectors.parquet")
-    lex_schema = {"model": pl.String, "emotion": pl.String, "token": pl.String, "count": pl.Int64}
-    result.table("lexicon_tokens", frame(lex_rows, lex_schema), out / "lexicon_tokens.parquet")
+    result.table("lexicon_tokens", frame(lex_rows, LEXICON_SCHEMA), out / "lexicon_tokens.parquet")
     result.summary["token_status"] = tokens.status
     result.summary["first_token_only_sentences"] = int(np.sum(lengths == 1))
     if matches is not None:
@@ -296,6 +297,42 @@ def token_vectors_step(
         result.summary[f"{acts.kinds[0]}/L{layer}/mean_word_vs_sentence_end_cosine"] = (
             float(at.mean()) if len(at) else float("nan")
         )
+    return result
+
+
+TOKEN_VECTOR_SCHEMA = {
+    "model": pl.String,
+    "kind": pl.String,
+    "layer": pl.Int64,
+    "emotion": pl.String,
+    "source": pl.String,
+    "n_tokens": pl.Int64,
+    "n_sentences": pl.Int64,
+    "cosine_centred": pl.Float64,
+    "cosine_raw": pl.Float64,
+    "cosine_with_content_mean_centred": pl.Float64,
+}
+LEXICON_SCHEMA = {"model": pl.String, "emotion": pl.String, "token": pl.String, "count": pl.Int64}
+
+
+def _token_vectors_not_applicable(
+    acts: ModelActivations, out: Path, lexicon: Mapping[str, Sequence[str]], reason: str
+) -> StepResult:
+    """`token_vectors_step` on files without every token: the same files, with no rows and no tensors, and the
+    reason as the token status (in the safetensors metadata, the step's summary and notes, and so the report)."""
+    result = StepResult()
+    status = f"not applicable: {reason}"
+    meta = {
+        **acts.keys(),
+        "kinds": json.dumps(list(acts.kinds)),
+        "lexicon": json.dumps(lexicon, sort_keys=True),
+        "token_status": status,
+    }
+    result.files["vectors"] = write_safetensors({}, out / "token_vectors.safetensors", meta)
+    result.table("token_vectors", frame([], TOKEN_VECTOR_SCHEMA), out / "token_vectors.parquet")
+    result.table("lexicon_tokens", frame([], LEXICON_SCHEMA), out / "lexicon_tokens.parquet")
+    result.summary["token_status"] = status
+    result.notes.append(f"{acts.slug}: token vectors {status}")
     return result
 
 
