@@ -15,6 +15,8 @@ that repetition's extraction and the median is reported, because the machine is 
 8. batch-size sweep (16/32/64 by default): floor and extraction, interleaved;
 9-11. the paper models' full-size stand-ins, cold processes (`benchmarks.paper`): the paper profile against its
    forward floor, the extract CLI against a TransformerLens script, and a cold process's fixed costs.
+scale. the whole offline graph (minilm + tiny-gpt2) at 1k, 10k and 100k synthetic sentences: seconds per step,
+   peak RSS of the process tree (`benchmarks.scale`; also `python -m benchmarks.scale`).
 
 Prints a table and writes `results/bench/bench-<UTC time>.json` and `results/bench/latest.json` (atomically).
 """
@@ -50,7 +52,7 @@ from benchmarks.common import (
 )
 from emo_assets.core.dtypes import DTYPES
 
-SKIPPABLE = ("seed", "tl", "nnsight", "bf16", "sweep", "rss", "graph", "paper", "cli-tl", "fixed")
+SKIPPABLE = ("seed", "tl", "nnsight", "bf16", "sweep", "rss", "graph", "paper", "cli-tl", "fixed", "scale")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -381,6 +383,11 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
         rows += paper_rows(args, skip, work_dir)
+        if "scale" not in skip and args.device == "cpu":
+            from benchmarks.scale import scale_row
+
+            _echo("scale: the whole offline graph at 1k, 10k and 100k synthetic sentences (subprocesses)")
+            rows.append(scale_row(work_dir))
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     meta["loadavg_end"] = loadavg()
