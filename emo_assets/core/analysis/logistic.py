@@ -66,7 +66,7 @@ def fit_multinomial(
     L, K = onehot.shape[1:3]
     counts = rows.sum(axis=1)[:, None]
     # the intercept is the coefficient of a last feature that is 1 on every training row, with no penalty
-    X = np.concatenate([features, rows[:, :, None]], axis=2).astype(np.float64)
+    X = np.concatenate([features, rows[:, :, None]], axis=2).astype(np.float64, copy=False)
     XT = np.ascontiguousarray(X.transpose(0, 2, 1))
     penalty = np.append(np.full(r, 1 / C), 0.0)
     weight = rows[:, None, None, :].astype(np.float64)

@@ -78,12 +78,13 @@ def shuffled_labels(y: np.ndarray, seed: int = 0) -> np.ndarray:
 def row_space_features(X: np.ndarray, train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(training, test) features of one fold: the rows standardised with the training fold's mean and std
     (ddof 0, a constant column keeps scale 1, as `StandardScaler`), in `row_space` coordinates."""
-    X_train = X[train]
-    mean, std = X_train.mean(axis=0), X_train.std(axis=0)
+    Z_train, Z_test = X[train], X[test]  # copies, standardised in place
+    mean, std = Z_train.mean(axis=0), Z_train.std(axis=0)
     std[std == 0] = 1.0
-    Z = X - mean
-    Z /= std
-    return row_space(Z[train], Z[test])
+    for Z in (Z_train, Z_test):
+        Z -= mean
+        Z /= std
+    return row_space(Z_train, Z_test)
 
 
 def row_space(Z_train: np.ndarray, Z_test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -168,12 +169,14 @@ def _fit_folds(
     n = max(len(folds[b][0]) for b, _ in group)
     r = max(F_train.shape[1] for _, (F_train, _) in group)
     n_classes = int(max(labels.max() for labels in labelings)) + 1
-    batch = np.zeros((len(group), n, r))
+    # a group of one fold needs no padding: its features are the batch as they are
+    batch = group[0][1][0][None] if len(group) == 1 else np.zeros((len(group), n, r))
     onehot = np.zeros((len(group), len(labelings), n_classes, n))
     rows = np.zeros((len(group), n))
     for g, (b, (F_train, _)) in enumerate(group):
         train = folds[b][0]
-        batch[g, : len(train), : F_train.shape[1]] = F_train
+        if len(group) > 1:
+            batch[g, : len(train), : F_train.shape[1]] = F_train
         rows[g, : len(train)] = 1
         for j, labels in enumerate(labelings):
             onehot[g, j, labels[train], np.arange(len(train))] = 1
