@@ -43,7 +43,7 @@ import polars as pl
 
 from emo_assets.core.analysis import layerwise
 from emo_assets.core.analysis.blas import side_by_side, single_blas_thread
-from emo_assets.core.analysis.labels import DEFAULT_EMOTIONS, as_float64_2d, encode_labels
+from emo_assets.core.analysis.labels import DEFAULT_EMOTIONS, encode_labels
 from emo_assets.core.analysis.logistic import fit_multinomial
 
 Folds = list[tuple[np.ndarray, np.ndarray]]
@@ -78,7 +78,7 @@ def shuffled_labels(y: np.ndarray, seed: int = 0) -> np.ndarray:
 def row_space_features(X: np.ndarray, train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(training, test) features of one fold: the rows standardised with the training fold's mean and std
     (ddof 0, a constant column keeps scale 1, as `StandardScaler`), in `row_space` coordinates."""
-    Z_train, Z_test = X[train], X[test]  # copies, standardised in place
+    Z_train, Z_test = (np.asarray(X[rows], dtype=np.float64) for rows in (train, test))  # standardised in place
     mean, std = Z_train.mean(axis=0), Z_train.std(axis=0)
     std[std == 0] = 1.0
     for Z in (Z_train, Z_test):
@@ -210,8 +210,8 @@ def probe_layers(
 ) -> ProbeResults:
     """Probe every layer of every activation kind.
 
-    `activations`: kind (e.g. "residual", "mlp") -> [n_layers, n_sentences, d] (layers converted to float64
-    one at a time). `labels` / `texts`: per sentence, same order. Without `texts` the bow columns are null.
+    `activations`: kind (e.g. "residual", "mlp") -> [n_layers, n_sentences, d] (an array or a lazy stack;
+    read a layer at a time, each fold's rows converted to float64). `labels` / `texts`: per sentence, same order. Without `texts` the bow columns are null.
     Table columns: kind, layer, accuracy_mean, accuracy_std, control_mean, control_std, selectivity,
     bow_mean, bow_std, accuracy_minus_bow, chance, n_samples, n_folds, converged.
     """
@@ -230,7 +230,10 @@ def probe_layers(
         layers += [(kind, layer) for layer in range(len(X_layers))]
 
     def probe(kind_layer: tuple[str, int]) -> list[CVScore]:
-        X = as_float64_2d(activations[kind_layer[0]][kind_layer[1]])
+        # the layer as stored (float32): each fold's rows become float64 in `row_space_features`
+        X = np.asarray(activations[kind_layer[0]][kind_layer[1]])
+        if X.ndim != 2:
+            raise ValueError(f"{kind_layer[0]} layer {kind_layer[1]} must be 2-D [n, d], got shape {X.shape}")
         return cross_validate_labelings(row_space_features, X, (y, y_control), folds, settings)
 
     scores = [future.result() for future in side_by_side(probe, layers)]
