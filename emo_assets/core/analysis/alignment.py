@@ -50,18 +50,6 @@ from emo_assets.core.analysis.subspaces import (
 )
 
 
-def _centre(X: np.ndarray, name: str) -> np.ndarray:
-    X = as_float64_2d(X, name)
-    return X - X.mean(axis=0)
-
-
-def _gram(X: np.ndarray, name: str, debiased: bool) -> np.ndarray:
-    """Centred (debiased=False) or U-centred (debiased=True) linear Gram matrix of X [n, d]."""
-    Xc = _centre(X, name)
-    K = Xc @ Xc.T
-    return _u_centre(K) if debiased else K
-
-
 def _u_centre(K: np.ndarray) -> np.ndarray:
     """U-centred copy of a Gram matrix (the unbiased HSIC estimator's centring, Song et al. 2012)."""
     n = K.shape[0]
@@ -116,12 +104,18 @@ class LayerSet:
         self._grams: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
         self._norms: dict[int, tuple[np.ndarray, float, float]] = {}
 
-    def centred(self, layer: int) -> np.ndarray:
-        """One layer, float64 with its columns centred [n, d]."""
-        X = _centre(self.layers[layer], self.name)
-        if len(X) != self.n_sentences:
-            raise ValueError(f"every layer of {self.name} must hold the same sentences")
-        return X
+    def centred(self, layer: int, out: np.ndarray | None = None) -> np.ndarray:
+        """One layer, float64 with its columns centred [n, d], written into `out` when it has that shape: the
+        feature path reuses two buffers for all its layers, as a fresh array of 100k x 384 floats costs more in
+        page faults than its centring."""
+        source = np.asarray(self.layers[layer])
+        if source.ndim != 2 or len(source) != self.n_sentences:
+            raise ValueError(f"every layer of {self.name} must hold the same sentences, as [n, d]: {source.shape}")
+        if out is None or out.shape != source.shape:
+            out = np.empty(source.shape)
+        np.copyto(out, source)
+        out -= out.mean(axis=0)
+        return out
 
     def gram(self, layer: int) -> tuple[np.ndarray, np.ndarray | None]:
         """The layer's centred and U-centred (None below 4 sentences) Gram matrices, flattened, of unit norm."""
@@ -157,6 +151,7 @@ class LayerSet:
         plain = np.full((self.n_layers, other.n_layers), np.nan)
         debiased = plain.copy()
         same = other is self
+        X = Y = None  # the buffers of the feature path
         for la in range(self.n_layers):
             pairs = range(la if same else 0, other.n_layers)
             gram_pairs = [lb for lb in pairs if self._uses_grams(other, la, lb)]
@@ -166,12 +161,15 @@ class LayerSet:
                 plain[la, lb] = ka @ kb
                 debiased[la, lb] = ua @ ub if ua is not None and ub is not None else np.nan
             if feature_pairs:
-                X = self.centred(la)
+                X = self.centred(la, X)
                 sq_x, norm_x, unbiased_x = self.norms(la, X)
                 for lb in feature_pairs:
-                    Y = X if same and lb == la else other.centred(lb)
-                    sq_y, norm_y, unbiased_y = other.norms(lb, Y)
-                    cross = float(np.sum((Y.T @ X) ** 2))
+                    if same and lb == la:
+                        cross, (sq_y, norm_y, unbiased_y) = norm_x**2, (sq_x, norm_x, unbiased_x)
+                    else:
+                        Y = other.centred(lb, Y)
+                        sq_y, norm_y, unbiased_y = other.norms(lb, Y)
+                        cross = float(np.sum((Y.T @ X) ** 2))
                     with np.errstate(invalid="ignore", divide="ignore"):
                         plain[la, lb] = cross / (norm_x * norm_y) if norm_x * norm_y > 0 else np.nan
                         if self.n_sentences >= 4:

@@ -116,7 +116,10 @@ def cross_model_alignment_step(
     heatmap: dict[tuple[str, str], np.ndarray] = {}
     with one_blas_thread():
         for kind in kinds:
-            X = {slug: acts.sentence_end_layers(kind, rows_of[slug]) for slug, acts in models.items()}
+            X = {
+                slug: acts.sentence_end_layers(kind, _unless_all(rows_of[slug], acts.n_sentences))
+                for slug, acts in models.items()
+            }
             layer_sets = {slug: LayerSet(X[slug], slug) for slug in slugs}
             cos, subspaces = {}, {}
             for slug, acts in models.items():
@@ -205,6 +208,11 @@ def cross_model_alignment_step(
         result.summary["subspace_overlap_mean"] = float(overlap["overlap"].mean())
         result.summary["subspace_random_overlap_mean"] = float(overlap["random_overlap_mean"].mean())
     return result
+
+
+def _unless_all(rows: np.ndarray, n_sentences: int) -> np.ndarray | None:
+    """`rows`, or None when they are all `n_sentences` in order (a layer is then read without another copy)."""
+    return None if np.array_equal(rows, np.arange(n_sentences)) else rows
 
 
 def _stored_outputs(
