@@ -47,6 +47,9 @@ from emo_assets.core.analysis.labels import DEFAULT_EMOTIONS, encode_labels
 from emo_assets.core.analysis.logistic import fit_multinomial
 
 Folds = list[tuple[np.ndarray, np.ndarray]]
+# float64-sized copies of a batch of features that a fit holds (the padded batch, the design matrix and its
+# transpose, their float32 copies, the per-row work arrays): what the folds fitted at once are budgeted by
+SOLVER_COPIES = 6
 
 
 @dataclass(frozen=True)
@@ -143,14 +146,15 @@ def cross_validate_labelings(
 ) -> list[CVScore]:
     """`cross_validate` for several labelings of the same rows (the true labels and the control), on the same
     folds and features: one batched fit (`logistic.fit_multinomial`) for every fold and labeling, or, where the
-    folds' features together exceed `layerwise.CHUNK_BYTES` (tens of thousands of sentences), one per group of
-    folds that fits, so that memory stays that of a few copies of one fold's features."""
+    folds' features, times the copies the solver makes of them, exceed `layerwise.CHUNK_BYTES` (thousands of
+    sentences), one per group of folds that fits, so that memory stays that of a few copies of one fold's
+    features."""
     accuracies = np.zeros((len(labelings), len(folds)))
     converged = np.ones(len(labelings), dtype=bool)
     group: list[tuple[int, tuple[np.ndarray, np.ndarray]]] = []
     for b, (train, test) in enumerate(folds):
         group.append((b, features_of_fold(X, train, test)))
-        size = sum(F_train.size for _, (F_train, _) in group) * 8
+        size = sum(F_train.size for _, (F_train, _) in group) * 8 * SOLVER_COPIES
         if b == len(folds) - 1 or size + size // len(group) > layerwise.CHUNK_BYTES:
             converged &= _fit_folds(group, folds, labelings, settings, accuracies)
             group = []
