@@ -1,23 +1,31 @@
 """Build one-row-per-sentence (positions = sentence_end) activation files of N sentences from a graph run's
 all-positions files (each emotion's sentence-end rows repeated with N(0, 0.01^2) noise), then time the analysis
-steps in-process and report peak RSS. Usage: sim_sentence_end.py SRC_RESULTS N WORK"""
-import json, sys, time, resource
+steps in-process and report peak RSS. Usage: PYTHONPATH=. python benchmarks/results/analysis-sentence-end-2026-12-05.py SRC_RESULTS N WORK"""
+
+import dataclasses
+import subprocess
+import sys
 from pathlib import Path
+
 import numpy as np
+
+from benchmarks.sentences import synthetic_sentences, write_dataset
 from emo_assets.core.activations import ActivationFile, write_activation_file
 from emo_assets.core.paths import activation_dir, activation_file
-from benchmarks.sentences import write_dataset, synthetic_sentences
-E=("gratitude","anger","apology","neutral")
+
+E = ("gratitude", "anger", "apology", "neutral")
 src, N, work = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
-results = work/"results"; work.mkdir(parents=True, exist_ok=True)
-dataset = write_dataset(work/"data.jsonl", N)
-ids = {e:[r["id"] for r in synthetic_sentences(N) if r["emotion"]==e] for e in E}
+results = work / "results"
+work.mkdir(parents=True, exist_ok=True)
+dataset = write_dataset(work / "data.jsonl", N)
+ids = {e: [r["id"] for r in synthetic_sentences(N) if r["emotion"] == e] for e in E}
 rng = np.random.default_rng(0)
-for slug in (() if (results/"synthetic").is_dir() else ("minilm","tiny-gpt2")):
+for slug in () if (results / "synthetic").is_dir() else ("minilm", "tiny-gpt2"):
     for e in E:
-        full = ActivationFile(activation_file(activation_dir(src,"synthetic",slug), e))
-        ends = full.offsets[1:]-1
-        n = len(ids[e]); reps = -(-n // len(ends))
+        full = ActivationFile(activation_file(activation_dir(src, "synthetic", slug), e))
+        ends = full.offsets[1:] - 1
+        n = len(ids[e])
+        reps = -(-n // len(ends))
         arrays = {}
         for kind in full.kinds:
             base = np.asarray(full.mapped(kind)[:, ends])
@@ -25,14 +33,17 @@ for slug in (() if (results/"synthetic").is_dir() else ("minilm","tiny-gpt2")):
             tiled += rng.standard_normal(tiled.shape, dtype=np.float32) * 0.01
             arrays[kind] = tiled
         hdr = full.header
-        import dataclasses
         hdr = dataclasses.replace(hdr, sentence_ids=tuple(ids[e]))
-        write_activation_file(activation_file(activation_dir(results,"synthetic",slug), e), arrays,
-            offsets=np.arange(n+1, dtype=np.int64), input_ids=np.tile(full.input_ids[ends], reps)[:n], header=hdr)
+        write_activation_file(
+            activation_file(activation_dir(results, "synthetic", slug), e),
+            arrays,
+            offsets=np.arange(n + 1, dtype=np.int64),
+            input_ids=np.tile(full.input_ids[ends], reps)[:n],
+            header=hdr,
+        )
         del arrays
 print("built", flush=True)
-import subprocess
-code = r'''
+code = r"""
 import sys, time, json, resource
 from pathlib import Path
 from emo_assets.core.activations import ActivationFile
@@ -58,5 +69,5 @@ for slug in ("minilm","tiny-gpt2"):
 t=time.perf_counter(); cross_model_alignment_step(models,out,"synthetic"); times["comparisons"]=round(time.perf_counter()-t,2)
 print("comparisons", times["comparisons"], status())
 print(json.dumps({"times": times, "total_s": round(sum(times.values()),2), **status()}))
-'''
-proc = subprocess.run([sys.executable, "-c", code, str(results), str(dataset), str(work/"out")])
+"""
+subprocess.run([sys.executable, "-c", code, str(results), str(dataset), str(work / "out")])
