@@ -5,7 +5,10 @@ and token strings, and where every analysis output lives.
 on open) and concatenates them in emotion order, so that every analysis sees one sentence axis:
 `labels[i]`, `sentence_ids[i]`, `sentence_end(kind)[:, i]` and the token rows `offsets[i]:offsets[i+1]`
 all describe the same sentence. Arrays come back as float32 (stored precision); the math library accumulates
-in float64.
+in float64. The analysis reads them a layer at a time (`sentence_end_layers`, a lazy `LayerStack`), so it
+holds the layers at hand and never the whole [layers, sentences, d] block. Files that store one row per
+sentence (`positions` other than `all`, activation format version 2; `stored_positions`) serve every
+sentence-end analysis; the token-level one reports itself not applicable (`token_level_unavailable`).
 
 Output layout (`results/<variant>/analysis/...`):
 
