@@ -16,7 +16,9 @@ that repetition's extraction and the median is reported, because the machine is 
 9-11. the paper models' full-size stand-ins, cold processes (`benchmarks.paper`): the paper profile against its
    forward floor, the extract CLI against a TransformerLens script, and a cold process's fixed costs;
 12-14. storage (`benchmarks.storage`): bytes per token by capture selection, the disk estimate vs the bytes
-   written, and a killed-and-resumed sharded extraction vs an uninterrupted one.
+   written, and a killed-and-resumed sharded extraction vs an uninterrupted one;
+scale. the whole offline graph (minilm + tiny-gpt2) at 1k, 10k and 100k synthetic sentences: seconds per step,
+   peak RSS of the process tree (`benchmarks.scale`; also `python -m benchmarks.scale`).
 
 Prints a table and writes `results/bench/bench-<UTC time>.json` and `results/bench/latest.json` (atomically).
 """
@@ -52,7 +54,21 @@ from benchmarks.common import (
 )
 from emo_assets.core.dtypes import DTYPES
 
-SKIPPABLE = ("seed", "tl", "nnsight", "bf16", "sweep", "rss", "graph", "paper", "cli-tl", "fixed", "storage", "resume")
+SKIPPABLE = (
+    "seed",
+    "tl",
+    "nnsight",
+    "bf16",
+    "sweep",
+    "rss",
+    "graph",
+    "paper",
+    "cli-tl",
+    "fixed",
+    "storage",
+    "resume",
+    "scale",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -393,6 +409,11 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
         rows += paper_rows(args, skip, work_dir)
+        if "scale" not in skip and args.device == "cpu":
+            from benchmarks.scale import scale_row
+
+            _echo("scale: the whole offline graph at 1k, 10k and 100k synthetic sentences (subprocesses)")
+            rows.append(scale_row(work_dir))
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     meta["loadavg_end"] = loadavg()

@@ -10,13 +10,23 @@ Linear CKA of centred X [n, d1], Y [n, d2]:
 
     CKA = ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F) = <K, L>_F / (||K||_F ||L||_F),  K = X X^T, L = Y Y^T
 
-The second (n x n Gram) form is used when max(d1, d2) > n: it costs O(n^2 d) instead of O(n d1 d2).
+The first (feature-space) form costs O(n d1 d2) time and O(d1 d2) memory beyond the data; it is used whenever
+the sentences outnumber both widths. The second (n x n Gram) form costs O(n^2 d) and n^2 memory per layer, and
+is used only where n <= max(d1, d2), where it is the cheaper one.
 
 Caveat for d > n: the plain (biased) estimator is far from 0 for unrelated representations - two independent
 isotropic Gaussian matrices of 280 x 768 give CKA ~0.73, because both centred Gram matrices are then close to
 a multiple of the centring matrix. `debiased=True` replaces the HSIC estimates by their unbiased U-statistic
 versions (Song et al. 2012, as in Kornblith's reference code), which puts unrelated representations near 0
 and keeps CKA(X, X R s) = 1; report it next to the plain value when comparing models at d = 768.
+
+The unbiased HSIC has an exact feature-space form too. With K = X X^T, L = Y Y^T (centred X, Y) and K~, L~
+their copies with zero diagonal, the inner product of the U-centred Gram matrices is
+
+    n (n - 3) HSIC_u = tr(K~ L~) + (1^T K~ 1)(1^T L~ 1) / ((n-1)(n-2)) - 2/(n-2) 1^T K~ L~ 1
+    tr(K~ L~) = ||X^T Y||_F^2 - sum_i ||x_i||^2 ||y_i||^2,   1^T K~ 1 = -sum_i ||x_i||^2,   K~ 1 = -(||x_i||^2)_i
+
+(the last two because the columns are centred), so the debiased CKA costs what the plain one does.
 
 Cross-model subspace overlap compares the raw coordinate systems of two models, which are unrelated unless a
 map is fitted between them, so raw values sit close to chance. It is
@@ -40,18 +50,6 @@ from emo_assets.core.analysis.subspaces import (
 )
 
 
-def _centre(X: np.ndarray, name: str) -> np.ndarray:
-    X = as_float64_2d(X, name)
-    return X - X.mean(axis=0)
-
-
-def _gram(X: np.ndarray, name: str, debiased: bool) -> np.ndarray:
-    """Centred (debiased=False) or U-centred (debiased=True) linear Gram matrix of X [n, d]."""
-    Xc = _centre(X, name)
-    K = Xc @ Xc.T
-    return _u_centre(K) if debiased else K
-
-
 def _u_centre(K: np.ndarray) -> np.ndarray:
     """U-centred copy of a Gram matrix (the unbiased HSIC estimator's centring, Song et al. 2012)."""
     n = K.shape[0]
@@ -67,6 +65,133 @@ def _u_centre(K: np.ndarray) -> np.ndarray:
     return K
 
 
+def _unbiased_hsic(cross: float, sq_x: np.ndarray, sq_y: np.ndarray) -> float:
+    """n (n - 3) times the unbiased HSIC of centred X, Y (the inner product of their U-centred Gram matrices)
+    from `cross` = ||X^T Y||_F^2 and the squared row norms: the feature-space form of the module doc, where
+    centred columns make 1^T K~ 1 = -sum ||x_i||^2 and K~ 1 = -(||x_i||^2)_i."""
+    n = len(sq_x)
+    both = float(sq_x @ sq_y)
+    return cross - both + float(sq_x.sum()) * float(sq_y.sum()) / ((n - 1) * (n - 2)) - 2 * both / (n - 2)
+
+
+FORMS = ("auto", "gram", "features")
+
+
+class LayerSet:
+    """One model's layers for linear CKA against another model's (or its own) layers on the same sentences.
+
+    `X_layers`: [n_layers, n_sentences, d] - an array, a list of [n, d_layer] arrays (widths may differ), or any
+    sequence with `.shape` whose `[layer]` reads one layer (`inputs.LayerStack`), so that only the layers at hand
+    are in memory. A layer pair is computed in the feature space (d1 x d2 cross-covariance, O(n d1 d2) time,
+    O(n d) memory) when the sentences outnumber both widths, else from the n x n Gram matrices, which are built
+    once per layer and kept (they are small exactly then). `form` forces one path ("gram" / "features")."""
+
+    def __init__(self, X_layers, name: str = "X", form: str = "auto"):
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+        shape = getattr(X_layers, "shape", None)
+        if shape is not None and len(shape) != 3:
+            raise ValueError(f"{name} must be [n_layers, n_sentences, d], got shape {tuple(shape)}")
+        self.layers, self.name, self.form = X_layers, name, form
+        self.n_layers = len(X_layers)
+        if shape is not None:
+            self.n_sentences, self.widths = int(shape[1]), [int(shape[2])] * self.n_layers
+        else:
+            self.n_sentences = len(X_layers[0]) if self.n_layers else 0
+            self.widths = [int(np.shape(layer)[-1]) for layer in X_layers]
+            if any(len(layer) != self.n_sentences for layer in X_layers):
+                raise ValueError(f"every layer of {name} must hold the same sentences")
+        self._grams: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+        self._norms: dict[int, tuple[np.ndarray, float, float]] = {}
+
+    def centred(self, layer: int, out: np.ndarray | None = None) -> np.ndarray:
+        """One layer, float64 with its columns centred [n, d], written into `out` when it has that shape: the
+        feature path reuses two buffers for all its layers, as a fresh array of 100k x 384 floats costs more in
+        page faults than its centring."""
+        source = np.asarray(self.layers[layer])
+        if source.ndim != 2 or len(source) != self.n_sentences:
+            raise ValueError(f"every layer of {self.name} must hold the same sentences, as [n, d]: {source.shape}")
+        if out is None or out.shape != source.shape:
+            out = np.empty(source.shape)
+        np.copyto(out, source)
+        out -= out.mean(axis=0)
+        return out
+
+    def gram(self, layer: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """The layer's centred and U-centred (None below 4 sentences) Gram matrices, flattened, of unit norm."""
+        if layer not in self._grams:
+            K = self.centred(layer)
+            K = K @ K.T
+            self._grams[layer] = (_unit(K), _unit(_u_centre(K)) if self.n_sentences >= 4 else None)
+        return self._grams[layer]
+
+    def norms(self, layer: int, X: np.ndarray | None = None) -> tuple[np.ndarray, float, float]:
+        """(squared row norms, ||X^T X||_F, sqrt of the unbiased self-HSIC (times n (n-3))) of the centred layer."""
+        if layer not in self._norms:
+            X = self.centred(layer) if X is None else X
+            sq = np.einsum("ij,ij->i", X, X)
+            self_cross = float(np.sum((X.T @ X) ** 2))
+            unbiased = _unbiased_hsic(self_cross, sq, sq) if self.n_sentences >= 4 else float("nan")
+            self._norms[layer] = (sq, np.sqrt(self_cross), np.sqrt(max(unbiased, 0.0)))
+        return self._norms[layer]
+
+    def _uses_grams(self, other: LayerSet, la: int, lb: int) -> bool:
+        if self.form != "auto":
+            return self.form == "gram"
+        return self.n_sentences <= max(self.widths[la], other.widths[lb])
+
+    def ckas(self, other: LayerSet) -> tuple[np.ndarray, np.ndarray]:
+        """Plain and debiased linear CKA [self's layers, other's layers] (see `cka_matrix`); the debiased one is
+        NaN below 4 sentences. Pairs of a set with itself are computed once per unordered pair."""
+        if self.n_sentences != other.n_sentences:
+            raise ValueError(
+                "every layer of both models must hold the same sentences; row counts: "
+                f"{sorted({self.n_sentences, other.n_sentences})}"
+            )
+        plain = np.full((self.n_layers, other.n_layers), np.nan)
+        debiased = plain.copy()
+        same = other is self
+        X = Y = None  # the buffers of the feature path
+        for la in range(self.n_layers):
+            pairs = range(la if same else 0, other.n_layers)
+            gram_pairs = [lb for lb in pairs if self._uses_grams(other, la, lb)]
+            feature_pairs = [lb for lb in pairs if lb not in gram_pairs]
+            for lb in gram_pairs:
+                (ka, ua), (kb, ub) = self.gram(la), other.gram(lb)
+                plain[la, lb] = ka @ kb
+                debiased[la, lb] = ua @ ub if ua is not None and ub is not None else np.nan
+            if feature_pairs:
+                X = self.centred(la, X)
+                sq_x, norm_x, unbiased_x = self.norms(la, X)
+                for lb in feature_pairs:
+                    if same and lb == la:
+                        cross, (sq_y, norm_y, unbiased_y) = norm_x**2, (sq_x, norm_x, unbiased_x)
+                    else:
+                        Y = other.centred(lb, Y)
+                        sq_y, norm_y, unbiased_y = other.norms(lb, Y)
+                        cross = float(np.sum((Y.T @ X) ** 2))
+                    with np.errstate(invalid="ignore", divide="ignore"):
+                        plain[la, lb] = cross / (norm_x * norm_y) if norm_x * norm_y > 0 else np.nan
+                        if self.n_sentences >= 4:
+                            scale = unbiased_x * unbiased_y
+                            debiased[la, lb] = _unbiased_hsic(cross, sq_x, sq_y) / scale if scale > 0 else np.nan
+        if same:
+            lower = np.tril_indices(self.n_layers, k=-1)
+            plain[lower], debiased[lower] = plain.T[lower], debiased.T[lower]
+        return np.clip(plain, 0.0, 1.0), np.clip(debiased, -1.0, 1.0)
+
+    def cka(self, other: LayerSet, *, debiased: bool = False) -> np.ndarray:
+        """Linear CKA [self's layers, other's layers], plain or debiased (see `ckas`)."""
+        if debiased and self.n_sentences < 4:
+            raise ValueError(f"debiased CKA needs at least 4 samples, got {self.n_sentences}")
+        return self.ckas(other)[1 if debiased else 0]
+
+
+def _unit(K: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(K)
+    return (K / norm if norm > 0 else np.full_like(K, np.nan)).ravel()
+
+
 @single_blas_thread
 def linear_cka(X: np.ndarray, Y: np.ndarray, *, debiased: bool = False) -> float:
     """Linear CKA between two activation matrices for the same n sentences (rows); columns are centred here.
@@ -76,59 +201,7 @@ def linear_cka(X: np.ndarray, Y: np.ndarray, *, debiased: bool = False) -> float
     X, Y = as_float64_2d(X, "X"), as_float64_2d(Y, "Y")
     if X.shape[0] != Y.shape[0]:
         raise ValueError(f"X and Y must have the same rows (sentences): {X.shape[0]} vs {Y.shape[0]}")
-    if debiased or max(X.shape[1], Y.shape[1]) > X.shape[0]:
-        K, L = _gram(X, "X", debiased), _gram(Y, "Y", debiased)
-        hsic, nx, ny = np.sum(K * L), np.linalg.norm(K), np.linalg.norm(L)
-    else:
-        Xc, Yc = _centre(X, "X"), _centre(Y, "Y")
-        hsic = np.linalg.norm(Yc.T @ Xc) ** 2
-        nx, ny = np.linalg.norm(Xc.T @ Xc), np.linalg.norm(Yc.T @ Yc)
-    if nx == 0 or ny == 0:
-        return float("nan")
-    return float(hsic / (nx * ny))
-
-
-class LayerGrams:
-    """One model's layers as flattened Gram matrices of unit Frobenius norm, centred (`plain`) and U-centred
-    (`debiased`; None below 4 sentences), each [n_layers, n*n]; a constant layer gives a NaN row.
-
-    Computed once per model and shared by every model pair: the CKA of all layer pairs of two models is then
-    one matrix product of their rows. Each layer's centred Gram matrix serves both estimators."""
-
-    def __init__(self, X_layers: np.ndarray | Sequence[np.ndarray], name: str = "X"):
-        if isinstance(X_layers, np.ndarray) and X_layers.ndim != 3:
-            raise ValueError(f"{name} must be [n_layers, n_sentences, d], got shape {X_layers.shape}")
-        self.n_sentences = len(X_layers[0]) if len(X_layers) else 0
-        plain, debiased = [], []
-        for layer in range(len(X_layers)):
-            if len(X_layers[layer]) != self.n_sentences:
-                raise ValueError(f"every layer of {name} must hold the same sentences")
-            K = _gram(X_layers[layer], name, debiased=False)
-            plain.append(_unit(K))
-            if self.n_sentences >= 4:
-                debiased.append(_unit(_u_centre(K)))
-        self.plain = np.stack(plain)
-        self.debiased = np.stack(debiased) if self.n_sentences >= 4 else None
-
-    def cka(self, other: LayerGrams, *, debiased: bool = False) -> np.ndarray:
-        """Linear CKA [self's layers, other's layers] (see `cka_matrix`)."""
-        if self.n_sentences != other.n_sentences:
-            raise ValueError(
-                "every layer of both models must hold the same sentences; row counts: "
-                f"{sorted({self.n_sentences, other.n_sentences})}"
-            )
-        if debiased:
-            if self.debiased is None or other.debiased is None:
-                raise ValueError(f"debiased CKA needs at least 4 samples, got {self.n_sentences}")
-            M = self.debiased @ other.debiased.T
-        else:
-            M = self.plain @ other.plain.T
-        return np.clip(M, -1.0 if debiased else 0.0, 1.0)
-
-
-def _unit(K: np.ndarray) -> np.ndarray:
-    norm = np.linalg.norm(K)
-    return (K / norm if norm > 0 else np.full_like(K, np.nan)).ravel()
+    return float(LayerSet([X], "X").cka(LayerSet([Y], "Y"), debiased=debiased)[0, 0])
 
 
 @single_blas_thread
@@ -137,13 +210,14 @@ def cka_matrix(
     B_layers: np.ndarray | Sequence[np.ndarray],
     *,
     debiased: bool = False,
+    form: str = "auto",
 ) -> np.ndarray:
     """Linear CKA for every layer pair: A [La, n, da], B [Lb, n, db] -> [La, Lb] (rows: A's layers).
 
-    A and B may also be lists of [n, d_layer] arrays (widths may differ between layers). Each layer's Gram
-    matrix is computed once, so the cost is O((La + Lb) n^2 d + La Lb n^2); with several models, build one
-    `LayerGrams` per model and pair those instead."""
-    return LayerGrams(A_layers, "A").cka(LayerGrams(B_layers, "B"), debiased=debiased)
+    A and B may also be lists of [n, d_layer] arrays (widths may differ between layers). Each pair costs
+    O(n da db) in the feature space, or O(n^2) once the Gram matrices (O(n^2 d) per layer) exist when n is at
+    most the larger width; with several models, build one `LayerSet` per model and pair those instead."""
+    return LayerSet(A_layers, "A", form).cka(LayerSet(B_layers, "B", form), debiased=debiased)
 
 
 @dataclass(frozen=True)

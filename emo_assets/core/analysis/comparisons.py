@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from emo_assets.core.analysis.alignment import LayerGrams, cross_model_subspace_rows, rsa_matrix
+from emo_assets.core.analysis.alignment import LayerSet, cross_model_subspace_rows, rsa_matrix
 from emo_assets.core.analysis.blas import one_blas_thread
 from emo_assets.core.analysis.inputs import (
     ModelActivations,
@@ -32,6 +32,7 @@ from emo_assets.core.analysis.inputs import (
     model_analysis_dir,
     reference_emotion,
 )
+from emo_assets.core.analysis.layerwise import layer_chunks
 from emo_assets.core.analysis.model_analysis import StepResult
 from emo_assets.core.analysis.plots import plot_cka_heatmaps
 from emo_assets.core.analysis.subspaces import DEFAULT_K, Subspace, emotion_subspaces_by_layer
@@ -115,8 +116,11 @@ def cross_model_alignment_step(
     heatmap: dict[tuple[str, str], np.ndarray] = {}
     with one_blas_thread():
         for kind in kinds:
-            X = {slug: acts.sentence_end(kind)[:, rows_of[slug]] for slug, acts in models.items()}
-            grams = {slug: LayerGrams(X[slug], slug) for slug in slugs}
+            X = {
+                slug: acts.sentence_end_layers(kind, _unless_all(rows_of[slug], acts.n_sentences))
+                for slug, acts in models.items()
+            }
+            layer_sets = {slug: LayerSet(X[slug], slug) for slug in slugs}
             cos, subspaces = {}, {}
             for slug, acts in models.items():
                 stored = _stored_outputs(Path(results_dir), acts, kind, X[slug], rows_of[slug], labels, emotions, k)
@@ -127,7 +131,7 @@ def cross_model_alignment_step(
                 else:
                     cos[slug], subspaces[slug] = stored
             for a, b in itertools.combinations_with_replacement(slugs, 2):
-                plain, debiased = grams[a].cka(grams[b]), grams[a].cka(grams[b], debiased=True)
+                plain, debiased = layer_sets[a].ckas(layer_sets[b])
                 pearson, spearman, n_pairs = rsa_matrix(cos[a], cos[b])
                 matched = set(matched_layers(len(X[a]), len(X[b])))
                 for la, lb in itertools.product(range(len(X[a])), range(len(X[b]))):
@@ -206,6 +210,11 @@ def cross_model_alignment_step(
     return result
 
 
+def _unless_all(rows: np.ndarray, n_sentences: int) -> np.ndarray | None:
+    """`rows`, or None when they are all `n_sentences` in order (a layer is then read without another copy)."""
+    return None if np.array_equal(rows, np.arange(n_sentences)) else rows
+
+
 def _stored_outputs(
     results_dir: Path,
     acts: ModelActivations,
@@ -219,7 +228,7 @@ def _stored_outputs(
     """One model's centred emotion cosine matrix and emotion subspaces per layer of `kind`, read from its
     `emotion_vectors` and `emotion_subspaces` outputs instead of computed again, or why they do not fit.
 
-    `X` [n_layers, n, d] holds the model's `rows` compared here, labelled `labels`. They must be all of its
+    `X` [n_layers, n, d] (an array or a lazy stack) holds the model's `rows` compared here, labelled `labels`. They must be all of its
     sentences with its own labels and emotion order, the files must have been written for the same model,
     dataset, emotions, reference and k, and their emotion means must be those of `X` (up to summation order):
     files of other activations are never used."""
@@ -240,7 +249,12 @@ def _stored_outputs(
             return f"{path} was written for other activations or settings"
         tensors.update(stored)
     y = np.asarray(labels)
-    means = np.stack([X[:, y == emotion].mean(axis=1, dtype=np.float64) for emotion in emotions], axis=1)
+    means = np.concatenate(
+        [
+            np.stack([chunk[:, y == emotion].mean(axis=1, dtype=np.float64) for emotion in emotions], axis=1)
+            for _, chunk in layer_chunks(X)
+        ]
+    )
     tolerance = 1e-9 * max(float(np.abs(means).max()), 1.0)
     stored_means = tensors.get(f"{kind}/means")
     if stored_means is None or stored_means.shape != means.shape or np.abs(stored_means - means).max() > tolerance:

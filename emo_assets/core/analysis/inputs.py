@@ -5,7 +5,10 @@ and token strings, and where every analysis output lives.
 on open) and concatenates them in emotion order, so that every analysis sees one sentence axis:
 `labels[i]`, `sentence_ids[i]`, `sentence_end(kind)[:, i]` and the token rows `offsets[i]:offsets[i+1]`
 all describe the same sentence. Arrays come back as float32 (stored precision); the math library accumulates
-in float64.
+in float64. The analysis reads them a layer at a time (`sentence_end_layers`, a lazy `LayerStack`), so it
+holds the layers at hand and never the whole [layers, sentences, d] block. Files that store one row per
+sentence (`positions` other than `all`, activation format version 2; `stored_positions`) serve every
+sentence-end analysis; the token-level one reports itself not applicable (`token_level_unavailable`).
 
 Output layout (`results/<variant>/analysis/...`):
 
@@ -44,6 +47,7 @@ CROSS_MODEL = "_cross_model"
 CROSS_VARIANT = "_cross_variant"
 KINDS = BASE_KINDS  # the kinds analysed (attn_out, when stored, is left out)
 REPORT_NAME = "report.md"
+ALL_POSITIONS = "all"  # every token of a sentence stored: what the token-level analysis needs
 
 
 # -- paths ------------------------------------------------------------------------------------------------
@@ -124,10 +128,20 @@ class ModelActivations:
     prepend_bos: bool
     texts: list[str] | None = None  # per sentence, when a dataset was given
     notes: list[str] = field(default_factory=list)
+    positions: str = ALL_POSITIONS  # the rows stored per sentence (`stored_positions`)
 
     @property
     def n_sentences(self) -> int:
         return len(self.labels)
+
+    def token_level_unavailable(self) -> str | None:
+        """Why the token-level analysis cannot run on these files, or None when every token is stored."""
+        if self.positions == ALL_POSITIONS:
+            return None
+        return (
+            f"the activation files store positions = {self.positions} (one representative row per sentence, "
+            "not every token); token-level vectors need an extraction with positions = all"
+        )
 
     @property
     def counts(self) -> dict[str, int]:
@@ -181,6 +195,9 @@ class ModelActivations:
                 f"{variant}/{slug}: the emotion files come from different models, shapes or datasets "
                 f"(model_id, revision, n_layers, d_model, dataset_sha256): {facts}"
             )
+        positions = {emotion: stored_positions(f) for emotion, f in files.items()}
+        if len(set(positions.values())) != 1:
+            raise AnalysisInputError(f"{variant}/{slug}: the emotion files store different positions: {positions}")
         common = [k for k in kinds if all(k in f.kinds for f in files.values())]
         if not common:
             raise AnalysisInputError(f"{variant}/{slug}: no activation kind of {list(kinds)} in every file")
@@ -207,6 +224,7 @@ class ModelActivations:
             kinds=tuple(common),
             dataset_sha256=first.header.dataset_sha256 or "",
             prepend_bos=bool(first.header.prepend_bos),
+            positions=positions[emotions[0]],
         )
         if dataset_path is not None:
             acts.attach_texts(dataset_path)
@@ -235,6 +253,17 @@ class ModelActivations:
         self.texts = [by_id[sid].text for sid in self.sentence_ids]
 
     # -- arrays -----------------------------------------------------------------------------------------
+    def sentence_end_layer(self, kind: str, layer: int, rows: np.ndarray | None = None) -> np.ndarray:
+        """Sentence-end activations of one layer: float32 [n_sentences, d_model] (or the sentences `rows`), read
+        from each file's memory map (`ActivationFile.sentence_end`)."""
+        out = np.concatenate([self.files[e].sentence_end(kind, layer) for e in self.emotions])
+        return out if rows is None else out[rows]
+
+    def sentence_end_layers(self, kind: str, rows: np.ndarray | None = None) -> LayerStack:
+        """Every layer's sentence-end activations [n_layers, n_sentences, d_model] as a `LayerStack`, which reads a
+        layer only when it is asked for."""
+        return LayerStack(self, kind, rows)
+
     def sentence_end(self, kind: str) -> np.ndarray:
         """Sentence-end activations of every layer: float32 [n_layers, n_sentences, d_model]."""
         out = np.empty((self.n_layers, self.n_sentences, self.d_model), dtype=np.float32)
@@ -272,6 +301,34 @@ class ModelActivations:
             "n_layers": str(self.n_layers),
             "d_model": str(self.d_model),
         }
+
+
+def stored_positions(file: ActivationFile) -> str:
+    """Which rows of each sentence a file stores: `all` | `sentence_end` | `mean` | `last:N` (the `positions` of
+    activation format version 2, exposed by the reader); files without it store every token (`all`). With any
+    of them, a sentence's representative row is its last one, which is what `sentence_end_layer` reads."""
+    return str(getattr(file, "positions", None) or getattr(file.header, "positions", None) or ALL_POSITIONS)
+
+
+class LayerStack:
+    """One kind's sentence-end activations of one model seen as [n_layers, n_sentences, d_model] (`shape`, `len`),
+    where `[layer]` reads that layer from the memory-mapped files (float32 [n, d]): the analysis holds the layers
+    at hand, not the whole block (see `layerwise`). `rows` keeps only those sentences, in that order."""
+
+    ndim = 3
+
+    def __init__(self, acts: ModelActivations, kind: str, rows: np.ndarray | None = None) -> None:
+        self.acts, self.kind, self.rows = acts, kind, rows
+        n = acts.n_sentences if rows is None else len(rows)
+        self.shape = (acts.n_layers, n, acts.d_model)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, layer: int) -> np.ndarray:
+        if not isinstance(layer, (int, np.integer)) or not 0 <= layer < len(self):
+            raise IndexError(f"{self.acts.slug}/{self.kind}: layer {layer!r} is not one of 0..{len(self) - 1}")
+        return self.acts.sentence_end_layer(self.kind, int(layer), self.rows)
 
 
 # (path, device, inode, size, mtime in ns, stored checksum) of the files whose data this process has hashed
@@ -378,6 +435,8 @@ def token_strings(
     Without a `tokenizer`, the model folder's `tokenizer.json` is read with the `tokenizers` library first;
     where there is none, or it does not pass the check on its own, transformers' `AutoTokenizer` decides.
     """
+    if (reason := acts.token_level_unavailable()) is not None:
+        return TokenStrings(None, f"not applicable: {reason}")
     ids = acts.input_ids()
     if tokenizer is None:
         try:

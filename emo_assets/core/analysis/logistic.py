@@ -9,7 +9,11 @@ gives scikit-learn's probe. scikit-learn's lbfgs stops once the largest gradient
 smaller `tol` (`probes.ProbeSettings`), where Newton's steps are short.
 
 Method: Newton's method with the Newton step from conjugate gradients on the Hessian-vector product
-(truncated Newton), preconditioned with the Hessian's diagonal, and a backtracking (Armijo) line search.
+(truncated Newton) and a backtracking (Armijo) line search. Conjugate gradients is preconditioned with the
+Hessian's diagonal where the rows are no more than the features (the probes' row-space coordinates), and with
+the class blocks of the Hessian, their curvature averaged over the rows, where the rows outnumber the features
+(`_Problem.preconditioner`): the weaker relative penalty of a large n would otherwise need ever more steps of
+conjugate gradients on correlated features, so the cost grew faster than n.
 Every problem of a batch has its own step sizes and stopping test; the arithmetic is batched in numpy:
 `B` feature matrices, each shared by `L` labelings (a probe and its control), so one matrix product serves
 `L * K` columns. The gradient, the objective and the line search are in float64, so the point where a problem
@@ -62,11 +66,11 @@ def fit_multinomial(
     L, K = onehot.shape[1:3]
     counts = rows.sum(axis=1)[:, None]
     # the intercept is the coefficient of a last feature that is 1 on every training row, with no penalty
-    X = np.concatenate([features, rows[:, :, None]], axis=2).astype(np.float64)
+    X = np.concatenate([features, rows[:, :, None]], axis=2).astype(np.float64, copy=False)
     XT = np.ascontiguousarray(X.transpose(0, 2, 1))
     penalty = np.append(np.full(r, 1 / C), 0.0)
     weight = rows[:, None, None, :].astype(np.float64)
-    problem = _Problem(X, XT, onehot, weight, penalty)
+    problem = _Problem(X, XT, onehot, weight, penalty, covariance_preconditioner=n > r + 1)
     theta = np.zeros((B, L, K, r + 1))
     f, z, P = problem.evaluate(theta)
     converged = np.zeros((B, L), dtype=bool)
@@ -84,11 +88,42 @@ def fit_multinomial(
 class _Problem:
     """The batch's data: X [B, n, m] (features and the intercept's column), onehot, row weights, penalty [m]."""
 
-    def __init__(self, X, XT, onehot, weight, penalty):
+    def __init__(self, X, XT, onehot, weight, penalty, covariance_preconditioner: bool = False):
         self.X, self.XT, self.onehot, self.weight, self.penalty = X, XT, onehot, weight, penalty
         self.X32, self.XT32 = X.astype(np.float32), XT.astype(np.float32)
-        self.X32_sq = self.X32 * self.X32
         self.weight32, self.penalty32 = weight.astype(np.float32), penalty.astype(np.float32)
+        self.eigen = None
+        if covariance_preconditioner:
+            values, vectors = np.linalg.eigh(XT @ X)  # [B, m], [B, m, m]
+            self.eigen = (values.astype(np.float32), vectors.astype(np.float32))
+        else:
+            self.X32_sq = self.X32 * self.X32
+
+    def preconditioner(self, P32: np.ndarray, Pw: np.ndarray):
+        """The map r -> M^-1 r of the conjugate gradients. With fewer features than rows, M_k = a_k X^T X + I / C
+        per class, a_k the class's mean curvature p (1 - p) over the training rows: the Hessian's diagonal
+        blocks with the curvature averaged over the rows, applied in the eigenbasis of X^T X. It takes the
+        correlations between features into account, which the diagonal (Jacobi) preconditioner used otherwise
+        does not; those correlations, not the number of rows, then set how many steps conjugate gradients
+        takes. Both are symmetric positive definite, as conjugate gradients needs."""
+        B, L, K, n = P32.shape
+        curvature = Pw * (1 - P32)
+        if self.eigen is None:
+            m = self.X32.shape[2]
+            diagonal = (curvature.reshape(B, L * K, n) @ self.X32_sq).reshape(B, L, K, m) + self.penalty32
+            diagonal = np.maximum(diagonal, np.finfo(np.float32).tiny)
+            return lambda r: r / diagonal
+        values, vectors = self.eigen
+        m = values.shape[1]
+        mean_curvature = curvature.sum(axis=3) / self.weight32[:, :, 0].sum(axis=2)[:, :, None]  # [B, L, K]
+        scale = 1 / (mean_curvature[..., None] * values[:, None, None, :] + self.penalty32.max())
+        vectors_t = vectors.transpose(0, 2, 1)
+
+        def apply(r: np.ndarray) -> np.ndarray:
+            rotated = (r.reshape(B, L * K, m) @ vectors).reshape(B, L, K, m) * scale
+            return (rotated.reshape(B, L * K, m) @ vectors_t).reshape(B, L, K, m)
+
+        return apply
 
     def evaluate(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Objective [B, L] (sum over rows, so n_b times the mean one), logits and softmax [B, L, K, n]."""
@@ -106,13 +141,11 @@ class _Problem:
         n = P.shape[3]
         P32 = P.astype(np.float32)
         Pw = P32 * self.weight32
-        curvature = Pw * (1 - P32)
-        diagonal = (curvature.reshape(B, L * K, n) @ self.X32_sq).reshape(B, L, K, m) + self.penalty32
-        diagonal = np.maximum(diagonal, np.finfo(np.float32).tiny)
+        precondition = self.preconditioner(P32, Pw)
         on = active.copy()
         residual = (-gradient * on[..., None, None]).astype(np.float32)
         x = np.zeros_like(residual)
-        z = residual / diagonal
+        z = precondition(residual)
         p = z
         rz = np.einsum("blkm,blkm->bl", residual, z)
         target = FORCING * np.sqrt(np.einsum("blkm,blkm->bl", gradient, gradient))
@@ -129,7 +162,7 @@ class _Problem:
             on &= np.sqrt(np.einsum("blkm,blkm->bl", residual, residual)) > target
             if not on.any():
                 break
-            z = residual / diagonal
+            z = precondition(residual)
             rz_next = np.einsum("blkm,blkm->bl", residual, z)
             beta = np.where(on, rz_next / np.where(on, rz, 1), 0).astype(np.float32)[..., None, None]
             rz = rz_next

@@ -87,7 +87,7 @@ def _out_dir(acts: ModelActivations, results_dir: Path) -> Path:
 
 def _vectors_by_layer(kind: str, acts: ModelActivations) -> list[EmotionVectors]:
     return emotion_vectors_by_layer(
-        acts.sentence_end(kind), acts.labels, acts.emotions, reference_emotion(acts.emotions)
+        acts.sentence_end_layers(kind), acts.labels, acts.emotions, reference_emotion(acts.emotions)
     )
 
 
@@ -197,6 +197,8 @@ def token_vectors_step(
     out = _out_dir(acts, results_dir)
     result = StepResult()
     lexicon = {e: list(stems) for e, stems in lexicon.items() if e in acts.emotions}
+    if (reason := acts.token_level_unavailable()) is not None:
+        return _token_vectors_not_applicable(acts, out, lexicon, reason)
     matches = None
     lex_rows = []
     if tokens.tokens is not None:
@@ -281,10 +283,9 @@ def token_vectors_step(
         "token_status": tokens.status,
     }
     result.files["vectors"] = write_safetensors(tensors, out / "token_vectors.safetensors", meta)
-    table = frame(rows)
+    table = frame(rows, TOKEN_VECTOR_SCHEMA)
     result.table("token_vectors", table, out / "token_vectors.parquet")
-    lex_schema = {"model": pl.String, "emotion": pl.String, "token": pl.String, "count": pl.Int64}
-    result.table("lexicon_tokens", frame(lex_rows, lex_schema), out / "lexicon_tokens.parquet")
+    result.table("lexicon_tokens", frame(lex_rows, LEXICON_SCHEMA), out / "lexicon_tokens.parquet")
     result.summary["token_status"] = tokens.status
     result.summary["first_token_only_sentences"] = int(np.sum(lengths == 1))
     if matches is not None:
@@ -296,6 +297,42 @@ def token_vectors_step(
         result.summary[f"{acts.kinds[0]}/L{layer}/mean_word_vs_sentence_end_cosine"] = (
             float(at.mean()) if len(at) else float("nan")
         )
+    return result
+
+
+TOKEN_VECTOR_SCHEMA = {
+    "model": pl.String,
+    "kind": pl.String,
+    "layer": pl.Int64,
+    "emotion": pl.String,
+    "source": pl.String,
+    "n_tokens": pl.Int64,
+    "n_sentences": pl.Int64,
+    "cosine_centred": pl.Float64,
+    "cosine_raw": pl.Float64,
+    "cosine_with_content_mean_centred": pl.Float64,
+}
+LEXICON_SCHEMA = {"model": pl.String, "emotion": pl.String, "token": pl.String, "count": pl.Int64}
+
+
+def _token_vectors_not_applicable(
+    acts: ModelActivations, out: Path, lexicon: Mapping[str, Sequence[str]], reason: str
+) -> StepResult:
+    """`token_vectors_step` on files without every token: the same files, with no rows and no tensors, and the
+    reason as the token status (in the safetensors metadata, the step's summary and notes, and so the report)."""
+    result = StepResult()
+    status = f"not applicable: {reason}"
+    meta = {
+        **acts.keys(),
+        "kinds": json.dumps(list(acts.kinds)),
+        "lexicon": json.dumps(lexicon, sort_keys=True),
+        "token_status": status,
+    }
+    result.files["vectors"] = write_safetensors({}, out / "token_vectors.safetensors", meta)
+    result.table("token_vectors", frame([], TOKEN_VECTOR_SCHEMA), out / "token_vectors.parquet")
+    result.table("lexicon_tokens", frame([], LEXICON_SCHEMA), out / "lexicon_tokens.parquet")
+    result.summary["token_status"] = status
+    result.notes.append(f"{acts.slug}: token vectors {status}")
     return result
 
 
@@ -320,7 +357,7 @@ def emotion_subspaces_step(
 
     with one_blas_thread():
         for kind in acts.kinds:
-            by_layer = emotion_subspaces_by_layer(acts.sentence_end(kind), acts.labels, acts.emotions, k)
+            by_layer = emotion_subspaces_by_layer(acts.sentence_end_layers(kind), acts.labels, acts.emotions, k)
             for layer, subspaces in enumerate(by_layer):
                 if missing := [e for e in acts.emotions if e not in subspaces]:
                     result.notes.append(
@@ -388,7 +425,7 @@ def linear_probes_step(acts: ModelActivations, results_dir: Path, *, cv_folds: i
     result = StepResult()
     settings = ProbeSettings(n_splits=int(cv_folds), seed=int(seed))
     with one_blas_thread():
-        activations = {kind: acts.sentence_end(kind) for kind in acts.kinds}
+        activations = {kind: acts.sentence_end_layers(kind) for kind in acts.kinds}
         probes = probe_layers(activations, acts.labels, acts.texts, acts.emotions, settings)
     table = probes.table.with_columns(pl.lit(acts.slug).alias("model")).select(["model", *probes.table.columns])
     result.table("probes", table, out / "probes.parquet", {"model": acts.slug, "variant": acts.variant})

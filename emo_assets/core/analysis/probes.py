@@ -10,10 +10,12 @@ Design (see the science notes):
   streams, which would otherwise dominate the L2 penalty. When the standardised rows are wider than the
   training fold (d = 768 > 224 sentences), the regression is fitted on their coordinates in the span of the
   training rows instead (`row_space_features`): the L2-regularised minimiser lies in that span and the map is an
-  isometry, so it is the same regression on n_train instead of d features. It is solved by
-  `logistic.fit_multinomial` (scikit-learn's objective, batched Newton-CG) for all folds of a layer and both
-  the true and the control labels at once, to a gradient ten times smaller than where scikit-learn's lbfgs
-  stops (its tol 1e-4), so the held-out predictions are the optimum's but for points on a decision boundary;
+  isometry, so it is the same regression on n_train instead of d features; with more training rows than
+  features it is solved on the standardised features themselves (the primal problem, linear in n). It is
+  solved by `logistic.fit_multinomial` (scikit-learn's objective, batched Newton-CG) for all folds of a layer
+  (groups of folds past a memory budget) and both the true and the control labels at once, to a gradient ten
+  times smaller than where scikit-learn's lbfgs stops (its tol 1e-4), so the held-out predictions are the
+  optimum's but for points on a decision boundary;
 - bag-of-words baseline = word counts (scikit-learn CountVectorizer's tokens, vocabulary from the training fold
   only) then the same regression, fitted per fold: scikit-learn's Pipeline(CountVectorizer, LogisticRegression)
   on the sentence texts. Gratitude, apology and anger are lexically marked ("thanks", "sorry", "furious"), so
@@ -39,11 +41,15 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from emo_assets.core.analysis import layerwise
 from emo_assets.core.analysis.blas import side_by_side, single_blas_thread
-from emo_assets.core.analysis.labels import DEFAULT_EMOTIONS, as_float64_2d, encode_labels
+from emo_assets.core.analysis.labels import DEFAULT_EMOTIONS, encode_labels
 from emo_assets.core.analysis.logistic import fit_multinomial
 
 Folds = list[tuple[np.ndarray, np.ndarray]]
+# float64-sized copies of a batch of features that a fit holds (the padded batch, the design matrix and its
+# transpose, their float32 copies, the per-row work arrays): what the folds fitted at once are budgeted by
+SOLVER_COPIES = 6
 
 
 @dataclass(frozen=True)
@@ -75,12 +81,13 @@ def shuffled_labels(y: np.ndarray, seed: int = 0) -> np.ndarray:
 def row_space_features(X: np.ndarray, train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(training, test) features of one fold: the rows standardised with the training fold's mean and std
     (ddof 0, a constant column keeps scale 1, as `StandardScaler`), in `row_space` coordinates."""
-    X_train = X[train]
-    mean, std = X_train.mean(axis=0), X_train.std(axis=0)
+    Z_train, Z_test = (np.asarray(X[rows], dtype=np.float64) for rows in (train, test))  # standardised in place
+    mean, std = Z_train.mean(axis=0), Z_train.std(axis=0)
     std[std == 0] = 1.0
-    Z = X - mean
-    Z /= std
-    return row_space(Z[train], Z[test])
+    for Z in (Z_train, Z_test):
+        Z -= mean
+        Z /= std
+    return row_space(Z_train, Z_test)
 
 
 def row_space(Z_train: np.ndarray, Z_test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -138,26 +145,51 @@ def cross_validate_labelings(
     features_of_fold: FeaturesOfFold, X, labelings: Sequence[np.ndarray], folds: Folds, settings: ProbeSettings
 ) -> list[CVScore]:
     """`cross_validate` for several labelings of the same rows (the true labels and the control), on the same
-    folds and features: one batched fit (`logistic.fit_multinomial`) for every fold and labeling."""
-    features = [features_of_fold(X, train, test) for train, test in folds]
-    n = max(len(train) for train, _ in folds)
-    r = max(F_train.shape[1] for F_train, _ in features)
-    n_classes = int(max(labels.max() for labels in labelings)) + 1
-    batch = np.zeros((len(folds), n, r))
-    onehot = np.zeros((len(folds), len(labelings), n_classes, n))
-    rows = np.zeros((len(folds), n))
-    for b, ((F_train, _), (train, _)) in enumerate(zip(features, folds)):
-        batch[b, : len(train), : F_train.shape[1]] = F_train
-        rows[b, : len(train)] = 1
-        for j, labels in enumerate(labelings):
-            onehot[b, j, labels[train], np.arange(len(train))] = 1
-    fit = fit_multinomial(batch, onehot, rows, settings.C, settings.tol, settings.max_iter)
+    folds and features: one batched fit (`logistic.fit_multinomial`) for every fold and labeling, or, where the
+    folds' features, times the copies the solver makes of them, exceed `layerwise.CHUNK_BYTES` (thousands of
+    sentences), one per group of folds that fits, so that memory stays that of a few copies of one fold's
+    features."""
     accuracies = np.zeros((len(labelings), len(folds)))
-    for b, ((_, F_test), (_, test)) in enumerate(zip(features, folds)):
-        predicted = fit.decision(b, F_test).argmax(axis=1)
+    converged = np.ones(len(labelings), dtype=bool)
+    group: list[tuple[int, tuple[np.ndarray, np.ndarray]]] = []
+    for b, (train, test) in enumerate(folds):
+        group.append((b, features_of_fold(X, train, test)))
+        size = sum(F_train.size for _, (F_train, _) in group) * 8 * SOLVER_COPIES
+        if b == len(folds) - 1 or size + size // len(group) > layerwise.CHUNK_BYTES:
+            converged &= _fit_folds(group, folds, labelings, settings, accuracies)
+            group = []
+    return [CVScore(accuracies[j], bool(converged[j])) for j in range(len(labelings))]
+
+
+def _fit_folds(
+    group: list[tuple[int, tuple[np.ndarray, np.ndarray]]],
+    folds: Folds,
+    labelings: Sequence[np.ndarray],
+    settings: ProbeSettings,
+    accuracies: np.ndarray,
+) -> np.ndarray:
+    """One batched fit of the folds `group` [(fold index, (training, test) features)]: their held-out accuracies
+    into `accuracies` [labeling, fold]; returns per labeling whether every fit converged."""
+    n = max(len(folds[b][0]) for b, _ in group)
+    r = max(F_train.shape[1] for _, (F_train, _) in group)
+    n_classes = int(max(labels.max() for labels in labelings)) + 1
+    # a group of one fold needs no padding: its features are the batch as they are
+    batch = group[0][1][0][None] if len(group) == 1 else np.zeros((len(group), n, r))
+    onehot = np.zeros((len(group), len(labelings), n_classes, n))
+    rows = np.zeros((len(group), n))
+    for g, (b, (F_train, _)) in enumerate(group):
+        train = folds[b][0]
+        if len(group) > 1:
+            batch[g, : len(train), : F_train.shape[1]] = F_train
+        rows[g, : len(train)] = 1
         for j, labels in enumerate(labelings):
-            accuracies[j, b] = np.mean(predicted[j] == labels[test])
-    return [CVScore(accuracies[j], bool(fit.converged[:, j].all())) for j in range(len(labelings))]
+            onehot[g, j, labels[train], np.arange(len(train))] = 1
+    fit = fit_multinomial(batch, onehot, rows, settings.C, settings.tol, settings.max_iter)
+    for g, (b, (_, F_test)) in enumerate(group):
+        predicted = fit.decision(g, F_test).argmax(axis=1)
+        for j, labels in enumerate(labelings):
+            accuracies[j, b] = np.mean(predicted[j] == labels[folds[b][1]])
+    return fit.converged.all(axis=0)
 
 
 @dataclass(frozen=True)
@@ -182,8 +214,8 @@ def probe_layers(
 ) -> ProbeResults:
     """Probe every layer of every activation kind.
 
-    `activations`: kind (e.g. "residual", "mlp") -> [n_layers, n_sentences, d] (layers converted to float64
-    one at a time). `labels` / `texts`: per sentence, same order. Without `texts` the bow columns are null.
+    `activations`: kind (e.g. "residual", "mlp") -> [n_layers, n_sentences, d] (an array or a lazy stack;
+    read a layer at a time, each fold's rows converted to float64). `labels` / `texts`: per sentence, same order. Without `texts` the bow columns are null.
     Table columns: kind, layer, accuracy_mean, accuracy_std, control_mean, control_std, selectivity,
     bow_mean, bow_std, accuracy_minus_bow, chance, n_samples, n_folds, converged.
     """
@@ -202,7 +234,10 @@ def probe_layers(
         layers += [(kind, layer) for layer in range(len(X_layers))]
 
     def probe(kind_layer: tuple[str, int]) -> list[CVScore]:
-        X = as_float64_2d(activations[kind_layer[0]][kind_layer[1]])
+        # the layer as stored (float32): each fold's rows become float64 in `row_space_features`
+        X = np.asarray(activations[kind_layer[0]][kind_layer[1]])
+        if X.ndim != 2:
+            raise ValueError(f"{kind_layer[0]} layer {kind_layer[1]} must be 2-D [n, d], got shape {X.shape}")
         return cross_validate_labelings(row_space_features, X, (y, y_control), folds, settings)
 
     scores = [future.result() for future in side_by_side(probe, layers)]

@@ -24,6 +24,7 @@ import numpy as np
 
 from emo_assets.core.analysis.blas import single_blas_thread
 from emo_assets.core.analysis.labels import DEFAULT_EMOTIONS, as_float64_2d, encode_labels
+from emo_assets.core.analysis.layerwise import layer_chunks
 
 try:  # scipy is a scikit-learn dependency, but the fallback keeps this module importable without it
     from scipy.linalg import subspace_angles as _scipy_subspace_angles
@@ -121,31 +122,39 @@ def _orthonormal_all(bases: Sequence[np.ndarray]) -> list[np.ndarray]:
     return out
 
 
-# The Gram route below is trusted where every kept singular value is at least this fraction of the largest:
-# there its eigenvalues carry ~eps * (s_1 / s_i)^2 <= 1e-8 relative error. Below it, the exact SVD decides.
+# The eigenvalue routes below are trusted where every kept singular value is at least this fraction of the
+# largest: there their eigenvalues carry ~eps * (s_1 / s_i)^2 <= 1e-8 relative error. Below it, the exact SVD
+# decides.
 _GRAM_MIN_RATIO = 1e-4
+PCA_FORMS = ("auto", "gram", "covariance")
 
 
-def _pca_subspaces(X_layers: np.ndarray, k: int) -> list[Subspace | None]:
+def _pca_subspaces(X_layers: np.ndarray, k: int, form: str = "auto") -> list[Subspace | None]:
     """`pca_subspace` of every layer of `X_layers` [L, n, d] (None where it has no variance) in a few stacked
-    operations: the eigenvectors of the [n, n] Gram matrices of the centred rows (n << d) give the principal
-    components, one matrix product and a small symmetric eigenproblem per layer instead of an SVD of [n, d].
-    Components agree with the SVD's to rounding (~1e-13); layers whose kept singular values span more than
-    1 / _GRAM_MIN_RATIO, or lie within rounding of the rank tolerance, take the exact SVD instead."""
+    operations: a small symmetric eigenproblem per layer instead of an SVD of [n, d]. With fewer rows than
+    columns (n <= d) its matrix is the [n, n] Gram matrix of the centred rows, whose eigenvectors give the
+    principal components through one matrix product; with more rows it is the [d, d] scatter matrix, whose
+    eigenvectors are the components, so the cost stays O(n d min(n, d)). `form` forces one ("gram" /
+    "covariance"). Components agree with the SVD's to rounding (~1e-13); layers whose kept singular values span
+    more than 1 / _GRAM_MIN_RATIO, or lie within rounding of the rank tolerance, take the exact SVD instead."""
+    if form not in PCA_FORMS:
+        raise ValueError(f"form must be one of {PCA_FORMS}, got {form!r}")
     source = np.asarray(X_layers)
     X = np.asarray(source, dtype=np.float64)
     n_layers, n, d = X.shape
     k_eff = effective_k(k, n, d)
     mean = X.mean(axis=1)
     centred = X - mean[:, None]
-    gram = centred @ centred.transpose(0, 2, 1)
+    scatter = form == "covariance" or (form == "auto" and n > d)
+    square = centred.transpose(0, 2, 1) @ centred if scatter else centred @ centred.transpose(0, 2, 1)
     from scipy.linalg import eigh  # imported on use, as in `pca_subspace`
 
     # the k_eff largest eigenpairs only, descending as the SVD's
-    top = [eigh(g, subset_by_index=[n - k_eff, n - 1], driver="evr") for g in gram]
+    m = square.shape[1]
+    top = [eigh(g, subset_by_index=[m - k_eff, m - 1], driver="evr") for g in square]
     values, vectors = np.stack([w[::-1] for w, _ in top]), np.stack([v[:, ::-1] for _, v in top])
     singular = np.sqrt(np.maximum(values, 0))
-    totals = np.trace(gram, axis1=1, axis2=2)
+    totals = np.trace(square, axis1=1, axis2=2)
     out: list[Subspace | None] = [None] * n_layers
     fast: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # layer -> (components [rank, d], squared singular values)
     for layer in range(n_layers):
@@ -159,7 +168,11 @@ def _pca_subspaces(X_layers: np.ndarray, k: int) -> list[Subspace | None]:
             except NoVarianceError:
                 pass
             continue
-        fast[layer] = ((centred[layer].T @ vectors[layer, :, :rank] / s[:rank]).T, values[layer, :rank])
+        if scatter:
+            components = vectors[layer, :, :rank].T
+        else:
+            components = (centred[layer].T @ vectors[layer, :, :rank] / s[:rank]).T
+        fast[layer] = (components, values[layer, :rank])
     bases = _sign_fixed_bases([components for components, _ in fast.values()])
     for (layer, (_, squares)), basis in zip(fast.items(), bases):
         out[layer] = Subspace(basis, squares / totals[layer], mean[layer], n)
@@ -184,19 +197,20 @@ def emotion_subspaces_by_layer(
     emotions: Sequence[str] = DEFAULT_EMOTIONS,
     k: int = DEFAULT_K,
 ) -> list[dict[str, Subspace]]:
-    """`emotion_subspaces` for each layer of `X_layers` [n_layers, n_sentences, d], all layers of an emotion at
-    once (see `_pca_subspaces`)."""
+    """`emotion_subspaces` for each layer of `X_layers` [n_layers, n_sentences, d] (an array or a lazy stack), the
+    layers of each `layerwise.layer_chunks` group of an emotion at once (see `_pca_subspaces`)."""
     if np.ndim(X_layers) != 3:
         raise ValueError(f"X_layers must be [n_layers, n_sentences, d], got shape {np.shape(X_layers)}")
-    X_layers = np.asarray(X_layers, dtype=np.float64)  # float64 before the rank tolerance, as `emotion_subspaces`
     y = encode_labels(labels, emotions)
-    if len(y) != X_layers.shape[1]:
-        raise ValueError(f"{len(y)} labels for {X_layers.shape[1]} rows of activations")
+    if len(y) != np.shape(X_layers)[1]:
+        raise ValueError(f"{len(y)} labels for {np.shape(X_layers)[1]} rows of activations")
     by_layer: list[dict[str, Subspace]] = [{} for _ in range(len(X_layers))]
-    for e, emotion in enumerate(emotions):
-        for layer, sub in enumerate(_pca_subspaces(X_layers[:, y == e], k)):
-            if sub is not None:
-                by_layer[layer][emotion] = sub
+    for layers, chunk in layer_chunks(X_layers):
+        chunk = np.asarray(chunk, dtype=np.float64)  # float64 before the rank tolerance, as `emotion_subspaces`
+        for e, emotion in enumerate(emotions):
+            for layer, sub in zip(layers, _pca_subspaces(chunk[:, y == e], k)):
+                if sub is not None:
+                    by_layer[layer][emotion] = sub
     return by_layer
 
 

@@ -36,6 +36,7 @@ from emo_assets.core.analysis.labels import (
     as_float64_2d,
     encode_labels,
 )
+from emo_assets.core.analysis.layerwise import layer_chunks
 
 
 def unit_rows(V: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -159,11 +160,16 @@ def emotion_vectors_by_layer(
     emotions: Sequence[str] = DEFAULT_EMOTIONS,
     reference: str = REFERENCE_EMOTION,
 ) -> list[EmotionVectors]:
-    """`emotion_vectors` for each layer of `X_layers` [n_layers, n_sentences, d], all layers at once (float32
-    input is not copied to float64: the sums accumulate in float64)."""
+    """`emotion_vectors` for each layer of `X_layers` [n_layers, n_sentences, d] (an array or a lazy stack), the
+    layers of each `layerwise.layer_chunks` group at once (float32 input is not copied to float64: the sums
+    accumulate in float64)."""
     if np.ndim(X_layers) != 3:
         raise ValueError(f"X_layers must be [n_layers, n_sentences, d], got shape {np.shape(X_layers)}")
-    return _vectors_of_layers(np.asarray(X_layers), labels, emotions, reference)
+    return [
+        vectors
+        for _, chunk in layer_chunks(X_layers)
+        for vectors in _vectors_of_layers(chunk, labels, emotions, reference)
+    ]
 
 
 def _vectors_of_layers(

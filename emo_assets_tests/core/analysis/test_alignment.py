@@ -1,7 +1,14 @@
 import numpy as np
 import pytest
 
-from emo_assets.core.analysis.alignment import cka_matrix, cross_model_subspace_rows, linear_cka, rsa, upper_triangle
+from emo_assets.core.analysis.alignment import (
+    LayerSet,
+    cka_matrix,
+    cross_model_subspace_rows,
+    linear_cka,
+    rsa,
+    upper_triangle,
+)
 from emo_assets.core.analysis.subspaces import emotion_subspaces_by_layer
 from emo_assets_tests.core.analysis.synthetic import EMOTIONS, planted_activations
 
@@ -107,3 +114,57 @@ def test_debiased_cka():
     expected = _hsic_unbiased(K, L) / np.sqrt(_hsic_unbiased(K, K) * _hsic_unbiased(L, L))
     assert linear_cka(A, B, debiased=True) == pytest.approx(expected, abs=1e-10)
     assert cka_matrix(A[None], B[None], debiased=True)[0, 0] == pytest.approx(expected, abs=1e-10)
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_cka_feature_and_gram_forms_agree(debiased):
+    """Both paths on data where either applies (n = 90 sentences, widths 12-40), layers of mixed widths,
+    related and unrelated, with a large offset and one outlier dimension (as GPT-2's residual stream)."""
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal((90, 40)) * np.linspace(0.2, 4, 40) + 30.0
+    base[:, 0] *= 50
+    A = [base, base[:, :12] @ rng.standard_normal((12, 12)), rng.standard_normal((90, 25))]
+    B = np.stack([base @ _orthogonal(40, rng) * 0.1 - 4.0, base + rng.standard_normal((90, 40))])
+    for first, second in ((A, B), (A, A), (B, B)):
+        gram = cka_matrix(first, second, debiased=debiased, form="gram")
+        features = cka_matrix(first, second, debiased=debiased, form="features")
+        np.testing.assert_allclose(features, gram, rtol=0, atol=1e-10)
+    # the reference: the U-centred (or centred) n x n Gram matrices of each pair, built independently
+    for la, X in enumerate(A):
+        for lb, Y in enumerate(B):
+            K, L = [(Z - Z.mean(axis=0)) @ (Z - Z.mean(axis=0)).T for Z in (X, Y)]
+            if debiased:
+                expected = _hsic_unbiased(K, L) / np.sqrt(_hsic_unbiased(K, K) * _hsic_unbiased(L, L))
+            else:
+                expected = np.sum(K * L) / (np.linalg.norm(K) * np.linalg.norm(L))
+            assert cka_matrix(A, B, debiased=debiased)[la, lb] == pytest.approx(expected, abs=1e-10)
+
+
+def test_cka_reads_one_layer_at_a_time():
+    """A `LayerSet` over a sequence that reads each layer on demand gives the array's values, and the feature
+    path never asks for more than the two layers of the pair at hand."""
+    rng = np.random.default_rng(6)
+    A, B = rng.standard_normal((3, 120, 16)), rng.standard_normal((2, 120, 30))
+    B[1] += A[0] @ rng.standard_normal((16, 30))
+
+    class Layers:
+        shape = A.shape
+
+        def __init__(self):
+            self.reads = []
+
+        def __len__(self):
+            return len(A)
+
+        def __getitem__(self, layer):
+            self.reads.append(layer)
+            return A[layer].astype(np.float32)
+
+    lazy = Layers()
+    plain, debiased = LayerSet(lazy, "A").ckas(LayerSet(B, "B"))
+    np.testing.assert_allclose(plain, cka_matrix(A.astype(np.float32), B), atol=1e-12)
+    np.testing.assert_allclose(debiased, cka_matrix(A.astype(np.float32), B, debiased=True), atol=1e-12)
+    assert sorted(lazy.reads) == [0, 1, 2]  # each layer of A read once, B's layers in the inner loop
+    assert plain[0, 1] > 0.5 > plain[1, 1]
+    with pytest.raises(ValueError, match="form"):
+        LayerSet(A, form="svd")

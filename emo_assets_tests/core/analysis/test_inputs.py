@@ -18,7 +18,11 @@ import numpy as np
 import pytest
 
 from emo_assets.core.activations import ActivationFile, ActivationFileError, ActivationHeader, write_activation_file
+from emo_assets.core.analysis import layerwise
 from emo_assets.core.analysis.inputs import ModelActivations, token_strings
+from emo_assets.core.analysis.layerwise import layer_chunks
+from emo_assets.core.analysis.subspaces import emotion_subspaces_by_layer
+from emo_assets.core.analysis.vectors import emotion_vectors_by_layer
 from emo_assets.core.offline_models import train_tokenizer
 from emo_assets.core.paths import activation_dir, activation_file
 
@@ -167,3 +171,36 @@ def test_a_file_is_hashed_once_until_it_is_replaced(tmp_path, tokenizer, monkeyp
     with pytest.raises(ActivationFileError, match="checksum mismatch"):
         ModelActivations.load(results, "baseline", "m", EMOTIONS)
     assert hashed[-1] == path.name
+
+
+def test_layer_stack_reads_the_stored_rows_one_layer_at_a_time(tmp_path, tokenizer, monkeypatch):
+    """`sentence_end_layers` is the [layers, sentences, d] block of `sentence_end`, a layer per `[layer]`
+    (optionally only some sentences, in their order); the analysis' groups of layers keep under the byte
+    budget, and the emotion vectors and subspaces computed a layer at a time equal those of the whole block."""
+    results, dataset, written = _write_model(tmp_path, tokenizer, model_id="m", prepend_bos=False)
+    acts = ModelActivations.load(results, "baseline", "m", EMOTIONS, dataset_path=dataset)
+    rows = np.array([5, 0, 7, 2])
+    for kind in ("resid_post", "mlp_out"):
+        whole = acts.sentence_end(kind)
+        stack = acts.sentence_end_layers(kind)
+        assert stack.shape == whole.shape == (N_LAYERS, 8, D) and len(stack) == N_LAYERS
+        for layer in range(N_LAYERS):
+            np.testing.assert_array_equal(stack[layer], whole[layer])
+            np.testing.assert_array_equal(acts.sentence_end_layers(kind, rows)[layer], whole[layer, rows])
+        with pytest.raises(IndexError, match="layer 2"):
+            stack[N_LAYERS]
+    stack = acts.sentence_end_layers("resid_post")
+    groups = [(list(layers), chunk.shape) for layers, chunk in layer_chunks(stack, budget=8 * 8 * D)]
+    assert groups == [([0], (1, 8, D)), ([1], (1, 8, D))]
+    assert [list(layers) for layers, _ in layer_chunks(stack)] == [[0, 1]]
+    whole = acts.sentence_end("resid_post")
+    expected_vectors = emotion_vectors_by_layer(whole, acts.labels, EMOTIONS, "neutral")
+    expected_subspaces = emotion_subspaces_by_layer(whole, acts.labels, EMOTIONS, k=1)
+    monkeypatch.setattr(layerwise, "CHUNK_BYTES", 1)  # one layer per group
+    vectors = emotion_vectors_by_layer(stack, acts.labels, EMOTIONS, "neutral")
+    subspaces = emotion_subspaces_by_layer(stack, acts.labels, EMOTIONS, k=1)
+    for layer in range(N_LAYERS):
+        np.testing.assert_array_equal(vectors[layer].means, expected_vectors[layer].means)
+        assert vectors[layer].separation == expected_vectors[layer].separation
+        for emotion in EMOTIONS:
+            np.testing.assert_array_equal(subspaces[layer][emotion].basis, expected_subspaces[layer][emotion].basis)

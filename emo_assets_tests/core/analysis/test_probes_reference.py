@@ -85,3 +85,16 @@ def test_probe_accuracies_match_scikit_learn_on_minilm(minilm_sentence_ends):
     assert table["accuracy_mean"].max() >= 0.6  # real signal, so agreement is not agreement on noise
     worst = reference_differences(activations, labels)
     assert worst["accuracy_mean"] <= TOLERANCE and worst["control_mean"] <= TOLERANCE, worst
+
+
+def test_primal_probe_matches_scikit_learn_when_rows_outnumber_features(minilm_sentence_ends):
+    """The large-n path: the first 96 MiniLM dimensions, so each training fold (128 rows) is wider than the
+    features and the regression is solved on the standardised features themselves, with the covariance
+    preconditioner of `logistic` (the one that keeps conjugate gradients' steps independent of n)."""
+    activations, labels = minilm_sentence_ends
+    narrow = {kind: X[:, :, :96] for kind, X in activations.items()}
+    table = probe_layers(narrow, labels, None, EMOTIONS).table
+    assert table["converged"].all()
+    assert table["accuracy_mean"].max() >= 0.6
+    worst = reference_differences(narrow, labels)
+    assert worst["accuracy_mean"] <= TOLERANCE and worst["control_mean"] <= TOLERANCE, worst

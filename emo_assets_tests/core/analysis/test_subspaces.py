@@ -5,6 +5,7 @@ import pytest
 
 from emo_assets.core.analysis.subspaces import (
     NoVarianceError,
+    _pca_subspaces,
     effective_k,
     emotion_subspaces,
     emotion_subspaces_by_layer,
@@ -115,3 +116,27 @@ def test_emotion_subspaces_and_rows():
     assert names == EMOTIONS and np.allclose(np.diag(M), 1.0) and np.allclose(M, M.T)
     rows = subspace_rows(per_layer, model="m")
     assert len(rows) == 8 and rows[0]["random_overlap_analytical"] == pytest.approx(4 / 32)
+
+
+def test_subspaces_from_the_scatter_matrix_equal_the_gram_route_and_the_svd():
+    """More sentences than dimensions (n_e = 90 > d = 24): the [d, d] scatter-matrix route gives the bases and
+    explained variances of the [n, n] Gram route and of the exact SVD (`pca_subspace`)."""
+    data = planted_activations(d=24, per_emotion=90, seed=3)
+    labels = np.asarray(data.labels)
+    layers = np.stack([data.X, data.X * 3 - 1, np.roll(data.X, 5, axis=1)]).astype(np.float32)
+    for emotion in EMOTIONS:
+        X = layers[:, labels == emotion]
+        scatter, gram = _pca_subspaces(X, 6, "covariance"), _pca_subspaces(X, 6, "gram")
+        assert [s.k for s in scatter] == [6, 6, 6]
+        for layer, (a, b) in enumerate(zip(scatter, gram)):
+            exact = pca_subspace(X[layer], 6)
+            for sub in (a, b):
+                np.testing.assert_allclose(sub.basis, exact.basis, atol=1e-10)
+                np.testing.assert_allclose(sub.explained_variance_ratio, exact.explained_variance_ratio, atol=1e-12)
+                np.testing.assert_allclose(sub.mean, exact.mean, atol=1e-12)
+    by_layer = emotion_subspaces_by_layer(layers, data.labels, EMOTIONS, k=6)  # takes the scatter route here
+    np.testing.assert_allclose(
+        by_layer[2]["anger"].basis, pca_subspace(layers[2, labels == "anger"], 6).basis, atol=1e-10
+    )
+    with pytest.raises(ValueError, match="form"):
+        _pca_subspaces(layers, 6, "svd")
