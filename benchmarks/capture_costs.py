@@ -30,7 +30,8 @@ import torch
 from benchmarks.common import DEFAULT_DATASET, read_texts
 from benchmarks.model import bench_model_dir
 from emo_assets.core.capture import Hooks, HostCapture
-from emo_assets.core.extraction import ExtractionOptions, _padded, extract_to_file, plan_batches, tokenize
+from emo_assets.core.extraction import ExtractionOptions, extract_to_file, plan_batches, tokenize
+from emo_assets.core.extraction.stream import _padded
 from emo_assets.core.layers import find_hook_points
 from emo_assets.core.models import load_model
 

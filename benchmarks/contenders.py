@@ -19,13 +19,8 @@ import torch
 from benchmarks.common import sync_device
 from emo_assets.core.activations import BASE_KINDS
 from emo_assets.core.capture import to_device
-from emo_assets.core.extraction import (
-    ExtractionOptions,
-    _padded,
-    extract_to_file,
-    plan_batches,
-    tokenize,
-)
+from emo_assets.core.extraction import ExtractionOptions, extract_to_file, plan_batches, tokenize
+from emo_assets.core.extraction.stream import _padded
 from emo_assets.core.layers import find_hook_points, first_tensor
 from emo_assets.core.models import LoadedModel
 

@@ -17,9 +17,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from emo_assets.core import extraction
 from emo_assets.core.activations import ActivationFile
-from emo_assets.core.extraction import ExtractionJob, ExtractionOptions, extract_files, extract_to_file
+from emo_assets.core.extraction import ExtractionJob, ExtractionOptions, extract_files, extract_to_file, stream
 from emo_assets.core.offline_models import train_tokenizer
 
 TOLERANCE = {"atol": 1e-5, "rtol": 1e-5}  # as in test_extraction.py
@@ -263,7 +262,7 @@ def test_one_stream_over_several_files(tiny, sentences, tmp_path, monkeypatch, o
         for k, (t, i) in enumerate(parts)
     ]
     if not on_host:
-        monkeypatch.setattr(extraction, "HOST_DEVICES", ())
+        monkeypatch.setattr(stream, "HOST_DEVICES", ())
     jobs = [ExtractionJob(t, i, tmp_path / f"stream{k}.safetensors") for k, (t, i) in enumerate(parts)]
     with Forwards(tiny.model) as forwards:
         results = extract_files(tiny, jobs, ExtractionOptions(batch_size=batch))

@@ -20,9 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from emo_assets.core import extraction
 from emo_assets.core.activations import ActivationFile, ActivationHeader, ActivationWriteError, ActivationWriter
-from emo_assets.core.extraction import ExtractionOptions, extract_to_file
+from emo_assets.core.extraction import ExtractionOptions, extract_to_file, stream
 from emo_assets.core.layers import find_hook_points
 from emo_assets.core.models import load_model
 
@@ -159,7 +158,7 @@ def test_device_path_on_cpu_writes_the_same_bytes(
     texts, ids = small_texts, [f"s{i}" for i in range(len(small_texts))]
     options = ExtractionOptions(batch_size=5, storage_dtype=storage_dtype, attention=True)
     host = extract_to_file(tiny, texts, ids, tmp_path / "host.safetensors", options)
-    monkeypatch.setattr(extraction, "HOST_DEVICES", ())
+    monkeypatch.setattr(stream, "HOST_DEVICES", ())
     device = extract_to_file(
         tiny,
         texts,
@@ -182,7 +181,7 @@ def test_dataset_order_batches_write_one_run_per_layer(tiny, small_texts, tmp_pa
     texts, ids = small_texts, [f"s{i}" for i in range(len(small_texts))]
     sorted_file = extract_to_file(tiny, texts, ids, tmp_path / "sorted.safetensors", ExtractionOptions(batch_size=6))
     if not on_host:
-        monkeypatch.setattr(extraction, "HOST_DEVICES", ())
+        monkeypatch.setattr(stream, "HOST_DEVICES", ())
     runs = []
     real = fileio.write_unit
     monkeypatch.setattr(fileio, "write_unit", lambda fd, unit: (runs.append(len(unit)), real(fd, unit)))
