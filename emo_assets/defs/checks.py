@@ -21,6 +21,7 @@ import polars as pl
 from emo_assets.core.activations import ActivationFile, ActivationFileError
 from emo_assets.core.config import Settings
 from emo_assets.core.datasets import validate_dataset
+from emo_assets.defs import loaded_settings
 from emo_assets.defs.activations import activation_path, activations_key
 from emo_assets.defs.datasets import SCHEMA, emotion_dataset_key, emotion_parquet_path
 from emo_assets.defs.models import model_facts
@@ -202,3 +203,8 @@ def freshness_check_keys(settings: Settings) -> list[dg.AssetCheckKey]:
 
 def build_defs(settings: Settings) -> dg.Definitions:
     return dg.Definitions(asset_checks=[c for variant in settings.datasets for c in _variant_checks(settings, variant)])
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    return build_defs(loaded_settings())

@@ -91,3 +91,8 @@ def executor(env: Mapping[str, str] | None = None) -> dg.ExecutorDefinition:
 
         return k8s_job_executor
     return dg.in_process_executor
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    return dg.Definitions(executor=executor())

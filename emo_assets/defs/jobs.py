@@ -27,6 +27,7 @@ from dagster._core.storage.tags import (
 )
 
 from emo_assets.core.config import Settings
+from emo_assets.defs import loaded_settings
 from emo_assets.defs.activations import activations_key
 from emo_assets.defs.analysis import STABILITY_KEY, analysis_keys
 from emo_assets.defs.datasets import dataset_file_key, emotion_dataset_key
@@ -123,3 +124,8 @@ def build_defs(settings: Settings) -> dg.Definitions:
             dg.define_asset_job(CROSS_VARIANT, [STABILITY_KEY], description="Emotion vectors compared across variants.")
         )
     return dg.Definitions(jobs=jobs)
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    return build_defs(loaded_settings())
