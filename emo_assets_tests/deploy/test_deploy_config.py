@@ -6,6 +6,7 @@ launcher, executor, the GPU tag of the torch steps, the Helm values' structure).
 
 from __future__ import annotations
 
+import re
 import socket
 
 import dagster as dg
@@ -13,6 +14,7 @@ import pytest
 import yaml
 from dagster._config import process_config, validate_config
 from dagster._core.instance.config import dagster_instance_config, dagster_instance_config_schema
+from dagster._core.instance.ref import InstanceRef
 from dagster_celery import celery_executor
 from dagster_k8s import K8sRunLauncher, k8s_job_executor
 from dagster_k8s.job import USER_DEFINED_K8S_CONFIG_KEY, UserDefinedDagsterK8sConfig, get_user_defined_k8s_config
@@ -55,16 +57,49 @@ def _instance_config(name: str, monkeypatch) -> dict:
 
 
 @pytest.mark.parametrize("name", ["local", "cluster", "kubernetes"])
-def test_instance_files_pass_dagsters_instance_schema(name, monkeypatch):
+def test_instance_files_pass_dagsters_instance_schema(name, monkeypatch, tmp_path):
     config = _instance_config(name, monkeypatch)
     if name == "local":
         assert "storage" not in config  # sqlite under DAGSTER_HOME
         assert (REPO_ROOT / ".dagster_home" / "dagster.yaml").resolve() == DEPLOY / "local" / "dagster.yaml"
     else:
         assert set(config["storage"]) == {"postgres"}
-        assert config["run_coordinator"]["class"] == "QueuedRunCoordinator"
         assert config["concurrency"]["pools"]["default_limit"] >= 1
         assert config["run_monitoring"]["enabled"] is True
+    # the run queue is Dagster's default coordinator: no file names it (or any other private dagster._ module)
+    assert "run_coordinator" not in config and "dagster._" not in (DEPLOY / name / "dagster.yaml").read_text()
+    ref = InstanceRef.from_dir(str(tmp_path), config_dir=str(DEPLOY / name))
+    assert ref.run_coordinator_data.class_name == "QueuedRunCoordinator"
+
+
+def _snake_case(value):
+    """The Helm chart's camelCase keys as dagster.yaml writes them (`maxConcurrentRuns` -> `max_concurrent_runs`);
+    the values of a tag limit (`applyLimitPerUniqueValue`) are copied as they are, in both."""
+    if isinstance(value, list):
+        return [_snake_case(item) for item in value]
+    if not isinstance(value, dict):
+        return value
+    return {
+        re.sub(r"(?<!^)([A-Z])", r"_\1", key).lower(): item if key == "value" else _snake_case(item)
+        for key, item in value.items()
+    }
+
+
+def test_pool_and_run_limits_agree_between_the_helm_values_and_the_instance_files(monkeypatch):
+    """Under Helm the chart writes the instance from values.yaml's `concurrency:`; without it
+    deploy/kubernetes/dagster.yaml is the instance: both must limit runs and the `torch` pool alike. The cluster
+    deployment's limits follow its celery workers (up.sh's default count): one torch step and one backfill run per
+    worker."""
+    values = yaml.safe_load((DEPLOY / "kubernetes" / "values.yaml").read_text())
+    kubernetes = _instance_config("kubernetes", monkeypatch)["concurrency"]
+    assert _snake_case(values["concurrency"]) == kubernetes
+    assert kubernetes["pools"]["default_limit"] >= 1 and kubernetes["runs"]["max_concurrent_runs"] >= 1
+    assert not values["dagsterDaemon"]["runCoordinator"]["config"]["queuedRunCoordinator"]  # one place for limits
+    cluster = _instance_config("cluster", monkeypatch)["concurrency"]
+    workers = int(re.search(r"EMO_ASSETS_CELERY_WORKERS:-(\d+)", (DEPLOY / "cluster" / "up.sh").read_text())[1])
+    assert cluster["pools"]["default_limit"] == workers
+    (backfill,) = cluster["runs"]["tag_concurrency_limits"]
+    assert backfill["key"] == "dagster/backfill" and backfill["limit"] == workers
 
 
 def test_cluster_instance_connects_to_postgres_as_configured(monkeypatch):
@@ -122,7 +157,7 @@ def test_helm_values_have_the_keys_the_dagster_chart_reads():
     assert "EMO_ASSETS_DEPLOYMENT=kubernetes" in launcher["envVars"]
     assert values["postgresql"]["enabled"] is False and values["global"]["postgresqlSecretName"]
     coordinator = values["dagsterDaemon"]["runCoordinator"]
-    assert coordinator["type"] == "QueuedRunCoordinator" and "queuedRunCoordinator" in coordinator["config"]
+    assert coordinator["enabled"] and coordinator["type"] == "QueuedRunCoordinator"
     # the chart's run launcher and deploy/kubernetes/dagster.yaml's mount the same results volume
     instance = yaml.safe_load((DEPLOY / "kubernetes" / "dagster.yaml").read_text())["run_launcher"]["config"]
     assert launcher["volumes"] == instance["volumes"]
