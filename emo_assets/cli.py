@@ -19,6 +19,8 @@ import os
 import shutil
 import sys
 import time
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -53,42 +55,74 @@ def release_abandoned_runs(instance, echo=print) -> None:
     """
     import dagster as dg
 
+    from emo_assets.dagster_private import end_abandoned_run
+
     unfinished = [dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
-    for run in instance.get_runs(dg.RunsFilter(statuses=unfinished)):
+    for record in instance.get_run_records(filters=dg.RunsFilter(statuses=unfinished)):
+        run = record.dagster_run
         owner = run.tags.get(PROCESS_TAG)
         if owner is None or process_running(owner):
             continue
         pid = owner.partition(":")[0]
-        instance.report_run_failed(run, f"the emo-assets process {pid} that ran it is gone")
-        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        end_abandoned_run(instance, run, f"the emo-assets process {pid} that ran it is gone")
         echo(f"run {run.run_id} of the dead process {pid}: marked failed, its pool slots freed")
 
 
-def run_report(instance, name: str, run_id: str, span: str) -> tuple[bool, list[str]]:
-    """(succeeded, lines) of a finished run from its record and event log: one line for the job, then a line
-    per failed check and, for a failed run, the message of each failed step (or of the run failure)."""
+@dataclass(frozen=True)
+class RunOutcome:
+    """What a finished run reports beyond its record: its failed checks and, for a failed run, why it failed."""
+
+    run_id: str
+    failed_checks: list  # of dg.AssetCheckEvaluation
+    failures: list[str]  # `step: message` per failed step, else the run failure's message
+
+
+def in_process_outcome(result) -> RunOutcome:
+    """The outcome of a run executed here, from its `ExecuteInProcessResult`."""
+    failed_checks = [check for check in result.get_asset_check_evaluations() if not check.passed]
+    failures = []
+    if not result.success:
+        failures = [
+            f"{event.step_key}: {result.failure_data_for_node(event.step_key).error.message.strip()}"
+            for event in result.get_step_failure_events()
+        ] or [result.get_run_failure_event().message]
+    return RunOutcome(result.run_id, failed_checks, failures)
+
+
+def logged_outcome(instance, run_id: str) -> RunOutcome:
+    """The outcome of a run executed by another process (a deployment's run worker), from its event log."""
     import dagster as dg
 
-    record = instance.get_run_record_by_id(run_id)
+    from emo_assets.dagster_private import check_evaluation, run_events, step_failure_message
+
+    checks = [check_evaluation(e) for e in run_events(instance, run_id, dg.DagsterEventType.ASSET_CHECK_EVALUATION)]
+    failures = [
+        f"{e.step_key}: {step_failure_message(e)}"
+        for e in run_events(instance, run_id, dg.DagsterEventType.STEP_FAILURE)
+    ] or [e.message for e in run_events(instance, run_id, dg.DagsterEventType.RUN_FAILURE)]
+    return RunOutcome(run_id, [check for check in checks if not check.passed], failures)
+
+
+def run_report(instance, name: str, outcome: RunOutcome, span: str) -> tuple[bool, list[str]]:
+    """(succeeded, lines) of a finished run: one line for the job from its run record, then a line per failed
+    check and, for a failed run, the message of each failed step (or of the run failure)."""
+    import dagster as dg
+
+    record = instance.get_run_record_by_id(outcome.run_id)
     ok = record.dagster_run.status == dg.DagsterRunStatus.SUCCESS
     seconds = (record.end_time or time.time()) - (record.start_time or record.create_timestamp.timestamp())
-    lines = [f"{name} [{span}] {'ok' if ok else 'FAILED'} in {seconds:.1f}s (run {run_id})"]
-    for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION):
-        check = entry.dagster_event.event_specific_data
-        if not check.passed:
-            lines.append(f"    FAILED {check.asset_key.to_user_string()}:{check.check_name}: {check.description}")
+    lines = [f"{name} [{span}] {'ok' if ok else 'FAILED'} in {seconds:.1f}s (run {outcome.run_id})"]
+    for check in outcome.failed_checks:
+        lines.append(f"    FAILED {check.asset_key.to_user_string()}:{check.check_name}: {check.description}")
     if not ok:
-        failures = instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
-        lines += [f"    {e.step_key}: {e.dagster_event.step_failure_data.error.message.strip()}" for e in failures]
-        if not failures:
-            run_failures = instance.all_logs(run_id, of_type=dg.DagsterEventType.RUN_FAILURE)
-            lines += [f"    {e.dagster_event.message}" for e in run_failures]
+        lines += [f"    {failure}" for failure in outcome.failures]
     return ok, lines
 
 
 def run_jobs(defs, names: list[str], instance, launch, echo=print) -> bool:
     """Run the jobs `names` in order, each over its runs (`job_runs`), and report every run from its record;
-    stop at the first failed run. `launch(name, job, tags)` starts one run and returns its id once it ended."""
+    stop at the first failed run. `launch(name, job, tags)` starts one run and returns its `RunOutcome` once it
+    ended."""
     from emo_assets.defs.jobs import job_runs
 
     for name in names:
@@ -105,31 +139,61 @@ def run_jobs(defs, names: list[str], instance, launch, echo=print) -> bool:
 def run_in_process(defs, names: list[str], instance, echo=print) -> bool:
     """`run_jobs` in this process: each run executes here, on `instance`, tagged with this process."""
 
-    def launch(name, job, tags) -> str:
+    def launch(name, job, tags) -> RunOutcome:
         tags = {**tags, PROCESS_TAG: process_identity()}
-        return job.execute_in_process(instance=instance, tags=tags, run_config=QUIET_LOGS, raise_on_error=False).run_id
+        result = job.execute_in_process(instance=instance, tags=tags, run_config=QUIET_LOGS, raise_on_error=False)
+        return in_process_outcome(result)
 
     return run_jobs(defs, names, instance, launch, echo)
 
 
-def submit_and_wait(defs, names: list[str], instance, webserver: str, echo=print) -> bool:
-    """`run_jobs` on the deployment behind `webserver`: each run is submitted through its GraphQL API and
-    followed through the run records of its instance."""
-    import dagster as dg
+class WebserverUnreachable(Exception):
+    """The deployment's webserver did not answer: nothing was submitted."""
+
+
+def webserver_client(webserver: str, timeout_s: float = 10.0):
+    """A GraphQL client of the webserver at `webserver`, once its `/server_info` answered; else
+    `WebserverUnreachable` naming the URL and the reason (the client itself would fail at the first query,
+    with the query and its variables as the message)."""
     from dagster_graphql import DagsterGraphQLClient
 
     url = urlsplit(webserver)
-    https, prefix = url.scheme == "https", url.path.rstrip("/")
-    client = DagsterGraphQLClient(url.hostname, port_number=url.port, use_https=https, path_prefix=prefix)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise WebserverUnreachable(f"{webserver!r} is not an http(s) URL")
+    try:
+        with urllib.request.urlopen(f"{webserver.rstrip('/')}/server_info", timeout=timeout_s):
+            pass
+    except (OSError, ValueError) as exc:  # URLError and socket errors are OSErrors; a bad port is a ValueError
+        raise WebserverUnreachable(getattr(exc, "reason", None) or exc) from None
+    prefix = url.path.rstrip("/")
+    return DagsterGraphQLClient(url.hostname, port_number=url.port, use_https=url.scheme == "https", path_prefix=prefix)
+
+
+def submit_and_wait(defs, names: list[str], instance, client, echo=print) -> bool:
+    """`run_jobs` on the deployment behind the GraphQL `client`: each run is submitted through its API and
+    followed through its status there; the report reads the run's record and events in the instance."""
+    import dagster as dg
+
     finished = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
 
-    def launch(name, job, tags) -> str:
+    def launch(name, job, tags) -> RunOutcome:
         run_id = client.submit_job_execution(name, tags=tags)
-        while instance.get_run_record_by_id(run_id).dagster_run.status not in finished:
+        while client.get_run_status(run_id) not in finished:
             time.sleep(POLL_SECONDS)
-        return run_id
+        return logged_outcome(instance, run_id)
 
     return run_jobs(defs, names, instance, launch, echo)
+
+
+def unreachable(webserver: str, exc: Exception) -> int:
+    """Say in one line that the deployment's webserver does not answer, and how to start it; exit status 1."""
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    print(
+        f"error: the Dagster webserver at {webserver} (--webserver, $EMO_ASSETS_WEBSERVER) is not reachable: "
+        f"{reason}. Start the deployment with `make cluster-up` and load its variables (set -a; . .cluster/env).",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def materialize(args) -> int:
@@ -146,6 +210,7 @@ def materialize(args) -> int:
     if args.profile:
         os.environ["EMO_ASSETS_PROFILE"] = args.profile
     from dagster import DagsterInstance
+    from dagster_graphql import DagsterGraphQLClientError
 
     from emo_assets.core.config import load_settings
     from emo_assets.definitions import build_defs
@@ -164,6 +229,11 @@ def materialize(args) -> int:
         )
         print(message, file=sys.stderr)
         return 2
+    if cluster:
+        try:
+            client = webserver_client(args.webserver)
+        except WebserverUnreachable as exc:
+            return unreachable(args.webserver, exc)
     home = os.environ["DAGSTER_HOME"] if cluster else prepare_dagster_home(settings.root)
     print(
         f"profile {settings.profile}: models {list(settings.model_slugs)}, variants {variants}, "
@@ -173,7 +243,10 @@ def materialize(args) -> int:
     names = stage_order(settings, variants, extraction_only=args.extraction_only or args.deprecated_alias)
     defs = build_defs(settings)
     if cluster:
-        ok = submit_and_wait(defs, names, instance, args.webserver)
+        try:
+            ok = submit_and_wait(defs, names, instance, client)
+        except DagsterGraphQLClientError as exc:  # the webserver went away during the sequence
+            return unreachable(args.webserver, exc)
     else:
         release_abandoned_runs(instance)
         if args.owns_process:

@@ -70,7 +70,7 @@ def _celery_executor(broker: str, backend: str) -> dg.ExecutorDefinition:
     @dg.executor(
         name="celery",
         config_schema=celery_executor.config_schema,
-        requirements=celery_executor.get_requirements(None),
+        requirements=dg.multiple_process_executor_requirements(),  # what celery_executor itself declares
     )
     def checked_celery_executor(init_context):
         check_broker(init_context.executor_config.get("broker") or broker)

@@ -3,7 +3,9 @@
 import contextlib
 import io
 import os
+import socket
 import subprocess
+import sys
 
 import dagster as dg
 import pytest
@@ -150,3 +152,24 @@ def test_cluster_deployment_needs_the_deployment_instance(env, monkeypatch, caps
         capsys.readouterr().err
     )
     assert not (env / "dagster_home").exists()
+
+
+def test_cluster_materialize_without_a_webserver_says_so_in_one_line(env):
+    """No traceback of the GraphQL client: the URL, that it is not reachable, and how to start it."""
+    with socket.socket() as sock:  # a port nothing listens on once this closes
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    completed = subprocess.run(
+        [sys.executable, "-m", "emo_assets.cli", "materialize", "--deployment", "cluster"],
+        env={**os.environ, "EMO_ASSETS_WEBSERVER": url},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 1
+    (error,) = completed.stderr.splitlines()
+    assert error.startswith(
+        f"error: the Dagster webserver at {url} (--webserver, $EMO_ASSETS_WEBSERVER) is not reachable"
+    )
+    assert "make cluster-up" in error
+    assert completed.stdout == ""  # checked before the definitions were built or anything was submitted
