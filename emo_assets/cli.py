@@ -32,7 +32,8 @@ TEMPLATE = PROJECT / ".dagster_home" / "dagster.yaml"
 PROCESS_TAG = "emo_assets/cli_process"  # `pid:start time` of the process that ran a run in-process
 DEFAULT_WEBSERVER = "http://127.0.0.1:3000"
 POLL_SECONDS = 1.0
-QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}  # the job lines say the rest
+# The job lines say the rest, and each failure with its reason (emo_assets/defs/loggers.py).
+QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "WARNING", "failures": False}}}}
 
 
 def prepare_dagster_home(root: Path) -> Path:
@@ -77,13 +78,22 @@ class RunOutcome:
     failures: list[str]  # `step: message` per failed step, else the run failure's message
 
 
+def step_failure(step_key: str, data) -> str:
+    """`step: reason` of a failed step: a `dg.Failure`'s description (an asset's own message, e.g. the dataset
+    validator's `FILE:LINE: field: reason` lines), else the error's `Type: message`; continuation lines indented
+    under the run's line."""
+    user = data.user_failure_data
+    reason = user.description if user and user.description else data.error.message
+    return f"{step_key}: " + "\n    ".join(reason.strip().splitlines())
+
+
 def in_process_outcome(result) -> RunOutcome:
     """The outcome of a run executed here, from its `ExecuteInProcessResult`."""
     failed_checks = [check for check in result.get_asset_check_evaluations() if not check.passed]
     failures = []
     if not result.success:
         failures = [
-            f"{event.step_key}: {result.failure_data_for_node(event.step_key).error.message.strip()}"
+            step_failure(event.step_key, result.failure_data_for_node(event.step_key))
             for event in result.get_step_failure_events()
         ] or [result.get_run_failure_event().message]
     return RunOutcome(result.run_id, failed_checks, failures)
@@ -93,11 +103,11 @@ def logged_outcome(instance, run_id: str) -> RunOutcome:
     """The outcome of a run executed by another process (a deployment's run worker), from its event log."""
     import dagster as dg
 
-    from emo_assets.dagster_private import check_evaluation, run_events, step_failure_message
+    from emo_assets.dagster_private import check_evaluation, run_events, step_failure_data
 
     checks = [check_evaluation(e) for e in run_events(instance, run_id, dg.DagsterEventType.ASSET_CHECK_EVALUATION)]
     failures = [
-        f"{e.step_key}: {step_failure_message(e)}"
+        step_failure(e.step_key, step_failure_data(e))
         for e in run_events(instance, run_id, dg.DagsterEventType.STEP_FAILURE)
     ] or [e.message for e in run_events(instance, run_id, dg.DagsterEventType.RUN_FAILURE)]
     return RunOutcome(run_id, [check for check in checks if not check.passed], failures)

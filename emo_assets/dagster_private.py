@@ -36,9 +36,10 @@ def check_evaluation(event: dg.DagsterEvent) -> dg.AssetCheckEvaluation:
     return event.event_specific_data
 
 
-def step_failure_message(event: dg.DagsterEvent) -> str:
-    """The error message a STEP_FAILURE event of `run_events` carries (its step-failure data)."""
-    return event.step_failure_data.error.message.strip()
+def step_failure_data(event: dg.DagsterEvent):
+    """The failure data (error, and a `dg.Failure`'s description) a STEP_FAILURE event of `run_events` carries,
+    as `ExecuteInProcessResult.failure_data_for_node` returns it for an in-process run."""
+    return event.step_failure_data
 
 
 def end_abandoned_run(instance: dg.DagsterInstance, run: dg.DagsterRun, reason: str) -> None:

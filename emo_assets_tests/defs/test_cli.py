@@ -13,6 +13,7 @@ from dagster._core.utils import make_new_run_id
 
 from emo_assets import cli
 from emo_assets.core.processes import process_identity
+from emo_assets_tests.conftest import OFFLINE_MODELS, REPO_ROOT
 from emo_assets_tests.pipeline import pipeline_env
 
 
@@ -173,3 +174,26 @@ def test_cluster_materialize_without_a_webserver_says_so_in_one_line(env):
     )
     assert "make cluster-up" in error
     assert completed.stdout == ""  # checked before the definitions were built or anything was submitted
+
+
+def test_an_invalid_dataset_fails_in_one_line_per_run_with_the_validators_reason(env):
+    """The run's line and the validator's `FILE:LINE: field: reason`, not Dagster's stack traces on the console."""
+    bad = REPO_ROOT / "emo_assets_tests" / "data" / "bad" / "duplicate_id.jsonl"
+    completed = subprocess.run(
+        [sys.executable, "-m", "emo_assets.cli", "materialize", "--extraction-only"],
+        env={**os.environ, "EMO_ASSETS_DATASETS": f"baseline={bad}"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 1
+    assert completed.stderr == "failed\n"
+    lines = completed.stdout.splitlines()
+    assert lines[0].startswith("profile offline: ")
+    assert [line.split(" ")[:2] for line in lines[1:5]] == [["load_models", f"[{slug}]"] for slug in OFFLINE_MODELS]
+    assert all(" ok in " in line for line in lines[1:5])
+    assert lines[5].startswith("baseline_datasets [4 partitions] FAILED in ")
+    assert lines[6:] == [
+        f"    baseline__emotion_dataset: invalid dataset {bad}:",
+        f"    {bad}:3: id: duplicate id 'g1' (first seen on line 1) [error]",
+    ]

@@ -71,6 +71,6 @@ def test_run_events_read_checks_and_failures_back_from_the_instance(keys):
         else:
             assert events == []  # the check did not run after its asset failed
             (failure,) = failures
-            assert failure.step_key == "letters" and "no c here" in dagster_private.step_failure_message(failure)
-            in_process = result.failure_data_for_node("letters").error.message.strip()
-            assert dagster_private.step_failure_message(failure) == in_process
+            data = dagster_private.step_failure_data(failure)
+            assert failure.step_key == "letters" and data.user_failure_data.description == "no c here"
+            assert data.error.message == result.failure_data_for_node("letters").error.message
