@@ -6,8 +6,12 @@ launcher, executor, the GPU tag of the torch steps, the Helm values' structure).
 
 from __future__ import annotations
 
+import os
 import re
 import socket
+import stat
+import subprocess
+from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -24,6 +28,7 @@ from emo_assets.defs import deployment
 from emo_assets.defs.activations import activations_key
 from emo_assets.defs.models import LANGUAGE_MODEL
 from emo_assets_tests.conftest import REPO_ROOT
+from emo_assets_tests.deploy.conftest import require_services
 from emo_assets_tests.pipeline import pipeline_env
 
 DEPLOY = REPO_ROOT / "deploy"
@@ -193,3 +198,20 @@ def test_an_unreachable_broker_is_named_in_the_error():
     url = f"redis://127.0.0.1:{port}/0"
     with pytest.raises(dg.Failure, match=f"celery broker {url} is not reachable"):
         deployment.check_broker(url, timeout_s=2)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as another user PostgreSQL runs as that user, who owns the folder")
+def test_cluster_up_refuses_a_folder_postgres_cannot_enter(tmp_path):
+    """pytest's tmp_path lies under a folder private to root (mode 0700), as a `mktemp -d` one does: up.sh must
+    say so before it starts anything, not fail inside initdb after Redis and the rest were set up."""
+    require_services()
+    folder = tmp_path / "cluster"
+    env = {**os.environ, "EMO_ASSETS_CLUSTER_DIR": str(folder)}
+    completed = subprocess.run([str(DEPLOY / "cluster" / "up.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 2, completed.stderr
+    (error,) = completed.stderr.splitlines()
+    blocked = error.split("the postgres user cannot enter ")[1].split(" (")[0]
+    assert Path(blocked) in tmp_path.parents or Path(blocked) == tmp_path
+    assert stat.S_IMODE(os.stat(blocked).st_mode) & 0o001 == 0  # others may not enter it
+    assert f"cannot use {folder}; nothing was started" in error and f"chmod o+x {blocked}" in error
+    assert not folder.exists()
