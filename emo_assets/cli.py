@@ -1,7 +1,7 @@
 """`emo-assets`: materialize the asset graph of a profile by running its stage jobs, or start the Dagster UI.
 
     emo-assets materialize [--profile offline|paper] [--variant V ...] [--extraction-only] [--deployment local|cluster|kubernetes]
-    emo-assets ui [--host 127.0.0.1] [--port 3000]
+    emo-assets ui [--host 127.0.0.1] [--port 3000]     (dagster dev; stops with its webserver and daemon on SIGTERM or SIGINT)
 
 `materialize` runs the stage jobs of `emo_assets.defs.jobs` in dependency order (`stage_order`), each over all
 of its partitions. On the `local` deployment (the default) every job runs in this process on the persistent
@@ -14,9 +14,12 @@ checks; the first failed job stops the sequence and the command exits 1.
 """
 
 import argparse
+import contextlib
 import gc
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import time
 import urllib.request
@@ -33,6 +36,8 @@ PROCESS_TAG = "emo_assets/cli_process"  # `pid:start time` of the process that r
 DEFAULT_WEBSERVER = "http://127.0.0.1:3000"
 POLL_SECONDS = 1.0
 # The job lines say the rest, and each failure with its reason (emo_assets/defs/loggers.py).
+DEV_SUPERSEDED = "ignore:Function `dev_command` is superseded:Warning"  # a -W filter: that message, any category
+UI_STOP_GRACE_S = 60.0  # dagster dev waits for its webserver and daemon to stop before it exits
 QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "WARNING", "failures": False}}}}
 
 
@@ -278,9 +283,51 @@ def ui(args) -> int:
         return 2
     prepare_dagster_home(settings.root)
     os.environ["EMO_ASSETS_ROOT"] = str(settings.root)  # the code server runs in the workspace's folder
-    dagster = Path(sys.executable).with_name("dagster")
-    program = str(dagster) if dagster.exists() else "dagster"
-    os.execvp(program, [program, "dev", "-h", args.host, "-p", str(args.port), "-w", str(workspace)])
+    # `dagster dev`, not `dg dev`: dg comes with the dev extra only. Its SupersessionWarning pointing to `dg dev`
+    # is silenced by its exact message; every other warning is still printed.
+    return supervise(
+        [sys.executable, "-W", DEV_SUPERSEDED, "-m", "dagster", "dev"]
+        + ["-h", args.host, "-p", str(args.port), "-w", str(workspace)]
+    )
+
+
+def supervise(command: list[str], grace_s: float = UI_STOP_GRACE_S) -> int:
+    """Run `command` (`dagster dev`) in a session of its own until it exits; SIGTERM or SIGINT to this process
+    (`docker stop`, systemd, Ctrl-C) stop it as Ctrl-C would, which `dagster dev` answers by stopping its webserver
+    and daemon. What is left of its process group after it exited, or `grace_s` after the signal, is killed.
+    Returns 0 after a requested stop, else the command's exit status.
+
+    The handlers are installed before the child starts, so it begins with the default SIGINT disposition even
+    when this process inherited SIGINT ignored (a background job of a shell): Python then turns SIGINT into the
+    KeyboardInterrupt `dagster dev` handles.
+    """
+    requested: list[float] = []
+    child: subprocess.Popen | None = None
+
+    def stop(signum, frame) -> None:
+        requested.append(time.monotonic())
+        if child is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGINT)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        child = subprocess.Popen(command, start_new_session=True)
+        if requested:  # a signal came while it started
+            os.kill(child.pid, signal.SIGINT)
+        while child.poll() is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=1.0)
+            if requested and time.monotonic() - requested[0] > grace_s:
+                break
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if child is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)  # the group's stragglers; nothing when it stopped cleanly
+            child.wait()
+    return 0 if requested else child.returncode
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -57,11 +57,11 @@ def test_a_failed_job_stops_the_sequence_and_exits_1(env, monkeypatch):
 
 def test_ui_binds_localhost_and_uses_the_workspace(env, monkeypatch):
     started = []
-    monkeypatch.setattr(cli.os, "execvp", lambda program, command: started.append(command))
-    cli.main(["ui"])
+    monkeypatch.setattr(cli, "supervise", lambda command: started.append(command) or 0)
+    assert cli.main(["ui"]) == 0
     (command,) = started
-    assert command[1:] == ["dev", "-h", "127.0.0.1", "-p", "3000", "-w", str(cli.PROJECT / "workspace.yaml")]
-    assert command[0].endswith("dagster")
+    assert command[:2] == [sys.executable, "-W"] and command[3:5] == ["-m", "dagster"]
+    assert command[5:] == ["dev", "-h", "127.0.0.1", "-p", "3000", "-w", str(cli.PROJECT / "workspace.yaml")]
     assert (env / "dagster_home" / "dagster.yaml").is_file()
 
 
