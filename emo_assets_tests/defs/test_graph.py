@@ -116,6 +116,22 @@ def test_offline_graph_matches_the_expected_structure(tmp_path, small_datasets, 
     specs = [spec for checks_def in defs.asset_checks for spec in checks_def.check_specs]
     blocking = {f"{s.asset_key.to_user_string()}:{s.name}" for s in specs if s.blocking}
     assert blocking == {c for c in EXPECTED_CHECKS if not c.endswith(":partitions_fresh")}
+    # what a check reads besides its asset is a declared dependency (language_model's metadata via the instance)
+    reads = {
+        f"{s.asset_key.to_user_string()}:{s.name}": sorted(d.asset_key.to_user_string() for d in s.additional_deps)
+        for s in specs
+        if s.additional_deps
+    }
+    assert reads == {
+        key: value
+        for v in ("baseline", "extended")
+        for key, value in {
+            f"{v}/emotion_dataset:row_count": [f"{v}/dataset_file"],
+            f"{v}/activations:sample_count": [f"{v}/emotion_dataset"],
+            f"{v}/activations:shape_matches_model": ["language_model"],
+            f"{v}/activations:partitions_fresh": [f"{v}/dataset_file", "language_model"],
+        }.items()
+    }
     for variant in ("baseline", "extended"):
         for asset in ("activations", "activations_summary"):
             assert graph.get(dg.AssetKey([variant, asset])).freshness_policy is not None
