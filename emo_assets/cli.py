@@ -36,9 +36,9 @@ PROCESS_TAG = "emo_assets/cli_process"  # `pid:start time` of the process that r
 DEFAULT_WEBSERVER = "http://127.0.0.1:3000"
 POLL_SECONDS = 1.0
 # The job lines say the rest, and each failure with its reason (emo_assets/defs/loggers.py).
+QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "WARNING", "failures": False}}}}
 DEV_SUPERSEDED = "ignore:Function `dev_command` is superseded:Warning"  # a -W filter: that message, any category
 UI_STOP_GRACE_S = 60.0  # dagster dev waits for its webserver and daemon to stop before it exits
-QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "WARNING", "failures": False}}}}
 
 
 def prepare_dagster_home(root: Path) -> Path:
