@@ -161,9 +161,11 @@ def test_unreachable_broker_fails_the_run_naming_it_and_writes_nothing(cluster, 
                 if e.dagster_event is not None
             )
             assert not [e for e in logs if e.dagster_event and e.dagster_event.is_step_start]
-            assert not instance.fetch_materializations(
+            written = instance.fetch_materializations(
                 dg.AssetRecordsFilter(asset_key=dg.AssetKey(["baseline", "emotion_vectors"])), limit=1
             ).records
+            by = [instance.get_run_by_id(record.run_id) for record in written]
+            assert not written, [(run.job_name, run.run_id, run.tags) for run in by]
         assert broker in text and "not reachable" in text, text
         assert not target.exists()
     finally:  # the same port again, so the workers reconnect and later tests find the broker
