@@ -21,6 +21,24 @@ if [ -z "$PG_BIN" ] || ! command -v redis-server >/dev/null; then
     echo "cluster-up: needs PostgreSQL and Redis: apt-get install -y postgresql redis-server" >&2
     exit 2
 fi
+# As root, PostgreSQL runs as the postgres user, which must be able to enter every folder above its data: under a
+# private folder (a `mktemp -d` one is mode 0700) initdb would fail with "Permission denied" once the rest was up.
+if [ "$(id -u)" = 0 ]; then
+    existing=$DIR
+    while [ ! -d "$existing" ]; do existing=$(dirname "$existing"); done
+    blocked="" folder=$existing
+    while :; do  # up to /: the highest folder it cannot enter is the cause
+        runuser -u postgres -- test -x "$folder" || blocked=$folder
+        [ "$folder" = / ] && break
+        folder=$(dirname "$folder")
+    done
+    if [ -n "$blocked" ]; then
+        echo "cluster-up: the postgres user cannot enter $blocked ($(stat -c '%A, owner %U' "$blocked")), so PostgreSQL" \
+            "cannot use $DIR; nothing was started. Set EMO_ASSETS_CLUSTER_DIR to a folder it can reach (the default" \
+            "is .cluster/ in the project) or let it in: chmod o+x $blocked" >&2
+        exit 2
+    fi
+fi
 if [ -f "$DIR/state" ]; then
     echo "cluster-up: already up ($DIR/state); run make cluster-down first" >&2
     exit 1

@@ -33,6 +33,7 @@ from emo_assets.core.extraction import (
 from emo_assets.core.models import LoadedModel
 from emo_assets.core.paths import activation_dir, activation_file
 from emo_assets.core.selection import SelectionError, parse_layers, parse_positions
+from emo_assets.defs import loaded_settings
 from emo_assets.defs.datasets import emotion_dataset_key, emotion_parquet_path
 from emo_assets.defs.deployment import TORCH_OP_TAGS
 from emo_assets.defs.models import LANGUAGE_MODEL
@@ -324,3 +325,8 @@ def build_defs(settings: Settings) -> dg.Definitions:
         assets=[_variant_activations(settings, variant) for variant in settings.datasets],
         jobs=[_disk_estimate_job(settings, variant) for variant in settings.datasets],
     )
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    return build_defs(loaded_settings())

@@ -52,6 +52,7 @@ from emo_assets.core.analysis.variant_report import analysis_report_step
 from emo_assets.core.config import AnalysisSettings, Settings
 from emo_assets.core.datasets import DatasetError
 from emo_assets.core.models import corpus_texts
+from emo_assets.defs import loaded_settings
 from emo_assets.defs.activations import activations_key
 from emo_assets.defs.analysis_metadata import image_markdown, log_mlflow, step_metadata
 from emo_assets.defs.automation import ANALYSIS_CONDITION
@@ -457,3 +458,8 @@ def build_defs(settings: Settings) -> dg.Definitions:
     if len(settings.datasets) >= 2:
         assets.append(_stability_asset(settings))
     return dg.Definitions(assets=assets)
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    return build_defs(loaded_settings())

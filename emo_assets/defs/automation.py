@@ -17,6 +17,7 @@ records the current state (nothing already built is re-run when the daemon start
 import dagster as dg
 
 from emo_assets.core.config import Settings
+from emo_assets.defs import loaded_settings
 
 ANALYSIS_CONDITION = dg.AutomationCondition.eager()
 SENSOR = "analysis_automation"
@@ -30,3 +31,8 @@ def build_defs(settings: Settings) -> dg.Definitions:
         description="Requests the summaries and the analysis assets once all their inputs exist.",
     )
     return dg.Definitions(sensors=[sensor])
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    return build_defs(loaded_settings())

@@ -6,6 +6,14 @@ existing file); a failure names the bad partitions. The integrity checks are blo
 `<V>/activations_summary` (and the analysis assets) in the same run. Each group is one `multi_asset_check` so
 every file is read once for all its checks.
 
+Each check declares what it reads besides its asset (`additional_deps`: the dataset file, the emotion rows, and
+`language_model`, whose recorded metadata it reads through the instance), so the graph shows those edges.
+
+The checks are not partitioned `AssetCheckSpec`s (a preview in Dagster 1.13): a partitioned check records one
+result for its step's single partition key, `AssetCheckResult` takes no partition, and a step over a partition range
+(the single-run backfill that loads each model once) has no single key. One result per check that names the failed
+partitions is what serves a run over many partitions.
+
 The freshness check is per partition (Dagster's `FreshnessPolicy` is per asset): an activation file is
 stale when it is older than its dataset file or than `max_age_hours`, or was built from another model
 revision than `language_model` last recorded. The freshness schedule runs it (see `schedules.py`).
@@ -21,9 +29,10 @@ import polars as pl
 from emo_assets.core.activations import ActivationFile, ActivationFileError
 from emo_assets.core.config import Settings
 from emo_assets.core.datasets import validate_dataset
+from emo_assets.defs import loaded_settings
 from emo_assets.defs.activations import activation_path, activations_key
-from emo_assets.defs.datasets import SCHEMA, emotion_dataset_key, emotion_parquet_path
-from emo_assets.defs.models import model_facts
+from emo_assets.defs.datasets import SCHEMA, dataset_file_key, emotion_dataset_key, emotion_parquet_path
+from emo_assets.defs.models import LANGUAGE_MODEL, model_facts
 from emo_assets.defs.partitions import partitions_for, run_partition_keys
 
 ERROR, WARN = dg.AssetCheckSeverity.ERROR, dg.AssetCheckSeverity.WARN
@@ -62,9 +71,14 @@ def _results(asset_key: dg.AssetKey, checks: dict, problems: dict[str, dict[str,
         )
 
 
-def _specs(asset_key: dg.AssetKey, checks: dict, blocking: bool) -> list[dg.AssetCheckSpec]:
+def _specs(
+    asset_key: dg.AssetKey, checks: dict, blocking: bool, reads: dict[str, list[dg.AssetKey]]
+) -> list[dg.AssetCheckSpec]:
+    """The specs of `checks`; `reads[name]`: the assets that check reads besides `asset_key`."""
     return [
-        dg.AssetCheckSpec(name, asset=asset_key, blocking=blocking, description=text)
+        dg.AssetCheckSpec(
+            name, asset=asset_key, blocking=blocking, description=text, additional_deps=reads.get(name, [])
+        )
         for name, (_, text) in checks.items()
     ]
 
@@ -165,14 +179,22 @@ def _variant_checks(settings: Settings, variant: str) -> list[dg.AssetChecksDefi
     parts = partitions_for(settings)
     dataset_key, act_key = emotion_dataset_key(variant), activations_key(variant)
 
+    file_key = dataset_file_key(variant)
+    dataset_reads = {"row_count": [file_key]}
+    activation_reads = {"sample_count": [dataset_key], "shape_matches_model": [LANGUAGE_MODEL]}
+
     @dg.multi_asset_check(
-        specs=_specs(dataset_key, DATASET_CHECKS, blocking=True), name=f"{variant}_emotion_dataset_checks"
+        specs=_specs(dataset_key, DATASET_CHECKS, blocking=True, reads=dataset_reads),
+        name=f"{variant}_emotion_dataset_checks",
     )
     def emotion_dataset_checks(context: dg.AssetCheckExecutionContext) -> Iterator[dg.AssetCheckResult]:
         emotions = run_partition_keys(context, parts.emotions)
         yield from _results(dataset_key, DATASET_CHECKS, _dataset_problems(settings, variant, emotions), emotions)
 
-    @dg.multi_asset_check(specs=_specs(act_key, ACTIVATION_CHECKS, blocking=True), name=f"{variant}_activations_checks")
+    @dg.multi_asset_check(
+        specs=_specs(act_key, ACTIVATION_CHECKS, blocking=True, reads=activation_reads),
+        name=f"{variant}_activations_checks",
+    )
     def activations_checks(context: dg.AssetCheckExecutionContext) -> Iterator[dg.AssetCheckResult]:
         # on their own, the integrity checks look at the files that exist (partitions_fresh reports the others)
         keys = run_partition_keys(
@@ -183,6 +205,7 @@ def _variant_checks(settings: Settings, variant: str) -> list[dg.AssetChecksDefi
     @dg.asset_check(
         asset=act_key,
         name=FRESHNESS_CHECK,
+        additional_deps=[file_key, LANGUAGE_MODEL],
         description=f"every activation partition is newer than its dataset file and than {settings.max_age_hours} h, "
         "and was built from the model revision language_model last recorded",
     )
@@ -202,3 +225,8 @@ def freshness_check_keys(settings: Settings) -> list[dg.AssetCheckKey]:
 
 def build_defs(settings: Settings) -> dg.Definitions:
     return dg.Definitions(asset_checks=[c for variant in settings.datasets for c in _variant_checks(settings, variant)])
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    return build_defs(loaded_settings())

@@ -17,6 +17,7 @@ from emo_assets.core.atomic import atomic_path
 from emo_assets.core.config import Settings
 from emo_assets.core.datasets import Dataset, DatasetError, condensed, file_sha256, read_dataset
 from emo_assets.core.paths import safe_name, variant_dir
+from emo_assets.defs import loaded_settings
 from emo_assets.defs.partitions import partitions_for
 
 CODE_VERSION = "1"
@@ -145,3 +146,8 @@ def _variant_assets(settings: Settings, variant: str) -> list:
 
 def build_defs(settings: Settings) -> dg.Definitions:
     return dg.Definitions(assets=[a for variant in settings.datasets for a in _variant_assets(settings, variant)])
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    return build_defs(loaded_settings())

@@ -70,7 +70,7 @@ def _celery_executor(broker: str, backend: str) -> dg.ExecutorDefinition:
     @dg.executor(
         name="celery",
         config_schema=celery_executor.config_schema,
-        requirements=celery_executor.get_requirements(None),
+        requirements=dg.multiple_process_executor_requirements(),  # what celery_executor itself declares
     )
     def checked_celery_executor(init_context):
         check_broker(init_context.executor_config.get("broker") or broker)
@@ -91,3 +91,8 @@ def executor(env: Mapping[str, str] | None = None) -> dg.ExecutorDefinition:
 
         return k8s_job_executor
     return dg.in_process_executor
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    return dg.Definitions(executor=executor())

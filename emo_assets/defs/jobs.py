@@ -19,14 +19,14 @@ from collections.abc import Sequence
 
 import dagster as dg
 
-# Dagster exports the partition tag names only from this module (no public constant in `dagster`).
-from dagster._core.storage.tags import (
+from emo_assets.core.config import Settings
+from emo_assets.dagster_private import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
     PARTITION_NAME_TAG,
+    job_asset_nodes,
 )
-
-from emo_assets.core.config import Settings
+from emo_assets.defs import loaded_settings
 from emo_assets.defs.activations import activations_key
 from emo_assets.defs.analysis import STABILITY_KEY, analysis_keys
 from emo_assets.defs.datasets import dataset_file_key, emotion_dataset_key
@@ -85,8 +85,7 @@ def job_runs(job: dg.JobDefinition) -> list[tuple[str, dict[str, str]]]:
     if job.partitions_def is None:
         return [("unpartitioned", {})]
     keys = job.partitions_def.get_partition_keys()
-    graph = job.asset_layer.asset_graph
-    nodes = [graph.get(key) for key in job.asset_layer.executable_asset_keys]
+    nodes = job_asset_nodes(job)
     if all(n.backfill_policy == dg.BackfillPolicy.single_run() for n in nodes if n.partitions_def is not None):
         return [(f"{len(keys)} partitions", partition_range(keys))]
     return [(str(key), {PARTITION_NAME_TAG: str(key)}) for key in keys]
@@ -123,3 +122,8 @@ def build_defs(settings: Settings) -> dg.Definitions:
             dg.define_asset_job(CROSS_VARIANT, [STABILITY_KEY], description="Emotion vectors compared across variants.")
         )
     return dg.Definitions(jobs=jobs)
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    return build_defs(loaded_settings())

@@ -11,6 +11,7 @@ import dagster as dg
 
 from emo_assets.core.config import Settings
 from emo_assets.core.models import ModelLoadError
+from emo_assets.defs import loaded_settings
 from emo_assets.defs.deployment import TORCH_OP_TAGS
 from emo_assets.defs.partitions import partitions_for, step_data_version
 from emo_assets.defs.resources import ModelCache
@@ -81,3 +82,8 @@ def build_defs(settings: Settings) -> dg.Definitions:
         return dg.MaterializeResult(data_version=step_data_version(revisions))
 
     return dg.Definitions(assets=[language_model])
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    return build_defs(loaded_settings())

@@ -28,6 +28,7 @@ from emo_assets.core.config import Settings
 from emo_assets.core.datasets import file_sha256
 from emo_assets.core.models import LoadedModel, load_configured_model
 from emo_assets.core.paths import model_slug
+from emo_assets.defs import loaded_settings
 
 # MLflow 3's experiment kind (the UI's "experiment type"): this project's runs are model development.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -310,3 +311,8 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
             artifact_root=str(settings.results_dir / "mlflow-artifacts"),
         ),
     }
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    return dg.Definitions(resources=build_resources(loaded_settings()))

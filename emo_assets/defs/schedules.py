@@ -9,6 +9,7 @@ emotion file is still current (dataset edited, model revision changed, too old) 
 import dagster as dg
 
 from emo_assets.core.config import Settings
+from emo_assets.defs import loaded_settings
 from emo_assets.defs.checks import freshness_check_keys
 
 FRESHNESS_SCHEDULE = "activations_freshness"
@@ -23,3 +24,8 @@ def build_defs(settings: Settings) -> dg.Definitions:
         description="Per-partition freshness checks of every variant's activations.",
     )
     return dg.Definitions(schedules=[schedule])
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    return build_defs(loaded_settings())

@@ -14,6 +14,7 @@ from emo_assets.core.activations import ActivationFile
 from emo_assets.core.atomic import write_bytes_atomic
 from emo_assets.core.config import Settings
 from emo_assets.core.paths import variant_dir
+from emo_assets.defs import loaded_settings
 from emo_assets.defs.activations import activation_path, activations_key, freshness_policy
 from emo_assets.defs.automation import ANALYSIS_CONDITION
 from emo_assets.defs.partitions import partitions_for
@@ -139,3 +140,8 @@ def _variant_summary(settings: Settings, variant: str) -> dg.AssetsDefinition:
 
 def build_defs(settings: Settings) -> dg.Definitions:
     return dg.Definitions(assets=[_variant_summary(settings, variant) for variant in settings.datasets])
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    return build_defs(loaded_settings())

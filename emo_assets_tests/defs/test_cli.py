@@ -3,7 +3,9 @@
 import contextlib
 import io
 import os
+import socket
 import subprocess
+import sys
 
 import dagster as dg
 import pytest
@@ -11,6 +13,7 @@ from dagster._core.utils import make_new_run_id
 
 from emo_assets import cli
 from emo_assets.core.processes import process_identity
+from emo_assets_tests.conftest import OFFLINE_MODELS, REPO_ROOT
 from emo_assets_tests.pipeline import pipeline_env
 
 
@@ -54,11 +57,11 @@ def test_a_failed_job_stops_the_sequence_and_exits_1(env, monkeypatch):
 
 def test_ui_binds_localhost_and_uses_the_workspace(env, monkeypatch):
     started = []
-    monkeypatch.setattr(cli.os, "execvp", lambda program, command: started.append(command))
-    cli.main(["ui"])
+    monkeypatch.setattr(cli, "supervise", lambda command: started.append(command) or 0)
+    assert cli.main(["ui"]) == 0
     (command,) = started
-    assert command[1:] == ["dev", "-h", "127.0.0.1", "-p", "3000", "-w", str(cli.PROJECT / "workspace.yaml")]
-    assert command[0].endswith("dagster")
+    assert command[:2] == [sys.executable, "-W"] and command[3:5] == ["-m", "dagster"]
+    assert command[5:] == ["dev", "-h", "127.0.0.1", "-p", "3000", "-w", str(cli.PROJECT / "workspace.yaml")]
     assert (env / "dagster_home" / "dagster.yaml").is_file()
 
 
@@ -150,3 +153,47 @@ def test_cluster_deployment_needs_the_deployment_instance(env, monkeypatch, caps
         capsys.readouterr().err
     )
     assert not (env / "dagster_home").exists()
+
+
+def test_cluster_materialize_without_a_webserver_says_so_in_one_line(env):
+    """No traceback of the GraphQL client: the URL, that it is not reachable, and how to start it."""
+    with socket.socket() as sock:  # a port nothing listens on once this closes
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    completed = subprocess.run(
+        [sys.executable, "-m", "emo_assets.cli", "materialize", "--deployment", "cluster"],
+        env={**os.environ, "EMO_ASSETS_WEBSERVER": url},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 1
+    (error,) = completed.stderr.splitlines()
+    assert error.startswith(
+        f"error: the Dagster webserver at {url} (--webserver, $EMO_ASSETS_WEBSERVER) is not reachable"
+    )
+    assert "make cluster-up" in error
+    assert completed.stdout == ""  # checked before the definitions were built or anything was submitted
+
+
+def test_an_invalid_dataset_fails_in_one_line_per_run_with_the_validators_reason(env):
+    """The run's line and the validator's `FILE:LINE: field: reason`, not Dagster's stack traces on the console."""
+    bad = REPO_ROOT / "emo_assets_tests" / "data" / "bad" / "duplicate_id.jsonl"
+    completed = subprocess.run(
+        [sys.executable, "-m", "emo_assets.cli", "materialize", "--extraction-only"],
+        env={**os.environ, "EMO_ASSETS_DATASETS": f"baseline={bad}"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 1
+    assert completed.stderr == "failed\n"
+    lines = completed.stdout.splitlines()
+    assert lines[0].startswith("profile offline: ")
+    assert [line.split(" ")[:2] for line in lines[1:5]] == [["load_models", f"[{slug}]"] for slug in OFFLINE_MODELS]
+    assert all(" ok in " in line for line in lines[1:5])
+    assert lines[5].startswith("baseline_datasets [4 partitions] FAILED in ")
+    assert lines[6:] == [
+        f"    baseline__emotion_dataset: invalid dataset {bad}:",
+        f"    {bad}:3: id: duplicate id 'g1' (first seen on line 1) [error]",
+    ]

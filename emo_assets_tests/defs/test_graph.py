@@ -5,6 +5,7 @@
 """
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -115,6 +116,22 @@ def test_offline_graph_matches_the_expected_structure(tmp_path, small_datasets, 
     specs = [spec for checks_def in defs.asset_checks for spec in checks_def.check_specs]
     blocking = {f"{s.asset_key.to_user_string()}:{s.name}" for s in specs if s.blocking}
     assert blocking == {c for c in EXPECTED_CHECKS if not c.endswith(":partitions_fresh")}
+    # what a check reads besides its asset is a declared dependency (language_model's metadata via the instance)
+    reads = {
+        f"{s.asset_key.to_user_string()}:{s.name}": sorted(d.asset_key.to_user_string() for d in s.additional_deps)
+        for s in specs
+        if s.additional_deps
+    }
+    assert reads == {
+        key: value
+        for v in ("baseline", "extended")
+        for key, value in {
+            f"{v}/emotion_dataset:row_count": [f"{v}/dataset_file"],
+            f"{v}/activations:sample_count": [f"{v}/emotion_dataset"],
+            f"{v}/activations:shape_matches_model": ["language_model"],
+            f"{v}/activations:partitions_fresh": [f"{v}/dataset_file", "language_model"],
+        }.items()
+    }
     for variant in ("baseline", "extended"):
         for asset in ("activations", "activations_summary"):
             assert graph.get(dg.AssetKey([variant, asset])).freshness_policy is not None
@@ -139,19 +156,42 @@ def test_profiles_and_variants_are_configuration(tmp_path, small_datasets, mlflo
     assert len(freshness_check_keys(settings)) == 3
 
 
-def test_dagster_definitions_validate_passes():
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EMO_ASSETS_") or k == "EMO_ASSETS_MODEL_CACHE"}
-    dagster = Path(sys.executable).with_name("dagster")
+def _project_command(args: list[str], cwd: Path = REPO, **env) -> str:
+    """stdout + stderr of one of the venv's programs run in `cwd` (default: this project) without the test
+    settings; fails the test when it exits non-zero."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("EMO_ASSETS_") or k == "EMO_ASSETS_MODEL_CACHE"}
+    program = Path(sys.executable).with_name(args[0])
+    venv = {"VIRTUAL_ENV": str(Path(sys.executable).parents[1])}  # dg compares it with the project's .venv
     completed = subprocess.run(
-        [str(dagster), "definitions", "validate", "-m", "emo_assets.definitions"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
+        [str(program), *args[1:]], cwd=cwd, env={**clean, **venv, **env}, capture_output=True, text=True, timeout=180
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
-    assert "Validation successful" in completed.stdout + completed.stderr
+    return completed.stdout + completed.stderr
+
+
+def test_dagster_definitions_validate_passes():
+    """The three ways the code location is loaded: the module (CI, the Helm chart), workspace.yaml (`dagster
+    dev`, `emo-assets ui`) and the `dg` project (`[tool.dg]`)."""
+    assert "Validation successful" in _project_command(
+        ["dagster", "definitions", "validate", "-m", "emo_assets.definitions"]
+    )
+    assert "code location emo_assets." in _project_command(
+        ["dagster", "definitions", "validate", "-w", "workspace.yaml"]
+    )
+    assert "All definitions loaded successfully" in _project_command(["dg", "check", "defs"])
+
+
+def test_a_module_scaffolded_with_dg_joins_the_code_location(tmp_path):
+    """`dg scaffold defs` writes a module into the defs folder; the loader picks it up with no list to edit."""
+    shutil.copy(REPO / "pyproject.toml", tmp_path)
+    shutil.copytree(REPO / "emo_assets", tmp_path / "emo_assets", ignore=shutil.ignore_patterns("__pycache__"))
+    _project_command(["dg", "scaffold", "defs", "dagster.asset", "scaffolded_asset.py"], cwd=tmp_path)
+    assert (tmp_path / "emo_assets" / "defs" / "scaffolded_asset.py").is_file()
+    listing = (
+        "from emo_assets.definitions import build_defs; print(build_defs().resolve_asset_graph().get_all_asset_keys())"
+    )
+    keys = _project_command(["python", "-c", listing], cwd=tmp_path, PYTHONPATH=str(tmp_path))
+    assert "AssetKey(['scaffolded_asset'])" in keys and "AssetKey(['language_model'])" in keys
 
 
 def test_stage_jobs_cover_every_asset_once(tmp_path, small_datasets, mlflow_uri):

@@ -69,3 +69,15 @@ def test_emotion_dataset_logs_the_first_warnings_and_a_count(tmp_path, own_datas
     first_copy = len(records) + 1
     assert [int(m.split(":")[1]) for m in duplicates] == list(range(first_copy, first_copy + WARNINGS_SHOWN))
     assert sum(f"{path}: 3 more warnings not logged ({len(copies)} in all)" in m for m in logged) == 1
+
+
+def test_the_suite_shows_dagsters_deprecations():
+    """pyproject's `filterwarnings` hides only named third-party modules: a removal notice Dagster raises about
+    a call of this project (attributed to the calling module, as Dagster's `deprecation_warning` does) reaches
+    the test report, and one raised inside Dagster's own modules too."""
+    for module in ("emo_assets.defs.datasets", "dagster._core.definitions.decorators.asset_decorator"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.warn_explicit(
+                "`x` is deprecated and will be removed in 2.0", DeprecationWarning, "x.py", 1, module
+            )
+        assert [str(w.message) for w in caught] == ["`x` is deprecated and will be removed in 2.0"], module

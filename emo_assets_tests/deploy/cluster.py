@@ -126,6 +126,13 @@ class Cluster:
             f"backfill {backfill_id}",
         )
 
+    def backfill_error(self, backfill_id: str) -> str:
+        """The error message the daemon recorded on a failed backfill ("" when there is none)."""
+        query = """query($id: String!) { partitionBackfillOrError(backfillId: $id) {
+                     ... on PartitionBackfill { error { message } } } }"""
+        error = self.graphql(query, id=backfill_id)["partitionBackfillOrError"]["error"]
+        return error["message"] if error else ""
+
     def launch_run(self, tags: dict[str, str], asset_paths: list[list[str]] | None = None, job: str = "") -> str:
         """Launch one run of `job`, or of the implicit asset job over `asset_paths` (as the UI's Materialize
         button does)."""

@@ -28,7 +28,7 @@ from emo_assets_tests.pipeline import pipeline_env
 MODELS = ("tiny-gpt2", "tiny-pythia")
 
 
-def _require_services() -> None:
+def require_services() -> None:
     missing = [
         name
         for name, found in (
@@ -46,7 +46,7 @@ def _require_services() -> None:
 
 @pytest.fixture(scope="session")
 def cluster(small_datasets):
-    _require_services()
+    require_services()
     # Not under pytest's tmp_path: its folders are private to root, and PostgreSQL runs as the postgres user.
     root = Path(tempfile.mkdtemp(prefix="emo-assets-cluster-"))
     root.chmod(0o755)

@@ -6,13 +6,19 @@ launcher, executor, the GPU tag of the torch steps, the Helm values' structure).
 
 from __future__ import annotations
 
+import os
+import re
 import socket
+import stat
+import subprocess
+from pathlib import Path
 
 import dagster as dg
 import pytest
 import yaml
 from dagster._config import process_config, validate_config
 from dagster._core.instance.config import dagster_instance_config, dagster_instance_config_schema
+from dagster._core.instance.ref import InstanceRef
 from dagster_celery import celery_executor
 from dagster_k8s import K8sRunLauncher, k8s_job_executor
 from dagster_k8s.job import USER_DEFINED_K8S_CONFIG_KEY, UserDefinedDagsterK8sConfig, get_user_defined_k8s_config
@@ -22,6 +28,7 @@ from emo_assets.defs import deployment
 from emo_assets.defs.activations import activations_key
 from emo_assets.defs.models import LANGUAGE_MODEL
 from emo_assets_tests.conftest import REPO_ROOT
+from emo_assets_tests.deploy.conftest import require_services
 from emo_assets_tests.pipeline import pipeline_env
 
 DEPLOY = REPO_ROOT / "deploy"
@@ -55,16 +62,49 @@ def _instance_config(name: str, monkeypatch) -> dict:
 
 
 @pytest.mark.parametrize("name", ["local", "cluster", "kubernetes"])
-def test_instance_files_pass_dagsters_instance_schema(name, monkeypatch):
+def test_instance_files_pass_dagsters_instance_schema(name, monkeypatch, tmp_path):
     config = _instance_config(name, monkeypatch)
     if name == "local":
         assert "storage" not in config  # sqlite under DAGSTER_HOME
         assert (REPO_ROOT / ".dagster_home" / "dagster.yaml").resolve() == DEPLOY / "local" / "dagster.yaml"
     else:
         assert set(config["storage"]) == {"postgres"}
-        assert config["run_coordinator"]["class"] == "QueuedRunCoordinator"
         assert config["concurrency"]["pools"]["default_limit"] >= 1
         assert config["run_monitoring"]["enabled"] is True
+    # the run queue is Dagster's default coordinator: no file names it (or any other private dagster._ module)
+    assert "run_coordinator" not in config and "dagster._" not in (DEPLOY / name / "dagster.yaml").read_text()
+    ref = InstanceRef.from_dir(str(tmp_path), config_dir=str(DEPLOY / name))
+    assert ref.run_coordinator_data.class_name == "QueuedRunCoordinator"
+
+
+def _snake_case(value):
+    """The Helm chart's camelCase keys as dagster.yaml writes them (`maxConcurrentRuns` -> `max_concurrent_runs`);
+    the values of a tag limit (`applyLimitPerUniqueValue`) are copied as they are, in both."""
+    if isinstance(value, list):
+        return [_snake_case(item) for item in value]
+    if not isinstance(value, dict):
+        return value
+    return {
+        re.sub(r"(?<!^)([A-Z])", r"_\1", key).lower(): item if key == "value" else _snake_case(item)
+        for key, item in value.items()
+    }
+
+
+def test_pool_and_run_limits_agree_between_the_helm_values_and_the_instance_files(monkeypatch):
+    """Under Helm the chart writes the instance from values.yaml's `concurrency:`; without it
+    deploy/kubernetes/dagster.yaml is the instance: both must limit runs and the `torch` pool alike. The cluster
+    deployment's limits follow its celery workers (up.sh's default count): one torch step and one backfill run per
+    worker."""
+    values = yaml.safe_load((DEPLOY / "kubernetes" / "values.yaml").read_text())
+    kubernetes = _instance_config("kubernetes", monkeypatch)["concurrency"]
+    assert _snake_case(values["concurrency"]) == kubernetes
+    assert kubernetes["pools"]["default_limit"] >= 1 and kubernetes["runs"]["max_concurrent_runs"] >= 1
+    assert not values["dagsterDaemon"]["runCoordinator"]["config"]["queuedRunCoordinator"]  # one place for limits
+    cluster = _instance_config("cluster", monkeypatch)["concurrency"]
+    workers = int(re.search(r"EMO_ASSETS_CELERY_WORKERS:-(\d+)", (DEPLOY / "cluster" / "up.sh").read_text())[1])
+    assert cluster["pools"]["default_limit"] == workers
+    (backfill,) = cluster["runs"]["tag_concurrency_limits"]
+    assert backfill["key"] == "dagster/backfill" and backfill["limit"] == workers
 
 
 def test_cluster_instance_connects_to_postgres_as_configured(monkeypatch):
@@ -122,7 +162,7 @@ def test_helm_values_have_the_keys_the_dagster_chart_reads():
     assert "EMO_ASSETS_DEPLOYMENT=kubernetes" in launcher["envVars"]
     assert values["postgresql"]["enabled"] is False and values["global"]["postgresqlSecretName"]
     coordinator = values["dagsterDaemon"]["runCoordinator"]
-    assert coordinator["type"] == "QueuedRunCoordinator" and "queuedRunCoordinator" in coordinator["config"]
+    assert coordinator["enabled"] and coordinator["type"] == "QueuedRunCoordinator"
     # the chart's run launcher and deploy/kubernetes/dagster.yaml's mount the same results volume
     instance = yaml.safe_load((DEPLOY / "kubernetes" / "dagster.yaml").read_text())["run_launcher"]["config"]
     assert launcher["volumes"] == instance["volumes"]
@@ -158,3 +198,20 @@ def test_an_unreachable_broker_is_named_in_the_error():
     url = f"redis://127.0.0.1:{port}/0"
     with pytest.raises(dg.Failure, match=f"celery broker {url} is not reachable"):
         deployment.check_broker(url, timeout_s=2)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as another user PostgreSQL runs as that user, who owns the folder")
+def test_cluster_up_refuses_a_folder_postgres_cannot_enter(tmp_path):
+    """pytest's tmp_path lies under a folder private to root (mode 0700), as a `mktemp -d` one does: up.sh must
+    say so before it starts anything, not fail inside initdb after Redis and the rest were set up."""
+    require_services()
+    folder = tmp_path / "cluster"
+    env = {**os.environ, "EMO_ASSETS_CLUSTER_DIR": str(folder)}
+    completed = subprocess.run([str(DEPLOY / "cluster" / "up.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 2, completed.stderr
+    (error,) = completed.stderr.splitlines()
+    blocked = error.split("the postgres user cannot enter ")[1].split(" (")[0]
+    assert Path(blocked) in tmp_path.parents or Path(blocked) == tmp_path
+    assert stat.S_IMODE(os.stat(blocked).st_mode) & 0o001 == 0  # others may not enter it
+    assert f"cannot use {folder}; nothing was started" in error and f"chmod o+x {blocked}" in error
+    assert not folder.exists()
