@@ -74,7 +74,7 @@ cluster-down:
 	deploy/cluster/down.sh
 
 check-defs: setup
-	$(BIN)/dagster definitions validate -m emo_assets.definitions
+	$(BIN)/dagster definitions validate -w workspace.yaml
 
 ## ruff: lint and formatting (configuration in pyproject.toml); `make format` applies both.
 lint: setup
