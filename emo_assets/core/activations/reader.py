@@ -228,6 +228,8 @@ class ActivationFile:
         out no longer holds that layer's pages in its resident memory. Views of the map stay valid."""
         if kind in self._mmaps:
             self._mmaps[kind].madvise(mmap.MADV_DONTNEED)
+        for _, shard in self._shards or ():
+            shard.release(kind)
 
     def sentence(self, kind: str, layer: int, index: int) -> np.ndarray:
         """One sentence's rows, float32 [n_rows_i, d_model] (its tokens' rows with `positions = all`)."""

@@ -288,6 +288,12 @@ class ModelActivations:
         d_model]; for float32 storage a read-only view of the memory-mapped file, so nothing is copied."""
         return [to_float32(self.files[e].mapped(kind), self.files[e].dtype) for e in self.emotions]
 
+    def release(self, kind: str) -> None:
+        """Give back the pages of `kind` that reads through the files' memory maps brought in (`token_blocks`
+        once its arrays have been used; see `ActivationFile.release`)."""
+        for emotion in self.emotions:
+            self.files[emotion].release(kind)
+
     def input_ids(self) -> np.ndarray:
         return np.concatenate([np.asarray(self.files[emotion].input_ids) for emotion in self.emotions])
 

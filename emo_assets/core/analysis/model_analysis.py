@@ -231,6 +231,7 @@ def token_vectors_step(
             content, word_layers = token_vectors_by_layer(
                 acts.token_blocks(kind), acts.offsets, acts.labels, matches, acts.emotions
             )
+            acts.release(kind)  # every token row of every layer was read: hold none of them past this kind
             # the emotion vectors of the content means (as `vectors.emotion_vectors` makes them; only the means
             # and centred vectors are compared)
             c_means, c_counts = class_means(content.means, y, E)
