@@ -136,3 +136,40 @@ def test_stale_temps_of_dead_processes_are_removed(tmp_path):
     mine.write_text("in progress")
     assert remove_stale_temps(final) == [dead]
     assert mine.exists()
+
+
+def _resident_kib_of(path) -> int:
+    """Resident KiB of this process's mappings of `path` (every mapping: ours and safetensors'), from smaps."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5:
+                inside = len(fields) >= 6 and fields[5] == str(path)
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total
+
+
+def test_a_read_layer_leaves_no_pages_mapped(tmp_path):
+    """Reading a layer copies it out and gives its mapped pages back, so reading every layer of a large file one at
+    a time holds one layer, not the file (the values read are those written)."""
+    rng = np.random.default_rng(3)
+    n, d, layers = 4096, 128, 3
+    array = rng.standard_normal((layers, n, d)).astype(np.float32)
+    path = write_activation_file(
+        tmp_path / "activations_joy.safetensors",
+        {"resid_post": array},
+        offsets=np.arange(n + 1),
+        input_ids=np.arange(n),
+        header=ActivationHeader(n_layers=layers, d_model=d, kinds=("resid_post",)),
+    )
+    stored = ActivationFile(path)
+    layer_kib = n * d * 4 // 1024
+    for layer in range(layers):
+        np.testing.assert_array_equal(stored.sentence_end("resid_post", layer), array[layer])
+        assert _resident_kib_of(path) < layer_kib // 8
+    stored.mapped("resid_post")[1].sum()  # a plain read through the map keeps its pages until released
+    assert _resident_kib_of(path) >= layer_kib
+    stored.release("resid_post")
+    assert _resident_kib_of(path) < layer_kib // 8

@@ -174,3 +174,32 @@ def test_vector_stability_needs_two_variants(tmp_path, small_datasets, mlflow_ur
     assert "vector_stability" not in keys and "baseline/analysis_report" in keys
     assert stage_order(settings, ["baseline"])[-2:] == ["baseline_analysis", "baseline_comparisons"]
     assert "cross_variant_analysis" not in {job.name for job in defs.jobs}
+
+
+def test_the_analysis_runs_on_sentence_ends_of_some_layers(tmp_path, small_datasets, mlflow_uri):
+    """`emo-assets materialize`'s stage jobs with EMO_ASSETS_POSITIONS=sentence_end and EMO_ASSETS_LAYERS=0,-1:
+    every analysis asset materializes, its tables name the model layers stored, and the token vectors' metadata
+    says they do not apply and why."""
+    env = {"EMO_ASSETS_MODELS": "tiny-gpt2", "EMO_ASSETS_POSITIONS": "sentence_end", "EMO_ASSETS_LAYERS": "0,-1"}
+    settings = make_settings(tmp_path, {"baseline": small_datasets["baseline"]}, mlflow_uri, **env)
+    defs = build_defs(settings)
+    lines: list[str] = []
+    with dg.instance_for_test() as instance:
+        assert run_jobs(defs, stage_order(settings, ["baseline"]), instance, lines), "\n".join(lines)
+        meta = {}
+        for name in [*PER_MODEL, "analysis_report"]:
+            records = instance.fetch_materializations(dg.AssetKey(["baseline", name]), limit=1).records
+            assert records, (name, "\n".join(lines))
+            meta[name] = {k: v.value for k, v in records[0].asset_materialization.metadata.items()}
+    status = meta["token_vectors"]["token_status"]
+    assert status.startswith("not applicable: the activation files store positions = sentence_end"), status
+    assert meta["token_vectors"]["token_vectors_rows"] == 0
+    for name, column in (
+        ("emotion_vectors", "separation"),
+        ("emotion_subspaces", "subspaces"),
+        ("linear_probes", "probes"),
+    ):
+        table = pl.read_parquet(meta[name][f"{column}_path"])
+        assert sorted(set(table["layer"])) == [0, 3], name  # tiny-gpt2 has 4 layers
+    report = Path(meta["analysis_report"]["report_path"]).read_text(encoding="utf-8")
+    assert "token strings not applicable" in report and "stored: [0, 3]" in report

@@ -71,6 +71,7 @@ class ActivationFile:
             )
         self._torch_handle = None
         self._maps: dict[str, np.ndarray] = {}
+        self._mmaps: dict[str, mmap.mmap] = {}
         self.kinds = [k for k in ACTIVATION_KINDS if k in self.header.kinds]
         self.offsets = self._handle.get_tensor("offsets")
         self.input_ids = self._handle.get_tensor("input_ids")
@@ -217,7 +218,18 @@ class ActivationFile:
         stored = self._check(kind, layer)
         if self._shards is not None:
             return np.concatenate([shard.sentence_end(kind, layer) for _, shard in self._shards])
-        return to_float32(self.mapped(kind)[stored, self.offsets[1:] - 1], self.dtype)
+        rows = self.mapped(kind)[stored, self.offsets[1:] - 1]  # fancy indexing: a copy
+        self.release(kind)
+        return to_float32(rows, self.dtype)
+
+    def release(self, kind: str) -> None:
+        """Unmap the pages of `kind`'s memory map that reads have brought in (`MADV_DONTNEED`): the file stays
+        mapped and a later read faults them in again from the page cache, but a reader that has copied a layer
+        out no longer holds that layer's pages in its resident memory. Views of the map stay valid."""
+        if kind in self._mmaps:
+            self._mmaps[kind].madvise(mmap.MADV_DONTNEED)
+        for _, shard in self._shards or ():
+            shard.release(kind)
 
     def sentence(self, kind: str, layer: int, index: int) -> np.ndarray:
         """One sentence's rows, float32 [n_rows_i, d_model] (its tokens' rows with `positions = all`)."""
@@ -237,7 +249,7 @@ class ActivationFile:
                 data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
             shape = (len(self.layers), self.n_rows, self.d_model)
             raw = np.frombuffer(data, dtypes.dtype(self.dtype).numpy_raw, int(np.prod(shape)), self._data_start + begin)
-            self._maps[kind] = raw.reshape(shape)
+            self._maps[kind], self._mmaps[kind] = raw.reshape(shape), data
         return self._maps[kind]
 
     def sentence_slices(self) -> list[slice]:

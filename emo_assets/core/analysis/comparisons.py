@@ -31,6 +31,7 @@ from emo_assets.core.analysis.inputs import (
     frame,
     model_analysis_dir,
     reference_emotion,
+    stored_layers,
 )
 from emo_assets.core.analysis.layerwise import layer_chunks
 from emo_assets.core.analysis.model_analysis import StepResult
@@ -71,6 +72,15 @@ def matched_layers(n_a: int, n_b: int) -> list[tuple[int, int]]:
     if n_a == 1:
         return [(0, n_b - 1)]
     return [(i, int(round(i * (n_b - 1) / (n_a - 1)))) for i in range(n_a)]
+
+
+def matched_stored_layers(a: ModelActivations, b: ModelActivations) -> list[tuple[int, int]]:
+    """`matched_layers` between the layers two models store, as (position in `a.layers`, position in `b.layers`):
+    each stored layer of A with the stored layer of B nearest its same-depth partner (the partner itself when B
+    stores every layer)."""
+    partner = dict(matched_layers(a.n_layers, b.n_layers))
+    stored_b = np.asarray(b.layers)
+    return [(i, int(np.argmin(np.abs(stored_b - partner[layer])))) for i, layer in enumerate(a.layers)]
 
 
 def common_sentences(models: Mapping[str, ModelActivations]) -> list[str]:
@@ -133,14 +143,14 @@ def cross_model_alignment_step(
             for a, b in itertools.combinations_with_replacement(slugs, 2):
                 plain, debiased = layer_sets[a].ckas(layer_sets[b])
                 pearson, spearman, n_pairs = rsa_matrix(cos[a], cos[b])
-                matched = set(matched_layers(len(X[a]), len(X[b])))
+                matched = set(matched_stored_layers(models[a], models[b]))
                 for la, lb in itertools.product(range(len(X[a])), range(len(X[b]))):
                     keys = {
                         "model_a": a,
                         "model_b": b,
                         "kind": kind,
-                        "layer_a": la,
-                        "layer_b": lb,
+                        "layer_a": models[a].layers[la],
+                        "layer_b": models[b].layers[lb],
                         "matched_depth": (la, lb) in matched,
                     }
                     cka_rows.append(
@@ -170,16 +180,18 @@ def cross_model_alignment_step(
                 for slug in (a, b):
                     if slug not in subspaces:
                         subspaces[slug] = emotion_subspaces_by_layer(X[slug], labels, emotions, k)
-                overlap_rows += cross_model_subspace_rows(
+                for row in cross_model_subspace_rows(
                     subspaces[a],
                     subspaces[b],
-                    matched_layers(len(X[a]), len(X[b])),
+                    matched_stored_layers(models[a], models[b]),
                     n_random=n_random,
                     seed=seed,
                     model_a=a,
                     model_b=b,
                     kind=kind,
-                )
+                ):
+                    row.update(layer_a=models[a].layers[row["layer_a"]], layer_b=models[b].layers[row["layer_b"]])
+                    overlap_rows.append(row)
     cka, rsa_table = frame(cka_rows, CKA_SCHEMA), frame(rsa_rows, RSA_SCHEMA)
     overlap = frame(overlap_rows, OVERLAP_SCHEMA).select(list(OVERLAP_SCHEMA))
     meta = {"variant": variant, "models": json.dumps(slugs), "n_sentences": str(len(ids))}
@@ -194,7 +206,10 @@ def cross_model_alignment_step(
         )
     if heatmap:
         result.files["cka_heatmap"] = plot_cka_heatmaps(
-            out / "cka_heatmap.png", heatmap, title=f"{variant}: debiased CKA ({kinds[0]})"
+            out / "cka_heatmap.png",
+            heatmap,
+            title=f"{variant}: debiased CKA ({kinds[0]})",
+            layers={slug: acts.layers for slug, acts in models.items()},
         )
     result.summary.update(n_models=len(slugs), n_sentences=len(ids), skipped_overlap_pairs=len(skipped))
     cross = cka.filter((pl.col("model_a") != pl.col("model_b")) & pl.col("matched_depth"))
@@ -264,7 +279,7 @@ def _stored_outputs(
     for layer in range(len(X)):
         by_emotion = {}
         for e, emotion in enumerate(emotions):
-            prefix = f"{kind}/L{layer:02d}/{emotion}"
+            prefix = f"{kind}/L{acts.layers[layer]:02d}/{emotion}"
             if f"{prefix}/basis" not in tensors:  # no variance there (see subspaces.emotion_subspaces)
                 continue
             if np.abs(tensors[f"{prefix}/mean"] - means[layer, e]).max() > tolerance:
@@ -325,9 +340,11 @@ def vector_stability_step(results_dir: Path, variants: Sequence[str], slugs: Seq
             for kind in kinds:
                 ca, cb = ta[f"{kind}/centred"], tb[f"{kind}/centred"]
                 da, db = ta[f"{kind}/diff_vs_reference"], tb[f"{kind}/diff_vs_reference"]
-                if ca.shape[0] != cb.shape[0] or ca.shape[2] != cb.shape[2]:
+                if ca.shape[2] != cb.shape[2]:
                     raise ValueError(f"{slug}: {va} and {vb} emotion vectors differ in shape: {ca.shape} vs {cb.shape}")
-                for layer in range(ca.shape[0]):
+                layers_a, layers_b = stored_layers(meta_a, len(ca)), stored_layers(meta_b, len(cb))
+                for layer in [layer for layer in layers_a if layer in layers_b]:  # the layers both variants stored
+                    la, lb = layers_a.index(layer), layers_b.index(layer)
                     for emotion in shared:
                         i, j = em_a.index(emotion), em_b.index(emotion)
                         rows.append(
@@ -338,11 +355,9 @@ def vector_stability_step(results_dir: Path, variants: Sequence[str], slugs: Seq
                                 "emotion": emotion,
                                 "variant_a": va,
                                 "variant_b": vb,
-                                "cosine_centred": float(
-                                    cosine_matrix(ca[layer, i : i + 1], cb[layer, j : j + 1])[0, 0]
-                                ),
+                                "cosine_centred": float(cosine_matrix(ca[la, i : i + 1], cb[lb, j : j + 1])[0, 0]),
                                 "cosine_diff_vs_reference": float(
-                                    cosine_matrix(da[layer, i : i + 1], db[layer, j : j + 1])[0, 0]
+                                    cosine_matrix(da[la, i : i + 1], db[lb, j : j + 1])[0, 0]
                                 ),
                             }
                         )

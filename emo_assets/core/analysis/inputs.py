@@ -9,6 +9,9 @@ in float64. The analysis reads them a layer at a time (`sentence_end_layers`, a 
 holds the layers at hand and never the whole [layers, sentences, d] block. Files that store one row per
 sentence (`positions` other than `all`, activation format version 2; `stored_positions`) serve every
 sentence-end analysis; the token-level one reports itself not applicable (`token_level_unavailable`).
+Files that store a selection of layers (`layers`, the MODEL layer indices stored) are read by stored position
+(a `LayerStack`'s `[i]` is model layer `layers[i]`); every output table labels its rows by the model layer
+(`label_layers`) and every output tensor stacked over layers records the `layers` it holds in its metadata.
 
 Output layout (`results/<variant>/analysis/...`):
 
@@ -129,6 +132,10 @@ class ModelActivations:
     texts: list[str] | None = None  # per sentence, when a dataset was given
     notes: list[str] = field(default_factory=list)
     positions: str = ALL_POSITIONS  # the rows stored per sentence (`stored_positions`)
+    layers: tuple[int, ...] = ()  # the model layer indices stored, ascending (`ActivationFile.layers`)
+
+    def __post_init__(self) -> None:
+        self.layers = tuple(int(layer) for layer in self.layers) or tuple(range(self.n_layers))
 
     @property
     def n_sentences(self) -> int:
@@ -189,11 +196,11 @@ class ModelActivations:
             if recorded is not None and recorded != emotion:
                 raise AnalysisInputError(f"{f.path}: holds emotion {recorded!r}, expected {emotion!r}")
             h = f.header
-            facts[emotion] = (h.model_id, h.model_revision, h.n_layers, h.d_model, h.dataset_sha256)
+            facts[emotion] = (h.model_id, h.model_revision, h.n_layers, tuple(f.layers), h.d_model, h.dataset_sha256)
         if len(set(facts.values())) != 1:
             raise AnalysisInputError(
-                f"{variant}/{slug}: the emotion files come from different models, shapes or datasets "
-                f"(model_id, revision, n_layers, d_model, dataset_sha256): {facts}"
+                f"{variant}/{slug}: the emotion files come from different models, shapes, layers or datasets "
+                f"(model_id, revision, n_layers, stored layers, d_model, dataset_sha256): {facts}"
             )
         positions = {emotion: stored_positions(f) for emotion, f in files.items()}
         if len(set(positions.values())) != 1:
@@ -225,6 +232,7 @@ class ModelActivations:
             dataset_sha256=first.header.dataset_sha256 or "",
             prepend_bos=bool(first.header.prepend_bos),
             positions=positions[emotions[0]],
+            layers=tuple(first.layers),
         )
         if dataset_path is not None:
             acts.attach_texts(dataset_path)
@@ -254,19 +262,19 @@ class ModelActivations:
 
     # -- arrays -----------------------------------------------------------------------------------------
     def sentence_end_layer(self, kind: str, layer: int, rows: np.ndarray | None = None) -> np.ndarray:
-        """Sentence-end activations of one layer: float32 [n_sentences, d_model] (or the sentences `rows`), read
-        from each file's memory map (`ActivationFile.sentence_end`)."""
+        """Sentence-end activations of MODEL layer `layer`: float32 [n_sentences, d_model] (or the sentences
+        `rows`), read from each file's memory map (`ActivationFile.sentence_end`)."""
         out = np.concatenate([self.files[e].sentence_end(kind, layer) for e in self.emotions])
         return out if rows is None else out[rows]
 
     def sentence_end_layers(self, kind: str, rows: np.ndarray | None = None) -> LayerStack:
-        """Every layer's sentence-end activations [n_layers, n_sentences, d_model] as a `LayerStack`, which reads a
-        layer only when it is asked for."""
+        """Every stored layer's sentence-end activations [len(layers), n_sentences, d_model] as a `LayerStack`,
+        which reads a layer only when it is asked for."""
         return LayerStack(self, kind, rows)
 
     def sentence_end(self, kind: str) -> np.ndarray:
-        """Sentence-end activations of every layer: float32 [n_layers, n_sentences, d_model]."""
-        out = np.empty((self.n_layers, self.n_sentences, self.d_model), dtype=np.float32)
+        """Sentence-end activations of every stored layer: float32 [len(layers), n_sentences, d_model]."""
+        out = np.empty((len(self.layers), self.n_sentences, self.d_model), dtype=np.float32)
         start = 0
         for emotion in self.emotions:
             f = self.files[emotion]
@@ -276,9 +284,15 @@ class ModelActivations:
         return out
 
     def token_blocks(self, kind: str) -> list[np.ndarray]:
-        """Per emotion (in `emotions` order), all token rows of every layer: float32 [n_layers, n_tokens_e,
+        """Per emotion (in `emotions` order), all token rows of every stored layer: float32 [len(layers), n_tokens_e,
         d_model]; for float32 storage a read-only view of the memory-mapped file, so nothing is copied."""
         return [to_float32(self.files[e].mapped(kind), self.files[e].dtype) for e in self.emotions]
+
+    def release(self, kind: str) -> None:
+        """Give back the pages of `kind` that reads through the files' memory maps brought in (`token_blocks`
+        once its arrays have been used; see `ActivationFile.release`)."""
+        for emotion in self.emotions:
+            self.files[emotion].release(kind)
 
     def input_ids(self) -> np.ndarray:
         return np.concatenate([np.asarray(self.files[emotion].input_ids) for emotion in self.emotions])
@@ -299,8 +313,23 @@ class ModelActivations:
             "emotions": json.dumps(list(self.emotions)),
             "n_sentences": str(self.n_sentences),
             "n_layers": str(self.n_layers),
+            "layers": json.dumps(list(self.layers)),
             "d_model": str(self.d_model),
         }
+
+
+def label_layers(table: pl.DataFrame, layers: Sequence[int], columns: Sequence[str] = ("layer",)) -> pl.DataFrame:
+    """`table` with the stored layer positions in `columns` (0..len(layers)-1, as the math modules number the
+    layers they are given) replaced by the model layer indices `layers` they hold."""
+    lookup = np.asarray(layers, dtype=np.int64)
+    present = [c for c in columns if c in table.columns]
+    return table.with_columns([pl.Series(c, lookup[table[c].to_numpy()], dtype=pl.Int64) for c in present])
+
+
+def stored_layers(metadata: Mapping[str, str], n_stacked: int) -> list[int]:
+    """The model layer indices of an analysis tensor stacked over `n_stacked` layers, from its file's `layers`
+    metadata (`ModelActivations.keys`); files written without it hold every layer."""
+    return json.loads(metadata["layers"]) if "layers" in metadata else list(range(n_stacked))
 
 
 def stored_positions(file: ActivationFile) -> str:
@@ -311,24 +340,25 @@ def stored_positions(file: ActivationFile) -> str:
 
 
 class LayerStack:
-    """One kind's sentence-end activations of one model seen as [n_layers, n_sentences, d_model] (`shape`, `len`),
-    where `[layer]` reads that layer from the memory-mapped files (float32 [n, d]): the analysis holds the layers
-    at hand, not the whole block (see `layerwise`). `rows` keeps only those sentences, in that order."""
+    """One kind's sentence-end activations of one model seen as [len(layers), n_sentences, d_model] (`shape`,
+    `len`), where `[i]` reads stored layer i (model layer `layers[i]`) from the memory-mapped files (float32
+    [n, d]): the analysis holds the layers at hand, not the whole block (see `layerwise`). `rows` keeps only
+    those sentences, in that order."""
 
     ndim = 3
 
     def __init__(self, acts: ModelActivations, kind: str, rows: np.ndarray | None = None) -> None:
-        self.acts, self.kind, self.rows = acts, kind, rows
+        self.acts, self.kind, self.rows, self.layers = acts, kind, rows, acts.layers
         n = acts.n_sentences if rows is None else len(rows)
-        self.shape = (acts.n_layers, n, acts.d_model)
+        self.shape = (len(self.layers), n, acts.d_model)
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def __getitem__(self, layer: int) -> np.ndarray:
         if not isinstance(layer, (int, np.integer)) or not 0 <= layer < len(self):
-            raise IndexError(f"{self.acts.slug}/{self.kind}: layer {layer!r} is not one of 0..{len(self) - 1}")
-        return self.acts.sentence_end_layer(self.kind, int(layer), self.rows)
+            raise IndexError(f"{self.acts.slug}/{self.kind}: stored layer {layer!r} is not one of 0..{len(self) - 1}")
+        return self.acts.sentence_end_layer(self.kind, self.layers[layer], self.rows)
 
 
 # (path, device, inode, size, mtime in ns, stored checksum) of the files whose data this process has hashed

@@ -31,14 +31,16 @@ from emo_assets.core.analysis.inputs import (
     ModelActivations,
     TokenStrings,
     frame,
+    label_layers,
     model_analysis_dir,
     reference_emotion,
+    stored_layers,
     write_parquet,
     write_safetensors,
 )
 from emo_assets.core.analysis.labels import encode_labels
 from emo_assets.core.analysis.plots import plot_cosine_heatmap, plot_layer_profile
-from emo_assets.core.analysis.probes import ProbeSettings, probe_layers
+from emo_assets.core.analysis.probes import ProbeSettings, best_layers, probe_layers
 from emo_assets.core.analysis.subspaces import (
     DEFAULT_K,
     emotion_subspaces_by_layer,
@@ -110,8 +112,8 @@ def emotion_vectors_step(acts: ModelActivations, results_dir: Path) -> StepResul
     """Per kind and layer: per-emotion mean sentence-end activation; differences vs the reference (neutral)
     and vs the grand mean, unit versions and norms; centred and raw cosine matrices; separation score.
 
-    Files: `emotion_vectors.safetensors` (tensors `<kind>/<field>` stacked over layers: [L, E, d], [L, d],
-    [L, E] or [L, E, E]), `emotion_vectors.parquet` (kind, layer, emotion: counts and norms),
+    Files: `emotion_vectors.safetensors` (tensors `<kind>/<field>` stacked over the stored layers - metadata
+    `layers` - [L, E, d], [L, d], [L, E] or [L, E, E]), `emotion_vectors.parquet` (kind, layer, emotion: counts and norms),
     `emotion_cosines.parquet` (kind, layer, emotion_a, emotion_b: centred / raw / vs-reference cosines),
     `separation.parquet` (`vectors.separation_rows`)."""
     out = _out_dir(acts, results_dir)
@@ -126,7 +128,7 @@ def emotion_vectors_step(acts: ModelActivations, results_dir: Path) -> StepResul
             tensors[f"{kind}/counts"] = by_layer[0].counts.astype(np.int64)
             tensors[f"{kind}/separation"] = np.array([v.separation.ratio for v in by_layer])
             sep_rows += separation_rows(by_layer, model=acts.slug, kind=kind)
-            for layer, vec in enumerate(by_layer):
+            for layer, vec in zip(acts.layers, by_layer):
                 diff_cos = cosine_matrix(vec.diff_vs_reference)
                 for e, emotion in enumerate(vec.emotions):
                     vector_rows.append(
@@ -163,14 +165,14 @@ def emotion_vectors_step(acts: ModelActivations, results_dir: Path) -> StepResul
     result.files["vectors"] = write_safetensors(tensors, out / "emotion_vectors.safetensors", meta)
     result.table("emotion_vectors", frame(vector_rows), out / "emotion_vectors.parquet")
     result.table("emotion_cosines", frame(cosine_rows), out / "emotion_cosines.parquet")
-    separation = frame(sep_rows)
+    separation = label_layers(frame(sep_rows), acts.layers)
     result.table("separation", separation, out / "separation.parquet")
     for kind in acts.kinds:
         sub = separation.filter(pl.col("kind") == kind).sort(["separation", "layer"], descending=[True, False])
         best = sub.row(0, named=True)
         result.summary[f"{kind}/best_separation_layer"] = int(best["layer"])
         result.summary[f"{kind}/best_separation"] = float(best["separation"])
-        last = separation.filter((pl.col("kind") == kind) & (pl.col("layer") == acts.n_layers - 1)).row(0, named=True)
+        last = separation.filter((pl.col("kind") == kind) & (pl.col("layer") == acts.layers[-1])).row(0, named=True)
         result.summary[f"{kind}/last_layer_mean_cosine_raw"] = float(last["mean_offdiag_cosine_raw"])
         result.summary[f"{kind}/last_layer_mean_cosine_centred"] = float(last["mean_offdiag_cosine_centred"])
     result.summary.update(n_layers=acts.n_layers, d_model=acts.d_model, n_sentences=acts.n_sentences)
@@ -218,7 +220,7 @@ def token_vectors_step(
     content_tokens = {e: int(np.sum(np.where(lengths > 1, lengths - 1, 1)[labels == e])) for e in acts.emotions}
     tensors: dict[str, np.ndarray] = {}
     rows = []
-    E, L = len(acts.emotions), acts.n_layers
+    E, L = len(acts.emotions), len(acts.layers)
     nan_rows = np.full((L, E, acts.d_model), np.nan)
     y = encode_labels(acts.labels, acts.emotions)
     with one_blas_thread():
@@ -229,6 +231,7 @@ def token_vectors_step(
             content, word_layers = token_vectors_by_layer(
                 acts.token_blocks(kind), acts.offsets, acts.labels, matches, acts.emotions
             )
+            acts.release(kind)  # every token row of every layer was read: hold none of them past this kind
             # the emotion vectors of the content means (as `vectors.emotion_vectors` makes them; only the means
             # and centred vectors are compared)
             c_means, c_counts = class_means(content.means, y, E)
@@ -249,7 +252,7 @@ def token_vectors_step(
                 w_sentences = np.zeros(E, dtype=np.int64)
             for layer in range(L):
                 for e, emotion in enumerate(acts.emotions):
-                    keys = {"model": acts.slug, "kind": kind, "layer": layer, "emotion": emotion}
+                    keys = {"model": acts.slug, "kind": kind, "layer": acts.layers[layer], "emotion": emotion}
                     rows.append(
                         {
                             **keys,
@@ -292,7 +295,7 @@ def token_vectors_step(
         for e, emotion in enumerate(acts.emotions):
             result.summary[f"matched_tokens/{emotion}"] = int(matches[e].sum())
     words = table.filter((pl.col("source") == "emotion_word") & (pl.col("kind") == acts.kinds[0]))
-    for layer in (0, acts.n_layers - 1):
+    for layer in (acts.layers[0], acts.layers[-1]):
         at = words.filter(pl.col("layer") == layer)["cosine_centred"].drop_nans().drop_nulls()
         result.summary[f"{acts.kinds[0]}/L{layer}/mean_word_vs_sentence_end_cosine"] = (
             float(at.mean()) if len(at) else float("nan")
@@ -358,7 +361,7 @@ def emotion_subspaces_step(
     with one_blas_thread():
         for kind in acts.kinds:
             by_layer = emotion_subspaces_by_layer(acts.sentence_end_layers(kind), acts.labels, acts.emotions, k)
-            for layer, subspaces in enumerate(by_layer):
+            for layer, subspaces in zip(acts.layers, by_layer):
                 if missing := [e for e in acts.emotions if e not in subspaces]:
                     result.notes.append(
                         f"{acts.slug}: {kind} layer {layer}: no variance at the sentence end for "
@@ -367,12 +370,12 @@ def emotion_subspaces_step(
             for row in subspace_rows(by_layer, model=acts.slug, kind=kind):
                 sub = by_layer[row["layer"]][row["emotion"]]
                 base = baseline(sub.d, sub.k, sub.k)
-                row.update(random_overlap_mean=base.mean, random_overlap_std=base.std)
+                row.update(layer=acts.layers[row["layer"]], random_overlap_mean=base.mean, random_overlap_std=base.std)
                 rows.append(row)
             pairs = []
             for layer, subspaces in enumerate(by_layer):
                 for emotion, sub in subspaces.items():
-                    prefix = f"{kind}/L{layer:02d}/{emotion}"
+                    prefix = f"{kind}/L{acts.layers[layer]:02d}/{emotion}"
                     tensors[f"{prefix}/basis"] = sub.basis
                     tensors[f"{prefix}/explained_variance_ratio"] = sub.explained_variance_ratio
                     tensors[f"{prefix}/mean"] = sub.mean
@@ -388,7 +391,7 @@ def emotion_subspaces_step(
                     {
                         "model": acts.slug,
                         "kind": kind,
-                        "layer": layer,
+                        "layer": acts.layers[layer],
                         "emotion_a": a,
                         "emotion_b": b,
                         "k": min(sa.k, sb.k),
@@ -427,12 +430,14 @@ def linear_probes_step(acts: ModelActivations, results_dir: Path, *, cv_folds: i
     with one_blas_thread():
         activations = {kind: acts.sentence_end_layers(kind) for kind in acts.kinds}
         probes = probe_layers(activations, acts.labels, acts.texts, acts.emotions, settings)
-    table = probes.table.with_columns(pl.lit(acts.slug).alias("model")).select(["model", *probes.table.columns])
+    table = label_layers(probes.table, acts.layers)
+    table = table.with_columns(pl.lit(acts.slug).alias("model")).select(["model", *table.columns])
     result.table("probes", table, out / "probes.parquet", {"model": acts.slug, "variant": acts.variant})
     if acts.texts is None:
         result.notes.append(f"{acts.slug}: no texts, so no bag-of-words baseline")
-    primary = PRIMARY_KIND if PRIMARY_KIND in probes.best else next(iter(probes.best))
-    best = probes.best[primary]
+    best_by_kind = best_layers(table)
+    primary = PRIMARY_KIND if PRIMARY_KIND in best_by_kind else next(iter(best_by_kind))
+    best = best_by_kind[primary]
     result.summary.update(
         best_kind=primary,
         best_layer=int(best["layer"]),
@@ -444,7 +449,7 @@ def linear_probes_step(acts: ModelActivations, results_dir: Path, *, cv_folds: i
         probe_seconds=round(probes.seconds, 2),
         all_converged=bool(table["converged"].all()),
     )
-    for kind, b in probes.best.items():
+    for kind, b in best_by_kind.items():
         result.summary[f"{kind}/best_layer"] = int(b["layer"])
         result.summary[f"{kind}/best_accuracy"] = float(b["accuracy_mean"])
     return result
@@ -477,7 +482,8 @@ def model_plots_step(results_dir: Path, variant: str, slug: str) -> StepResult:
     layer = best_probe_layer(probes, kind)
     with safe_open(str(out / "emotion_vectors.safetensors"), framework="numpy") as handle:
         emotions = json.loads(handle.metadata()["emotions"])
-        cosine = handle.get_tensor(f"{kind}/cosine")[layer]
+        cosines = handle.get_tensor(f"{kind}/cosine")
+        cosine = cosines[stored_layers(handle.metadata(), len(cosines)).index(layer)]
     result.files["cosine_heatmap"] = plot_cosine_heatmap(
         out / "cosine_heatmap.png",
         cosine,

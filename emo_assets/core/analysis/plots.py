@@ -136,12 +136,14 @@ def plot_cka_heatmaps(
     *,
     title: str = "",
     annotate: bool | None = None,
+    layers: Mapping[str, Sequence[int]] | None = None,
 ) -> Path:
     """One panel per model pair: linear CKA [layers of A, layers of B] on a [0, 1] scale (extended below 0
     for debiased CKA).
 
     `matrices`: (model_a, model_b) -> `alignment.cka_matrix` result. Values are annotated when every matrix
-    is at most 13 x 13 unless `annotate` says otherwise."""
+    is at most 13 x 13 unless `annotate` says otherwise. `layers`: model -> the model layer index of each row
+    (the layers it stored), the tick labels where they are not 0, 1, 2, ..."""
     if not matrices:
         raise ValueError("no CKA matrices to plot")
     items = [(names, np.asarray(M, dtype=float)) for names, M in matrices.items()]
@@ -154,6 +156,10 @@ def plot_cka_heatmaps(
         vmin = min(0.0, float(np.nanmin(M))) if np.isfinite(M).any() else 0.0  # debiased CKA can be < 0
         im = ax.imshow(np.ma.masked_invalid(M), cmap="viridis", vmin=vmin, vmax=1, origin="lower")
         ax.set(xlabel=f"{model_b} layer", ylabel=f"{model_a} layer", title=f"{model_a} vs {model_b}")
+        for axis, model, size in ((ax.xaxis, model_b, M.shape[1]), (ax.yaxis, model_a, M.shape[0])):
+            stored = list((layers or {}).get(model, range(size)))
+            if stored != list(range(size)):
+                axis.set_ticks(range(size), [str(layer) for layer in stored])
         if annotate:
             _annotate_cells(ax, M)
     fig.colorbar(im, ax=list(axes), label="linear CKA", shrink=0.85)

@@ -44,8 +44,10 @@ def _model_facts(results_dir: Path, variant: str, slug: str) -> str:
         return f"{slug}: no emotion vectors"
     with safe_open(str(path), framework="numpy") as handle:
         meta = handle.metadata()
+    stored = json.loads(meta.get("layers", "null"))
+    subset = f" (stored: {stored})" if stored is not None and len(stored) != int(meta.get("n_layers", -1)) else ""
     return (
-        f"`{slug}` ({meta.get('model_id')}): {meta.get('n_layers')} layers, d={meta.get('d_model')}, "
+        f"`{slug}` ({meta.get('model_id')}): {meta.get('n_layers')} layers{subset}, d={meta.get('d_model')}, "
         f"{meta.get('n_sentences')} sentences, revision {meta.get('model_revision', '')[:12]}"
     )
 

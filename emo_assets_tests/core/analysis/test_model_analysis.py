@@ -20,7 +20,7 @@ from polars.testing import assert_frame_equal
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-from emo_assets.core.activations import ActivationFile, ActivationHeader, write_activation_file
+from emo_assets.core.activations import ActivationHeader, write_activation_file
 from emo_assets.core.analysis.comparisons import (
     cross_model_alignment_step,
     matched_layers,
@@ -386,71 +386,3 @@ def test_outputs_live_under_the_model_folder(baseline_a, workspace):
         for path in step.paths():
             assert Path(path).parent == folder
     assert not list(folder.glob(".*tmp-*"))  # no temp files left behind
-
-
-def _sentence_end_files(results: Path, variant: str, slug: str, target: Path) -> dict[str, ActivationFile]:
-    """The model's files as a `positions = sentence_end` extraction stores them: one row per sentence, its last
-    token's (offsets 0..n), opened with the reader's `positions` as format version 2 exposes it."""
-    files = {}
-    for emotion in EMOTIONS:
-        full = ActivationFile(activation_file(activation_dir(results, variant, slug), emotion))
-        ends = full.offsets[1:] - 1
-        path = activation_file(activation_dir(target, variant, slug), emotion)
-        write_activation_file(
-            path,
-            {kind: full.mapped(kind)[:, ends] for kind in full.kinds},
-            offsets=np.arange(full.n_sentences + 1, dtype=np.int64),
-            input_ids=full.input_ids[ends],
-            header=full.header,
-        )
-        files[emotion] = ActivationFile(path)
-        files[emotion].positions = "sentence_end"
-    return files
-
-
-def test_sentence_end_files_run_everything_but_token_vectors(workspace, tmp_path):
-    """On files with one row per sentence, every sentence-end analysis gives what it gives on the files of every
-    token, and the token vectors say they do not apply (files, metadata, notes and report) instead of failing."""
-    results, datasets = workspace
-    short = {
-        slug: ModelActivations.from_files(
-            "baseline",
-            slug,
-            _sentence_end_files(results, "baseline", slug, tmp_path / "results"),
-            dataset_path=datasets["baseline"],
-        )
-        for slug in ("model-a", "model-b")
-    }
-    acts = short["model-a"]
-    assert acts.positions == "sentence_end" and "positions = sentence_end" in acts.token_level_unavailable()
-    full = ModelActivations.load(results, "baseline", "model-a", EMOTIONS, dataset_path=datasets["baseline"])
-    assert full.positions == "all" and full.token_level_unavailable() is None
-    for kind in KINDS:
-        np.testing.assert_array_equal(acts.sentence_end(kind), full.sentence_end(kind))
-    out = tmp_path / "results"
-    steps = {
-        "vectors": emotion_vectors_step(acts, out),
-        "subspaces": emotion_subspaces_step(acts, out, k=4, n_random=20),
-        "probes": linear_probes_step(acts, out, cv_folds=5, seed=0),
-    }
-    reference = {
-        "vectors": emotion_vectors_step(full, tmp_path / "full"),
-        "subspaces": emotion_subspaces_step(full, tmp_path / "full", k=4, n_random=20),
-        "probes": linear_probes_step(full, tmp_path / "full", cv_folds=5, seed=0),
-    }
-    for name, step in steps.items():
-        for table, written in step.tables.items():
-            assert_frame_equal(pl.read_parquet(written.path), pl.read_parquet(reference[name].tables[table].path))
-    tokens = token_strings(acts)
-    assert tokens.tokens is None and tokens.status.startswith("not applicable: the activation files store")
-    step = token_vectors_step(acts, out, LEXICON, tokens)
-    assert step.summary["token_status"] == tokens.status and any("not applicable" in n for n in step.notes)
-    assert step.tables["token_vectors"].rows == 0 == step.tables["lexicon_tokens"].rows
-    with safe_open(str(step.files["vectors"]), framework="numpy") as handle:
-        assert handle.metadata()["token_status"] == tokens.status and not list(handle.keys())
-    cross = cross_model_alignment_step(short, out, "baseline", k=4, n_random=5)
-    assert cross.tables["cka"].rows == 3 * len(KINDS) * N_LAYERS**2  # pairs a-a, a-b, b-b
-    emotion_vectors_step(short["model-b"], out)
-    report = analysis_report_step(out, "baseline", ["model-a"], datasets["baseline"], EMOTIONS)
-    assert any("model-a: token strings not applicable" in note for note in report.notes)
-    assert "token strings not applicable" in report_path(out, "baseline").read_text(encoding="utf-8")
