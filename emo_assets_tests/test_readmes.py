@@ -159,8 +159,8 @@ def test_the_partition_example_names_a_partition_of_the_default_profile(tmp_path
     text = READMES[0].read_text(encoding="utf-8")
     asset, partition = re.search(r"--select '([^']+)' --partition '([^']+)'", text).groups()
     script = (
-        "import json, dagster as dg; from emo_assets.definitions import defs; "
-        f"spec = defs.get_assets_def(dg.AssetKey.from_user_string({asset!r})).partitions_def; "
+        "import json, dagster as dg; from emo_assets.definitions import build_defs; "
+        f"spec = build_defs().get_assets_def(dg.AssetKey.from_user_string({asset!r})).partitions_def; "
         "print(json.dumps([str(key) for key in spec.get_partition_keys()]))"
     )
     proc = subprocess.run(

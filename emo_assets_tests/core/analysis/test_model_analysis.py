@@ -301,7 +301,7 @@ def test_cross_model_alignment_reuses_only_fitting_per_model_outputs(workspace, 
     notes, reused = run()
     assert notes == []
     for name, table in reused.items():
-        assert_frame_equal(table, computed[name], check_exact=False, rtol=0, atol=1e-12)
+        assert_frame_equal(table, computed[name], check_exact=False, rel_tol=0, abs_tol=1e-12)
     notes, _ = run(k=3)
     assert len(notes) == 2 and all("written for other activations or settings" in n for n in notes)
     # same metadata, other activations: one emotion mean moved by 1e-6 (the activations are ~20)
@@ -313,7 +313,7 @@ def test_cross_model_alignment_reuses_only_fitting_per_model_outputs(workspace, 
     notes, stale = run()
     assert len(notes) == 1 and notes[0].startswith("model-b:") and "other activations' means" in notes[0]
     for name, table in stale.items():
-        assert_frame_equal(table, computed[name], check_exact=False, rtol=0, atol=1e-12)
+        assert_frame_equal(table, computed[name], check_exact=False, rel_tol=0, abs_tol=1e-12)
 
 
 def test_single_model_alignment_plots_self_cka(workspace, tmp_path):

@@ -117,7 +117,7 @@ def test_a_selection_of_layers_is_analysed_and_labelled_by_model_layer(extracted
             for table, written in _tables(step).items():
                 assert sorted(set(written["layer"])) == [0, last], (name, table)
                 at_same_layers = _tables(of_reference)[table].filter(pl.col("layer").is_in([0, last]))
-                assert_frame_equal(written, at_same_layers, check_exact=False, rtol=1e-12, atol=1e-12)
+                assert_frame_equal(written, at_same_layers, check_exact=False, rel_tol=1e-12, abs_tol=1e-12)
         with safe_open(str(steps["vectors"][0].files["vectors"]), framework="numpy") as handle:
             assert json.loads(handle.metadata()["layers"]) == [0, last]
             centred = handle.get_tensor("resid_post/centred")
@@ -138,7 +138,7 @@ def test_a_selection_of_layers_is_analysed_and_labelled_by_model_layer(extracted
     stored = cka_full.join(cka.select(keys), on=keys, how="semi")
     assert cka.height == stored.height == 3 * 2 * 4  # model pairs (with self pairs) x kinds x 2 x 2 layers
     assert_frame_equal(
-        cka.drop("matched_depth").sort(keys), stored.drop("matched_depth").sort(keys), check_exact=False, rtol=1e-9
+        cka.drop("matched_depth").sort(keys), stored.drop("matched_depth").sort(keys), check_exact=False, rel_tol=1e-9
     )
     matched = cka.filter(pl.col("matched_depth") & (pl.col("model_a") != pl.col("model_b")))
     assert sorted(set(zip(matched["layer_a"], matched["layer_b"]))) == [
