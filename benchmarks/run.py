@@ -6,6 +6,8 @@ that repetition's extraction and the median is reported, because the machine is 
 
 1. floor: bare batched forward of the base model (tokenize + pad + forward, no capture);
 2. `extract_to_file` of every layer's resid_post + mlp_out incl. writing, checksum and fsync;
+   2b/2c what those bytes cost by themselves: the capture plus the same bytes written in arrival order and fsynced,
+   no layout or checksum, through the page cache (2b) and with O_DIRECT (2c) (`benchmarks.write_bounds`);
 3. the seed's one-sentence-at-a-time loop with `output_hidden_states`;
 4. TransformerLens `run_with_cache` and nnsight trace/save (optional `bench` extra; else the row says why);
 5. The extraction jobs of the graph (`emo-assets materialize --extraction-only`, fresh stores) vs its extraction + model loads:
@@ -55,6 +57,7 @@ from benchmarks.common import (
 from emo_assets.core.dtypes import DTYPES
 
 SKIPPABLE = (
+    "bounds",
     "seed",
     "tl",
     "nnsight",
@@ -253,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         Workload,
     )
     from benchmarks.model import bench_model_dir
+    from benchmarks.write_bounds import WriteBound
     from emo_assets.core.models import load_model
 
     if args.threads:
@@ -307,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
         meta["dataset"]["n_tokens"] = work.n_tokens
         meta["dataset"]["n_batches"] = len(work.batches)
         contenders = {"floor": Floor(work), "extract": Extraction(work, storage_dtype=args.storage_dtype)}
+        if "bounds" not in skip:
+            contenders["bound-buffered"] = WriteBound(work, direct=False, storage_dtype=args.storage_dtype)
+            contenders["bound-direct"] = WriteBound(work, direct=True, storage_dtype=args.storage_dtype)
         if "seed" not in skip:
             contenders["seed"] = SeedLoop(work, args.seed_fraction)
         if "tl" not in skip:
@@ -343,6 +350,22 @@ def main(argv: list[str] | None = None) -> int:
             "phases_median_s": {k: round(median([t[k] for t in phases]), 4) for k in phases[0]},
         }
         rows += [floor, extraction]
+        for key, number, title in (
+            ("bound-buffered", "2b", "capture + row 2's bytes in arrival order + fsync, page cache, no overlap"),
+            ("bound-direct", "2c", "capture + row 2's bytes in arrival order + fsync, O_DIRECT, overlapped"),
+        ):
+            if "bounds" in skip:
+                continue
+            row = Row(
+                number, title, target="info: the bytes alone (no layout, no checksum)", ratio_label="floor / this"
+            )
+            if key in unavailable:
+                row.status = unavailable[key]
+            else:
+                row.seconds, row.samples = times[key], n
+                row.ratio = paired(times["floor"], times[key])
+                row.extra = contenders[key].extra
+            rows.append(row)
         for key, number, title, target in (
             ("seed", "3", "seed-style loop: one sentence at a time", "extract >= 3.4x faster"),
             ("tl", "4a", "TransformerLens run_with_cache (names filter)", "extract >= 1.6x faster"),

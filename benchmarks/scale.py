@@ -180,8 +180,23 @@ def run_size(n: int, work_dir: Path, rss_limit_kib: int, timeout: float) -> dict
         result["runs_s"] = round(sum(runs.values()), 3)
         result["outside_runs_s"] = round(wall - result["runs_s"], 3)
         result["runs_s_per_sentence"] = result["runs_s"] / n
+        result.update(disk_bytes(folder / "results"))
     shutil.rmtree(folder, ignore_errors=True)
     return result
+
+
+def disk_bytes(results: Path) -> dict[str, int]:
+    """What a run left on disk: the activation files' bytes (`st_size`; files, shards and manifests under each
+    `<variant>/activations/`) and every file's allocated bytes (`st_blocks`, the MLflow store and analysis outputs
+    included)."""
+    activations = allocated = 0
+    for path in results.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            stat = path.stat()
+            allocated += stat.st_blocks * 512
+            if path.suffix == ".safetensors" and "activations" in path.relative_to(results).parts[1:2]:
+                activations += stat.st_size
+    return {"activation_bytes": activations, "results_allocated_bytes": allocated}
 
 
 def scale_row(work_dir: Path, sizes=SIZES, rss_limit_gib: float = 20.0, timeout: float = 7200) -> Row:

@@ -49,7 +49,7 @@ def test_harness_writes_the_table_and_json(tmp_path, offline_models):
     stamped = [p for p in out.iterdir() if p.name.startswith("bench-")]
     assert len(stamped) == 1 and json.loads(stamped[0].read_text()) == latest
     rows = {row["key"]: row for row in latest["rows"]}
-    assert list(rows) == ["1", "2", "3", "4a", "4b"]
+    assert list(rows) == ["1", "2", "2b", "2c", "3", "4a", "4b"]
     for key in ("1", "2", "3"):
         assert rows[key]["status"] == "ok" and len(rows[key]["seconds"]) == 1 and rows[key]["seconds"][0] > 0
     meta = latest["meta"]
@@ -58,6 +58,13 @@ def test_harness_writes_the_table_and_json(tmp_path, offline_models):
     model, n_tokens = meta["model"], meta["dataset"]["n_tokens"]
     expected_mib = 2 * model["n_layers"] * n_tokens * model["d_model"] * 4 / 2**20
     assert abs(rows["2"]["extra"]["file_mib"] - expected_mib) <= 0.1
+    # rows 2b and 2c write exactly the activation bytes of row 2's file (O_DIRECT may be refused, e.g. by tmpfs)
+    activation_bytes = 2 * model["n_layers"] * n_tokens * model["d_model"] * 4
+    assert rows["2b"]["status"] == "ok" and rows["2b"]["extra"]["bytes_written"] == activation_bytes
+    if rows["2c"]["status"] == "ok":
+        assert rows["2c"]["extra"]["bytes_written"] == activation_bytes
+    else:
+        assert rows["2c"]["status"].startswith("unavailable: O_DIRECT writes in"), rows["2c"]["status"]
     assert rows["2"]["ratio"] > 0 and rows["3"]["ratio"] > 0
     for key, package, module in (("4a", "transformer-lens", "transformer_lens"), ("4b", "nnsight", "nnsight")):
         row = rows[key]
