@@ -30,7 +30,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.common import DEFAULT_OUT, REPO_ROOT, Row, format_table, loadavg, write_results
+from benchmarks.common import DEFAULT_OUT, REPO_ROOT, Row, format_table, loadavg, quiet_model_loads, write_results
 from benchmarks.graph import _cli_command, _graph_env, run_seconds
 from benchmarks.sentences import write_dataset
 
@@ -260,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print(f"error: --sizes {args.sizes!r}: expected comma-separated integers", file=sys.stderr)
         return 2
+    quiet_model_loads()
     work_dir = args.out / f".work-scale-{os.getpid()}"
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     try:

@@ -119,7 +119,7 @@ def test_paper_rows_on_tiny_stand_ins(tmp_path):
             "--reps",
             "1",
             "--skip",
-            "seed,tl,nnsight,graph,rss,sweep,bf16,storage,resume,scale",
+            "bounds,seed,tl,nnsight,graph,rss,sweep,bf16,storage,resume,scale",
             "--paper-tiny",
             "--paper-per-emotion",
             "6",
