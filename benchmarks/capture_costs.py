@@ -29,6 +29,7 @@ import torch
 
 from benchmarks.common import DEFAULT_DATASET, read_texts
 from benchmarks.model import bench_model_dir
+from emo_assets.core.activations import BASE_KINDS
 from emo_assets.core.capture import Hooks, HostCapture
 from emo_assets.core.extraction import ExtractionOptions, extract_to_file, plan_batches, tokenize
 from emo_assets.core.extraction.stream import _padded
@@ -46,7 +47,7 @@ def main(n: int, reps: int) -> dict:
     input_ids = np.fromiter((t for e in encoded for t in e), dtype=np.int64, count=int(offsets[-1]))
     batches = plan_batches(lengths, ExtractionOptions(batch_size=32), "cpu")
     points = find_hook_points(loaded.model)
-    modules = {"resid_post": points.blocks, "mlp_out": points.mlps}
+    modules = {kind: points.of_kind(kind) for kind in BASE_KINDS}
     folder = Path(tempfile.mkdtemp(prefix="capture-costs-"))
 
     def forward(mode, hooks: bool) -> None:

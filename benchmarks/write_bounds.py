@@ -37,8 +37,7 @@ class WriteBound(Contender):
         self.direct = direct
         self.storage = dtype(storage_dtype).torch()
         points = find_hook_points(work.loaded.model)
-        by_kind = {"resid_post": points.blocks, "mlp_out": points.mlps}
-        self.modules = {kind: by_kind[kind] for kind in BASE_KINDS}  # row 2's kinds
+        self.modules = {kind: points.of_kind(kind) for kind in BASE_KINDS}  # row 2's kinds
         self.path = work.work_dir / f"write-bound-{'direct' if direct else 'buffered'}"
         row_bytes = work.loaded.d_model * dtype(storage_dtype).itemsize
         rows = max(sum(work.lengths[i] for i in batch) for batch in work.batches)

@@ -32,6 +32,10 @@ class HookPoints:
     attentions: list[torch.nn.Module]
     names: dict[str, list[str]]
 
+    def of_kind(self, kind: str) -> list[torch.nn.Module]:
+        """Every layer's module whose output is the activation `kind` (`resid_post`, `mlp_out`, `attn_out`)."""
+        return {"resid_post": self.blocks, "mlp_out": self.mlps, "attn_out": self.attentions}[kind]
+
 
 def _layer_count(config) -> int | None:
     for attr in ("num_hidden_layers", "n_layer", "num_layers"):

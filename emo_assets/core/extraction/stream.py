@@ -95,12 +95,7 @@ class ForwardStream:
             for batch in plan_batches([plan.lengths[g] for g in work], options, self.device)
         ]
         storage = dtype(options.storage_dtype).torch()
-        all_modules = {
-            "resid_post": plan.points.blocks,
-            "mlp_out": plan.points.mlps,
-            "attn_out": plan.points.attentions,
-        }
-        self.modules = {kind: [all_modules[kind][layer] for layer in self.layers] for kind in options.kinds}
+        self.modules = {kind: [plan.points.of_kind(kind)[layer] for layer in self.layers] for kind in options.kinds}
         if self.zero_copy:
             self.capture = HostCapture(self.modules, storage)
         else:
