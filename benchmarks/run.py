@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             ("bound-buffered", "2b", "capture + row 2's bytes in arrival order + fsync, page cache, no overlap"),
             ("bound-direct", "2c", "capture + row 2's bytes in arrival order + fsync, O_DIRECT, overlapped"),
         ):
-            if "bounds" in skip:
+            if not bounds:
                 continue
             row = Row(
                 number, title, target="info: the bytes alone (no layout, no checksum)", ratio_label="floor / this"
