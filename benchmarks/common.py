@@ -107,14 +107,6 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def quiet_model_loads() -> None:
-    """No transformers progress bar per model load: the benchmark loads models dozens of times, and the bars
-    would bury its own lines (the CLI and the Dagster resource do the same)."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-
 def sync_device(device: str) -> None:
     if device.startswith("cuda"):
         import torch

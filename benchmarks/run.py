@@ -50,7 +50,6 @@ from benchmarks.common import (
     format_table,
     loadavg,
     median,
-    quiet_model_loads,
     read_texts,
     repeat_records,
     write_results,
@@ -248,7 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     import torch
 
-    quiet_model_loads()
+    from emo_assets.core.models import hide_load_progress
+
+    hide_load_progress()
 
     from benchmarks.contenders import (
         Extraction,

@@ -30,7 +30,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.common import DEFAULT_OUT, REPO_ROOT, Row, format_table, loadavg, quiet_model_loads, write_results
+from benchmarks.common import DEFAULT_OUT, REPO_ROOT, Row, format_table, loadavg, write_results
 from benchmarks.graph import _cli_command, _graph_env, run_seconds
 from benchmarks.sentences import write_dataset
 
@@ -111,8 +111,9 @@ def prebuild_models(env: dict[str, str]) -> float:
     """Build the tiny model (its tokenizer is trained on the dataset's texts) into the model cache before the
     timed run, as a user's second run finds it: a one-off cost that is not the graph's. Returns its seconds."""
     from emo_assets.core.config import load_settings
-    from emo_assets.core.models import load_configured_model
+    from emo_assets.core.models import hide_load_progress, load_configured_model
 
+    hide_load_progress()
     started = time.perf_counter()
     settings = load_settings(env)
     for model_id in settings.models:
@@ -260,7 +261,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print(f"error: --sizes {args.sizes!r}: expected comma-separated integers", file=sys.stderr)
         return 2
-    quiet_model_loads()
     work_dir = args.out / f".work-scale-{os.getpid()}"
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     try:

@@ -20,7 +20,7 @@ from pathlib import Path
 from emo_assets.core.config import ConfigError, Settings, check_device, load_settings
 from emo_assets.core.datasets import DatasetError, condensed, read_dataset
 from emo_assets.core.dtypes import DTYPES
-from emo_assets.core.models import ModelLoadError, load_configured_model
+from emo_assets.core.models import ModelLoadError, hide_load_progress, load_configured_model
 from emo_assets.core.offline_models import TINY_RECIPES
 from emo_assets.core.paths import UnsafeNameError, activation_file, safe_name
 from emo_assets.core.selection import SelectionError, parse_layers, parse_positions
@@ -294,10 +294,10 @@ def _other_model_file(outputs: dict[str, Path], model_id: str) -> str | None:
 
 
 def _quiet_transformers() -> None:
-    """transformers' per-load progress bars would drown the extraction's own progress output."""
+    """transformers' per-load progress bars and warnings would drown the extraction's own progress output."""
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+    hide_load_progress()
     hf_logging.set_verbosity_error()
 
 

@@ -136,6 +136,14 @@ def _disk_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
 
 
+def hide_load_progress() -> None:
+    """Turn off transformers' progress bar of each model load (process-wide): one bar per weight file would drown
+    the caller's own lines (the CLI's progress, a Dagster run's log, the benchmark's table)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def load_model(
     model_id: str,
     *,

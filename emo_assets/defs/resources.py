@@ -26,7 +26,7 @@ from pydantic import PrivateAttr
 
 from emo_assets.core.config import Settings
 from emo_assets.core.datasets import file_sha256
-from emo_assets.core.models import LoadedModel, load_configured_model
+from emo_assets.core.models import LoadedModel, hide_load_progress, load_configured_model
 from emo_assets.core.paths import model_slug
 from emo_assets.defs import loaded_settings
 
@@ -58,9 +58,7 @@ class ModelCache(dg.ConfigurableResource):
         """The loaded model `model_id` (loaded with the settings' device and dtype on first use in the run)."""
         slug = model_slug(model_id)
         if slug not in self._models:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()  # one bar per weight file would drown the run's own log lines
+            hide_load_progress()
             self._models[slug] = load_configured_model(model_id, settings)
             self._loads[slug] += 1
         return self._models[slug]
