@@ -29,7 +29,7 @@ import torch
 
 from benchmarks.common import DEFAULT_DATASET, read_texts
 from benchmarks.model import bench_model_dir
-from emo_assets.core.activations import BASE_KINDS
+from emo_assets.core.activations import BASE_KINDS, offsets_of
 from emo_assets.core.capture import Hooks, HostCapture
 from emo_assets.core.extraction import ExtractionOptions, extract_to_file, plan_batches, tokenize
 from emo_assets.core.extraction.stream import _padded
@@ -43,7 +43,7 @@ def main(n: int, reps: int) -> dict:
     loaded = load_model(str(bench_model_dir([r["text"] for r in records])), device="cpu")
     encoded = tokenize(loaded, texts, ids, prepend_bos=False)
     lengths = [len(e) for e in encoded]
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    offsets = offsets_of(lengths)
     input_ids = np.fromiter((t for e in encoded for t in e), dtype=np.int64, count=int(offsets[-1]))
     batches = plan_batches(lengths, ExtractionOptions(batch_size=32), "cpu")
     points = find_hook_points(loaded.model)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import sync_device
-from emo_assets.core.activations import BASE_KINDS
+from emo_assets.core.activations import BASE_KINDS, offsets_of
 from emo_assets.core.capture import to_device
 from emo_assets.core.extraction import ExtractionOptions, extract_to_file, plan_batches, tokenize
 from emo_assets.core.extraction.stream import _padded
@@ -39,7 +39,7 @@ class Workload:
     def __post_init__(self) -> None:
         encoded = tokenize(self.loaded, self.texts, self.ids, prepend_bos=False)
         self.lengths = [len(e) for e in encoded]
-        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
+        self.offsets = offsets_of(self.lengths)
         self.input_ids = np.fromiter((t for e in encoded for t in e), dtype=np.int64, count=int(self.offsets[-1]))
         # the batches extract_to_file runs (length-sorted on the CPU, dataset order on an accelerator)
         self.batches = plan_batches(self.lengths, ExtractionOptions(batch_size=self.batch_size), self.loaded.device)

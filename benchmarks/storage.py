@@ -37,7 +37,7 @@ ONE_B = {"n_layers": 16, "d_model": 2048}  # Pythia-1B's shape (GPT-NeoX); see /
 
 def selection_rows(loaded, texts: list[str], ids: list[str], work_dir: Path, storage_dtype: str) -> list[Row]:
     """Rows 12 and 13 from one extraction per selection on the benchmark model."""
-    from emo_assets.core.activations import ActivationHeader, ActivationWriter
+    from emo_assets.core.activations import ActivationHeader, ActivationWriter, offsets_of
     from emo_assets.core.extraction import ExtractionOptions, extract_to_file, tokenize
     from emo_assets.core.selection import resolve_layers, rows_per_sentence
 
@@ -68,9 +68,9 @@ def selection_rows(loaded, texts: list[str], ids: list[str], work_dir: Path, sto
         writer = ActivationWriter(
             work_dir / "never-written.safetensors",
             header,
-            offsets=np.concatenate([[0], np.cumsum(rows)]).astype(np.int64),
+            offsets=offsets_of(rows),
             input_ids=np.zeros(n_tokens, dtype=np.int64),
-            token_offsets=None if positions == "all" else np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            token_offsets=None if positions == "all" else offsets_of(lengths),
         )
         one_b[label] = round(writer.file_bytes / n_tokens, 1)
     bytes_row = Row(

@@ -15,6 +15,7 @@ from emo_assets.core.activations.format import (
     ReuseRecord,
     ReuseSource,
     kinds_for,
+    offsets_of,
 )
 from emo_assets.core.activations.reader import ActivationFile
 from emo_assets.core.activations.writer import ActivationWriteError, ActivationWriter, write_activation_file
@@ -32,5 +33,6 @@ __all__ = [
     "ReuseRecord",
     "ReuseSource",
     "kinds_for",
+    "offsets_of",
     "write_activation_file",
 ]

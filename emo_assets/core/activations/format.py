@@ -346,6 +346,12 @@ class TensorEntry:
         return {"dtype": self.dtype, "shape": list(self.shape), "data_offsets": [self.start, self.start + self.nbytes]}
 
 
+def offsets_of(counts) -> np.ndarray:
+    """The int64 offsets [0, c0, c0 + c1, ...] of consecutive runs of `counts` rows or tokens (`offsets`,
+    `token_offsets`)."""
+    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+
 def layout(header: ActivationHeader) -> dict[str, TensorEntry]:
     """Tensor placement: the int64 index tensors first (8-byte aligned), then the activations by kind."""
     stored = dtype(header.storage_dtype)

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from emo_assets.core.activations import BASE_KINDS, ActivationFile
+from emo_assets.core.activations import BASE_KINDS, ActivationFile, offsets_of
 from emo_assets.core.atomic import atomic_path
 from emo_assets.core.datasets import read_dataset
 from emo_assets.core.dtypes import to_float32
@@ -215,7 +215,7 @@ class ModelActivations:
             lengths.append(np.diff(np.asarray(f.offsets, dtype=np.int64)))
         if len(set(ids)) != len(ids):
             raise AnalysisInputError(f"{variant}/{slug}: sentence ids repeat across emotion files")
-        offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths))]).astype(np.int64)
+        offsets = offsets_of(np.concatenate(lengths))
         acts = cls(
             variant=variant,
             slug=slug,

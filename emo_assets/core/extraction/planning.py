@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from emo_assets import __version__
-from emo_assets.core.activations import ActivationHeader, DatasetSource
+from emo_assets.core.activations import ActivationHeader, DatasetSource, offsets_of
 from emo_assets.core.extraction.options import ExtractionError, ExtractionJob, ExtractionOptions
 from emo_assets.core.layers import HookPoints, find_hook_points
 from emo_assets.core.models import LoadedModel
@@ -55,10 +55,10 @@ class _Tokens:
     @classmethod
     def of(cls, encoded: list[list[int]], positions: str) -> _Tokens:
         lengths = [len(ids) for ids in encoded]
-        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        offsets = offsets_of(lengths)
         input_ids = np.fromiter((t for ids in encoded for t in ids), dtype=np.int64, count=int(offsets[-1]))
         rows = rows_per_sentence(positions, lengths)
-        return cls(lengths, offsets, input_ids, rows, np.concatenate([[0], np.cumsum(rows)]).astype(np.int64))
+        return cls(lengths, offsets, input_ids, rows, offsets_of(rows))
 
     def part(self, first: int, end: int) -> _Tokens:
         """Sentences first:end (one shard)."""
@@ -91,7 +91,7 @@ class ExtractionPlan:
         self.job_of = np.repeat(np.arange(len(self.jobs)), counts)
         self.lengths = [n for t in self.tokens for n in t.lengths]
         self.rows = [n for t in self.tokens for n in t.rows]
-        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
+        self.offsets = offsets_of(self.lengths)
         self.input_ids = np.concatenate([t.input_ids for t in self.tokens])
 
     def local(self, members: Sequence[int]) -> list[int]:
