@@ -22,7 +22,7 @@ from emo_assets.core.datasets import DatasetError, condensed, read_dataset
 from emo_assets.core.dtypes import DTYPES
 from emo_assets.core.models import ModelLoadError, hide_load_progress, load_configured_model
 from emo_assets.core.offline_models import TINY_RECIPES
-from emo_assets.core.paths import UnsafeNameError, activation_file, safe_name
+from emo_assets.core.paths import UnsafeNameError, activation_file, nearest_existing, safe_name
 from emo_assets.core.selection import SelectionError, parse_layers, parse_positions
 
 EXIT_INVALID_INPUT = 2
@@ -263,9 +263,7 @@ def _tiny_model_corpus_problem(model_id: str, settings: Settings) -> str | None:
 def _output_problem(output: Path) -> str | None:
     """Why the activation files cannot be written under `output` (checked by writing a temp entry that is
     removed at once, since `os.access` says yes to root on read-only places such as /proc), or None."""
-    existing = output
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = nearest_existing(output)
     if not existing.is_dir():
         where = "is a file" if existing == output else f"is under {existing}, which is a file"
         return f"--output {output} {where}, not a folder"

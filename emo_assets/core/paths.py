@@ -59,3 +59,11 @@ def activation_file(output_dir: Path, emotion: str) -> Path:
 def variant_dir(results_dir: Path, variant: str, stage: str) -> Path:
     """`results/<variant>/<stage>/` for the other stages (datasets, analysis, ...)."""
     return Path(results_dir) / safe_name(variant, "dataset variant") / safe_name(stage, "stage")
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path` or its nearest parent that exists: where a write under `path` lands once the missing folders are
+    created (its filesystem, its permissions)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path

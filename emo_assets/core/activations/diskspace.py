@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from emo_assets.core.activations.shards import shard_folder
+from emo_assets.core.paths import nearest_existing
 
 MARGIN_FRACTION = 0.02
 MARGIN_BYTES = 4 * 2**20
@@ -33,14 +34,6 @@ def human(n: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
-
-
-def _existing(folder: Path) -> Path:
-    """`folder` or its nearest existing parent (the writer creates the missing ones)."""
-    folder = folder.absolute()
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    return folder
 
 
 @dataclass(frozen=True)
@@ -71,7 +64,7 @@ class DiskEstimate:
     def of(cls, files: Mapping[Path, int]) -> DiskEstimate:
         by_device: dict[int, list] = {}
         for path, size in files.items():
-            folder = _existing(Path(path).parent)
+            folder = nearest_existing(Path(path).parent.absolute())  # the writer creates the missing folders
             entry = by_device.setdefault(os.stat(folder).st_dev, [Path(path).parent, 0, folder])
             if len(Path(path).parent.parts) < len(entry[0].parts):  # the output folder, not a shard folder in it
                 entry[0] = Path(path).parent
